@@ -1,0 +1,126 @@
+"""Checkpoints: safetensors weights plus a JSON sidecar, both written atomically.
+
+A checkpoint ``name.safetensors`` has a sidecar ``name.json`` holding the model
+name, its constructor arguments, the dataset, the measured accuracy, the recipe
+and the sha256 of the weights file. ``load_checkpoint`` rebuilds the model from
+the registry (or, for compressed students, from the stored channel widths).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_meta", "sha256_file"]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write_fn) -> None:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_checkpoint(
+    model: nn.Module, path: str | Path, meta: dict[str, Any], dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Save ``model``'s state dict as safetensors and ``meta`` (+ sha256) as JSON beside it.
+
+    ``dtype`` (e.g. ``torch.float16``) shrinks floating-point tensors on disk;
+    they are cast back to float32 on load.
+    """
+    path = Path(path)
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+    meta = {**meta, "weights": path.name, "sha256": sha256_file(path)}
+    if dtype is not None:
+        meta["storage_dtype"] = str(dtype).replace("torch.", "")
+    atomic_write(_sidecar(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    side = _sidecar(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; check the path (teachers ship in teachers/)")
+    if not side.exists():
+        raise UserError(f"checkpoint {path} has no metadata file {side.name}; save it with save_checkpoint")
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"metadata {side} is not valid JSON ({e}); restore it or re-save the checkpoint") from e
+
+
+def load_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    meta = read_meta(path)
+    if verify and "sha256" in meta and sha256_file(path) != meta["sha256"]:
+        raise UserError(f"checkpoint {path} does not match its recorded sha256; the file is corrupt or was replaced")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as safetensors ({e}); the file is corrupt") from e
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model named in the sidecar and load its weights. Returns ``(model, meta)``."""
+    from .models import get_model
+    from .structure import apply_widths
+
+    meta = read_meta(path)
+    state = load_state(path, verify)
+    try:
+        model = get_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])
+    except KeyError as e:
+        raise UserError(f"metadata of {path} lacks {e}; it was not written by crossdistill") from e
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if meta.get("widths"):
+        apply_widths(model, meta["widths"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0:2]
+        raise UserError(
+            f"weights in {path} do not fit architecture {meta['model']!r} ({' '.join(first)}); "
+            "the checkpoint belongs to another model"
+        ) from e
+    return model.eval(), meta

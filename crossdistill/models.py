@@ -1,0 +1,183 @@
+"""Model registry and the CIFAR-style networks of the paper.
+
+Every model takes ``num_classes`` and ``in_channels`` so that the same code
+serves Fashion-MNIST (1 channel, 28x28) and CIFAR (3 channels, 32x32).
+
+- ResNet-20/32/56: He et al. 2016, section 4.2 (3 stages of 16/32/64 channels,
+  option-A shortcuts: stride-2 subsampling plus zero-padded channels), as in
+  the official cross-distillation release.
+- VGG-16: the "network slimming" CIFAR form used by the official release
+  (BN after every conv, classifier Linear(512,512)-BN-ReLU-Linear(512,C)).
+  Global average pooling replaces the fixed 2x2 pool so 28x28 inputs work.
+- LeNet-5: LeCun et al. 1998 with ReLU and max pooling.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["register_model", "get_model", "list_models", "ResNet", "BasicBlock", "VGG", "LeNet5"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register ``fn`` under its own name (timm-style entrypoint)."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Build a registered model by name, e.g. ``get_model("resnet56", 10, 1)``."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _MODELS[key](num_classes=num_classes, in_channels=in_channels)
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` and zero-pad the new channels.
+
+    Parameter-free, so block outputs keep their width and are never pruned.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = ShortcutA(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, in_planes = [], 16
+        for stage, planes in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+        self.layer1 = nn.Sequential(*blocks[:n])
+        self.layer2 = nn.Sequential(*blocks[n : 2 * n])
+        self.layer3 = nn.Sequential(*blocks[2 * n :])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@register_model
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    return ResNet(20, num_classes, in_channels)
+
+
+@register_model
+def resnet32(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    return ResNet(32, num_classes, in_channels)
+
+
+@register_model
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    return ResNet(56, num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------- VGG
+
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+class VGG(nn.Module):
+    def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(c, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_model
+def vgg16(num_classes: int = 10, in_channels: int = 3) -> VGG:
+    return VGG(VGG16_CFG, num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------- LeNet-5
+
+
+class LeNet5(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(5)  # 28x28 and 32x32 inputs both end at 16x5x5
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 25, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_model
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
+    return LeNet5(num_classes, in_channels)
