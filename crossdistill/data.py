@@ -331,6 +331,8 @@ def few_shot(split: Split, k: int, seed: int = 0, num_classes: int | None = None
         raise UserError(f"k must be at least 1 image per class, got {k}")
     labels = split.labels
     classes = range(num_classes) if num_classes is not None else torch.unique(labels[labels >= 0]).tolist()
+    if len(classes) == 0:
+        raise UserError("no labelled images to draw a few-shot set from; give one sub-folder per class")
     g = torch.Generator().manual_seed(seed)
     picks = []
     for c in classes:
