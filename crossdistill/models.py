@@ -14,7 +14,7 @@ serves Fashion-MNIST (1 channel, 28x28) and CIFAR (3 channels, 32x32).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +98,16 @@ class ResNet(nn.Module):
         self.layer3 = nn.Sequential(*blocks[2 * n :])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
+        # Layers the official release never narrows (sensitive blocks of Li et al. 2017, conv
+        # indices 16/20/38/54 of ResNet-56 = the inner conv of blocks 7, 9, 18, 26).
+        self.prune_skip = [f"{self._block_name(b)}.conv2" for b in (7, 9, 18, 26)] if depth == 56 else []
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
+
+    def _block_name(self, b: int) -> str:
+        n = len(self.layer1)
+        return f"layer{b // n + 1}.{b % n}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

@@ -1,0 +1,339 @@
+"""Per-layer solvers: exact least squares on Gram statistics, and the official Adam loop.
+
+With the kept input channels (structured) or weights (unstructured) fixed,
+every objective of :mod:`crossdistill.objectives` is linear least squares in
+W^S. Writing ``U_T``/``U_S`` for the im2col matrices of h^T/h^S (rows = output
+positions, columns = ``C_in*k*k``), a term
+``w ||(p U_T + q U_S) W^T' - (r U_T + s U_S) W^S'||^2`` needs only three Gram
+matrices, ``G_TT = U_T'U_T``, ``G_SS = U_S'U_S`` and ``G_TS = U_T'U_S``, which
+:class:`LayerStats` accumulates batch by batch (SparseGPT-style
+``add_batch`` / ``system`` / ``free``), so memory stays bounded for any N.
+
+Ridge: ``ridge * mean(diag(A'A)) * ||W_K - W0_K||^2`` is added, pulling the
+solution towards the starting (teacher) weights where the few samples do not
+determine it (late layers see few output positions: M can be < C_in*k*k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .objectives import Term
+
+__all__ = [
+    "LayerStats", "LeastSquares", "GramSystem", "RowSystem", "layer_fn", "unfold",
+    "solve_structured", "solve_unstructured", "adam_solve", "SolveResult", "weight_mask",
+]  # fmt: skip
+
+
+def layer_fn(layer: nn.Module):
+    """``fn(h, W)``: the layer's linear op (no bias), as used by every objective."""
+    if isinstance(layer, nn.Conv2d):
+        return lambda h, w: F.conv2d(h, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if isinstance(layer, nn.Linear):
+        return lambda h, w: F.linear(h, w)
+    raise TypeError(f"cannot solve for layer type {type(layer).__name__}")
+
+
+def unfold(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """im2col: (N, C, H, W) -> (N*L, C*kh*kw) in the column order of ``W.flatten(1)``."""
+    if isinstance(layer, nn.Linear):
+        return h.reshape(-1, h.shape[-1])
+    if layer.groups != 1:
+        raise TypeError("grouped convolutions are not supported by the least-squares solver")
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise TypeError("only convolutions with explicit zero padding are supported by the least-squares solver")
+    cols = F.unfold(h, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, C*kh*kw, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N*L, C*kh*kw)
+
+
+class LayerStats:
+    """Streaming statistics of one layer's teacher and student inputs.
+
+    Keeps the Gram matrices ``G_TT, G_SS, G_TS`` (float64). While the total
+    number of rows stays below ``d = C_in*k*k`` it also keeps the im2col rows
+    themselves: late layers see few output positions (M << d on a few-shot
+    batch), and solving through the Woodbury identity in the row space then
+    costs O(M^2 d) instead of O(d^3).
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.rows = 0
+        self.G_TT = self.G_SS = self.G_TS = None
+        self.U_T: list[torch.Tensor] | None = []
+        self.U_S: list[torch.Tensor] | None = []
+
+    def add_batch(self, hT: torch.Tensor, hS: torch.Tensor) -> None:
+        UT, US = unfold(hT, self.layer), unfold(hS, self.layer)  # (M, d)
+        self.rows += UT.shape[0]
+        if self.U_T is not None and 2 * self.rows < UT.shape[1]:
+            self.U_T.append(UT)
+            self.U_S.append(US)
+            return
+        if self.U_T:  # crossed over: fold the rows kept so far into the Grams
+            UT, US = torch.cat(self.U_T + [UT]), torch.cat(self.U_S + [US])
+        self.U_T = self.U_S = None
+        g_tt, g_ss, g_ts = (UT.T @ UT).double(), (US.T @ US).double(), (UT.T @ US).double()
+        if self.G_TT is None:
+            self.G_TT, self.G_SS, self.G_TS = g_tt, g_ss, g_ts
+        else:
+            self.G_TT += g_tt
+            self.G_SS += g_ss
+            self.G_TS += g_ts
+
+    def system(self, terms: list[Term], wT: torch.Tensor) -> LeastSquares:
+        """The objective as a least-squares system in W^S: row form while M is small, else Gram form."""
+        wt = wT.flatten(1).double()  # (C_out, d)
+        if self.U_T is not None:
+            UT, US = torch.cat(self.U_T).double(), torch.cat(self.U_S).double()  # (M, d)
+            A = torch.cat([math.sqrt(t.weight) * (t.r * UT + t.s * US) for t in terms])  # (terms*M, d)
+            B = torch.cat([math.sqrt(t.weight) * (t.p * UT + t.q * US) for t in terms]) @ wt.T  # (terms*M, C_out)
+            return RowSystem(A, B, self.rows)
+        G_ST = self.G_TS.T
+        G = torch.zeros_like(self.G_TT)
+        cross = torch.zeros_like(self.G_TT)
+        target = torch.zeros_like(self.G_TT)
+        for t in terms:
+            G += t.weight * (t.r**2 * self.G_TT + t.s**2 * self.G_SS + t.r * t.s * (self.G_TS + G_ST))
+            cross += t.weight * (
+                t.r * t.p * self.G_TT + t.r * t.q * self.G_TS + t.s * t.p * G_ST + t.s * t.q * self.G_SS
+            )
+            target += t.weight * (t.p**2 * self.G_TT + t.q**2 * self.G_SS + t.p * t.q * (self.G_TS + G_ST))
+        C = cross @ wt.T  # (d, C_out)
+        const = float(torch.einsum("od,de,oe->", wt, target, wt))
+        return GramSystem(G, C, const, self.rows)
+
+    def free(self) -> None:
+        self.G_TT = self.G_SS = self.G_TS = self.U_T = self.U_S = None
+
+
+class LeastSquares:
+    """``loss(W) = ||A W' - B||^2 / (M * C_out)`` with W = (C_out, d), in one of two representations."""
+
+    rows: int
+
+    def loss(self, W: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def diag(self) -> torch.Tensor:
+        """diag(A'A), shape (d,)."""
+        raise NotImplementedError
+
+    def blocks(self, cols: torch.Tensor, kk: int) -> torch.Tensor:
+        """Per-channel diagonal blocks of A'A restricted to ``cols``: (C, kk, kk)."""
+        raise NotImplementedError
+
+    def solve(self, cols: torch.Tensor, W0: torch.Tensor, ridge: float, row: int | None = None) -> torch.Tensor:
+        """argmin over W[:, cols] of loss + lam ||W - W0||^2 with lam = ridge * mean diag(A'A)[cols].
+
+        Returns (len(cols), C_out), or (len(cols), 1) for the single output ``row``.
+        """
+        raise NotImplementedError
+
+
+class GramSystem(LeastSquares):
+    def __init__(self, G: torch.Tensor, C: torch.Tensor, const: float, rows: int):
+        self.G, self.C, self.const, self.rows = G, C, const, rows  # (d, d), (d, C_out)
+
+    def loss(self, W):
+        w = W.flatten(1).double()
+        val = torch.einsum("od,de,oe->", w, self.G, w) - 2 * torch.einsum("od,do->", w, self.C) + self.const
+        return max(float(val), 0.0) / (self.rows * w.shape[0])
+
+    def diag(self):
+        return self.G.diagonal()
+
+    def blocks(self, cols, kk):
+        c = len(cols) // kk
+        ar = torch.arange(c)
+        return self.G[cols][:, cols].reshape(c, kk, c, kk)[ar, :, ar, :]
+
+    def solve(self, cols, W0, ridge, row=None):
+        G_KK = self.G[cols][:, cols]
+        C_K = self.C[cols] if row is None else self.C[cols, row : row + 1]
+        W0_K = W0[:, cols].T if row is None else W0[row, cols][:, None]
+        lam = ridge * float(G_KK.diagonal().mean())
+        A = G_KK + lam * torch.eye(len(cols), dtype=G_KK.dtype, device=G_KK.device)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return torch.cholesky_solve(C_K + lam * W0_K, L)
+        return torch.linalg.lstsq(A, C_K + lam * W0_K).solution
+
+
+class RowSystem(LeastSquares):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, rows: int):
+        self.A, self.B, self.rows = A, B, rows  # (terms*M, d), (terms*M, C_out)
+
+    def loss(self, W):
+        w = W.flatten(1).double()
+        return float((self.A @ w.T - self.B).pow(2).sum()) / (self.rows * w.shape[0])
+
+    def diag(self):
+        return self.A.pow(2).sum(0)
+
+    def blocks(self, cols, kk):
+        Ak = self.A[:, cols].reshape(self.A.shape[0], -1, kk)  # (M, C, kk)
+        return torch.einsum("mcx,mcy->cxy", Ak, Ak)
+
+    def solve(self, cols, W0, ridge, row=None):
+        # Woodbury: (lam I + A'A)^-1 R = (R - A'(lam I + A A')^-1 A R) / lam, with R = A'B + lam W0'
+        Ak = self.A[:, cols]  # (M, dK)
+        B = self.B if row is None else self.B[:, row : row + 1]
+        W0_K = W0[:, cols].T if row is None else W0[row, cols][:, None]
+        lam = ridge * float(Ak.pow(2).sum(0).mean())
+        if lam <= 0:
+            return torch.linalg.lstsq(Ak, B).solution
+        R = Ak.T @ B + lam * W0_K
+        K = Ak @ Ak.T + lam * torch.eye(Ak.shape[0], dtype=Ak.dtype, device=Ak.device)
+        return (R - Ak.T @ torch.linalg.solve(K, Ak @ R)) / lam
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # (C_out, C_in, kh, kw) float32, zeros outside the mask
+    kept: torch.Tensor  # structured: kept input-channel indices; unstructured: boolean weight mask
+    loss_before: float
+    loss_after: float
+
+
+def channel_scores(W: torch.Tensor, system: LeastSquares, cols: torch.Tensor, kk: int, criterion: str):
+    """Importance of each kept input channel of ``W`` (C_out, len(cols)).
+
+    ``norm``: ||W[:, j]||_2 (the official ranking). ``energy``: sum_o w_oj' G_jj w_oj,
+    the output energy channel j contributes on the few-shot inputs (scale-aware).
+    """
+    Wc = W.reshape(W.shape[0], -1, kk)  # (C_out, C, kk)
+    if criterion == "norm":
+        return Wc.pow(2).sum((0, 2)).sqrt()
+    if criterion == "energy":
+        return torch.einsum("ocx,cxy,ocy->c", Wc, system.blocks(cols, kk), Wc)
+    raise ValueError(f"unknown channel criterion {criterion!r}; choose 'energy' or 'norm'")
+
+
+def solve_structured(
+    stats: LayerStats, terms: list[Term], wT: torch.Tensor, w0: torch.Tensor, n_keep: int,
+    ridge: float = 1e-3, steps: int = 4, criterion: str = "energy",
+) -> SolveResult:  # fmt: skip
+    """Exact solve with ``n_keep`` input channels, chosen by iterative elimination.
+
+    Rule: solve with the current channel set, drop the lowest-scoring channels
+    (``criterion``) down to the next count, re-solve; counts fall linearly from
+    all channels to ``n_keep`` in ``steps`` steps, then a final solve.
+    """
+    system = stats.system(terms, wT)
+    c_in = w0.shape[1]
+    kk = w0[0, 0].numel() if w0.dim() == 4 else 1
+    W0 = w0.flatten(1).double()  # (C_out, d)
+    loss_before = system.loss(W0)
+    keep = torch.arange(c_in, device=w0.device)
+    counts = [round(c_in - (c_in - n_keep) * (i + 1) / steps) for i in range(steps)] if n_keep < c_in else []
+    W = W0
+    for count in counts + [n_keep]:
+        cols = (keep[:, None] * kk + torch.arange(kk, device=w0.device)).flatten()
+        W = torch.zeros_like(W0)
+        W[:, cols] = system.solve(cols, W0, ridge).T
+        if count < len(keep):
+            scores = channel_scores(W[:, cols], system, cols, kk, criterion)
+            keep = keep[scores.topk(count).indices.sort().values]
+    return SolveResult(W.reshape(w0.shape).float(), keep, loss_before, system.loss(W))
+
+
+def weight_mask(W: torch.Tensor, diag: torch.Tensor | None, n_keep: int, criterion: str) -> torch.Tensor:
+    """Top-``n_keep`` weights of the whole layer: ``magnitude`` |w| (official) or ``energy`` w^2 G_ii."""
+    if criterion == "magnitude" or diag is None:
+        score = W.abs()
+    elif criterion == "energy":
+        score = W.pow(2) * diag[None, :]
+    else:
+        raise ValueError(f"unknown weight criterion {criterion!r}; choose 'magnitude' or 'energy'")
+    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
+    mask[score.flatten().topk(n_keep).indices] = True
+    return mask.view_as(W)
+
+
+def solve_unstructured(
+    stats: LayerStats, terms: list[Term], wT: torch.Tensor, w0: torch.Tensor, n_keep: int,
+    ridge: float = 1e-3, criterion: str = "magnitude",
+) -> SolveResult:  # fmt: skip
+    """Exact solve for a fixed weight mask: one ridge least-squares problem per output row."""
+    system = stats.system(terms, wT)
+    W0 = w0.flatten(1).double()
+    loss_before = system.loss(W0)
+    mask = weight_mask(W0, system.diag(), n_keep, criterion)
+    W = torch.zeros_like(W0)
+    for o in range(W0.shape[0]):
+        idx = mask[o].nonzero().flatten()
+        if len(idx):
+            W[o, idx] = system.solve(idx, W0, ridge, row=o)[:, 0]
+    return SolveResult(W.reshape(w0.shape).float(), mask.reshape(w0.shape), loss_before, system.loss(W))
+
+
+def adam_solve(
+    layer: nn.Module, terms: list[Term], hT: torch.Tensor, hS: torch.Tensor, wT: torch.Tensor,
+    w0: torch.Tensor, n_keep: int, structured: bool, iterations: int = 3000, lr: float = 5e-4,
+    lr_drop: float = 0.1,
+) -> SolveResult:  # fmt: skip
+    """The official optimisation: full-batch Adam with a gradually tightening mask.
+
+    Structured: input channels ranked by ||W[:, j]||_2; the kept count falls
+    linearly from all to ``n_keep`` over the first third of the iterations
+    (hard projection at each drop), then the mask is fixed and the lr drops to
+    ``lr_drop * lr``. Unstructured: per-layer magnitude top-k with the kept
+    count falling the same way, no lr drop. The mask is applied to the
+    weights, the gradients and both Adam moments. The teacher-side products
+    W^T*(p h^T + q h^S) are computed once (the official loop recomputes them).
+    """
+    fn = layer_fn(layer)
+    with torch.no_grad():
+        targets = [fn(t.p * hT + t.q * hS, wT) for t in terms]
+    inputs = [t.r * hT + t.s * hS for t in terms]
+    W = w0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=lr)
+    c_in = w0.shape[1]
+    total = c_in if structured else w0.numel()
+    mask = torch.ones_like(w0, dtype=torch.bool)
+    chan = torch.ones(c_in, dtype=torch.bool, device=w0.device)
+    ramp = max(iterations // 3, 1)
+
+    def loss_of(weight):
+        return sum(t.weight * F.mse_loss(fn(x, weight), y) for t, x, y in zip(terms, inputs, targets, strict=True))
+
+    with torch.no_grad():
+        loss_before = float(loss_of(W))
+    current = total
+    for it in range(iterations):
+        count = max(n_keep, math.ceil(total - (total - n_keep) * min(it + 1, ramp) / ramp))
+        if count < current:
+            current = count
+            with torch.no_grad():
+                if structured:
+                    norms = (W * mask).pow(2).transpose(0, 1).reshape(c_in, -1).sum(1)
+                    chan = torch.zeros(c_in, dtype=torch.bool, device=W.device)
+                    chan[norms.topk(count).indices] = True
+                    mask = chan.view(1, -1, *([1] * (W.dim() - 2))).expand_as(W)
+                else:
+                    mask = weight_mask(W * mask, None, count, "magnitude")
+                W.mul_(mask)
+                for state in opt.state.values():
+                    state["exp_avg"].mul_(mask)
+                    state["exp_avg_sq"].mul_(mask)
+        if structured and it == ramp:
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_drop
+        loss = loss_of(W)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        W.grad.mul_(mask)
+        opt.step()
+        with torch.no_grad():
+            W.mul_(mask)
+    with torch.no_grad():
+        loss_after = float(loss_of(W))
+    kept = chan.nonzero().flatten() if structured else mask
+    return SolveResult(W.detach(), kept, loss_before, loss_after)
