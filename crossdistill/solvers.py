@@ -113,6 +113,15 @@ class LayerStats:
         self.G_TT = self.G_SS = self.G_TS = self.U_T = self.U_S = None
 
 
+def _lstsq(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm least squares, correct for rank-deficient ``A`` (zero im2col columns, M < d).
+
+    Not ``torch.linalg.lstsq``: its default CPU driver (gelsy) returns wrong, run-to-run
+    different solutions for rank-deficient matrices (pytorch#92537) and CUDA's gels needs full rank.
+    """
+    return torch.linalg.pinv(A) @ B
+
+
 class LeastSquares:
     """``loss(W) = ||A W' - B||^2 / (M * C_out)`` with W = (C_out, d), in one of two representations."""
 
@@ -163,7 +172,7 @@ class GramSystem(LeastSquares):
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
             return torch.cholesky_solve(C_K + lam * W0_K, L)
-        return torch.linalg.lstsq(A, C_K + lam * W0_K).solution
+        return _lstsq(A, C_K + lam * W0_K)
 
 
 class RowSystem(LeastSquares):
@@ -188,7 +197,7 @@ class RowSystem(LeastSquares):
         W0_K = W0[:, cols].T if row is None else W0[row, cols][:, None]
         lam = ridge * float(Ak.pow(2).sum(0).mean())
         if lam <= 0:
-            return torch.linalg.lstsq(Ak, B).solution
+            return _lstsq(Ak, B)
         R = Ak.T @ B + lam * W0_K
         K = Ak @ Ak.T + lam * torch.eye(Ak.shape[0], dtype=Ak.dtype, device=Ak.device)
         return (R - Ak.T @ torch.linalg.solve(K, Ak @ R)) / lam

@@ -1,0 +1,305 @@
+"""End-to-end compression on tiny random-weight networks: structure, FLOPs, special cases, input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from crossdistill.capture import capture_input, capture_inputs
+from crossdistill.compress import compress
+from crossdistill.errors import UserError
+from crossdistill.evaluate import count_flops, count_params
+from crossdistill.models import VGG, get_model
+from crossdistill.objectives import METHODS
+from crossdistill.structure import apply_widths
+
+SMALL_VGG_CFG = [8, 8, "M", 16, 16]
+
+
+def _images(n: int = 8, size: int = 16, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return get_model("resnet20", 10, 1).eval()
+
+
+def _small_vgg() -> nn.Module:
+    torch.manual_seed(0)
+    return VGG(SMALL_VGG_CFG, num_classes=10, in_channels=1).eval()
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == saved.keys()
+    for k, v in saved.items():
+        assert now[k].shape == v.shape and torch.equal(now[k], v), f"{k} changed"
+
+
+def _blocks(model: nn.Module):
+    return [
+        (f"{stage}.{i}", b) for stage in ("layer1", "layer2", "layer3") for i, b in enumerate(getattr(model, stage))
+    ]
+
+
+@pytest.fixture(scope="module")
+def resnet_structured():
+    teacher = _resnet20()
+    saved = _state_copy(teacher)
+    x = _images()
+    student, report = compress(teacher, x, method="ours", keep=0.5)
+    return teacher, saved, x, student, report
+
+
+# --------------------------------------------------------------------------- structured
+
+
+def test_structured_resnet_student_runs_and_is_narrower(resnet_structured) -> None:
+    teacher, _, x, student, report = resnet_structured
+    out = _run(student, x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    for name, block in _blocks(student):
+        full = block.conv2.out_channels  # = the teacher's conv2 in_channels in these blocks
+        kept = math.floor(0.5 * full)
+        assert block.conv2.in_channels == kept, name
+        assert block.conv1.out_channels == kept and block.bn1.num_features == kept, name
+        assert block.conv2.out_channels == full and block.bn2.num_features == full, name  # block outputs intact
+    assert report.params_after < report.params_before
+    assert report.params_after == count_params(student)
+    assert report.params_before == count_params(teacher)
+    assert report.flops_after < report.flops_before
+    assert report.flops_after == count_flops(student, (1, 16, 16))
+
+
+def test_structured_report_records_kept_channels_and_skips_unpruned_layers_for_ours(resnet_structured) -> None:
+    _, _, _, _, report = resnet_structured
+    by_name = {r.name: r for r in report.layers}
+    assert "conv1" not in by_name  # the first conv is never processed
+    for name, rec in by_name.items():
+        if name.endswith("conv2"):
+            assert not rec.skipped and rec.kept == rec.total // 2
+            assert rec.loss_after >= 0
+        else:  # unpruned conv1 of each block: a no-op for the mu-mix, so skipped
+            assert rec.skipped and rec.kept == rec.total
+
+
+def test_compress_leaves_the_teacher_untouched(resnet_structured) -> None:
+    teacher, saved, _, _, _ = resnet_structured
+    _assert_state_equal(teacher, saved)
+    assert all(not hasattr(m, "weight_orig") for m in teacher.modules())
+
+
+def test_student_widths_rebuild_the_student(resnet_structured) -> None:
+    _, _, x, student, _ = resnet_structured
+    rebuilt = apply_widths(get_model("resnet20", 10, 1), student.widths)
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(_run(rebuilt, x), _run(student, x))
+
+
+def test_structured_small_vgg_matches_the_analytic_flop_count() -> None:
+    teacher = _small_vgg()
+    saved = _state_copy(teacher)
+    x = _images()
+    student, report = compress(teacher, x, method="ours", keep=0.5)
+    convs = [m for m in student.features if isinstance(m, nn.Conv2d)]
+    bns = [m for m in student.features if isinstance(m, nn.BatchNorm2d)]
+    # convs 2-4 keep floor(0.5 C) inputs; so convs 1-3 (and their BN) lose the matching outputs; conv 4 feeds the head
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 4), (4, 8), (8, 16)]
+    assert [b.num_features for b in bns] == [4, 4, 8, 16]
+
+    def analytic(widths):  # 2 FLOPs per MAC, 3x3 convs at 16x16 then 8x8, plus the two Linear layers
+        (a, b), (c, d) = widths[:2], widths[2:]
+        conv = 2 * 9 * (16 * 16 * (a[0] * a[1] + b[0] * b[1]) + 8 * 8 * (c[0] * c[1] + d[0] * d[1]))
+        return conv + 2 * (16 * 512 + 512 * 10)
+
+    before = analytic([(1, 8), (8, 8), (8, 16), (16, 16)])
+    after = analytic([(1, 4), (4, 4), (4, 8), (8, 16)])
+    assert report.flops_before == before == count_flops(teacher, (1, 16, 16))
+    assert report.flops_after == after == count_flops(student, (1, 16, 16))
+    assert report.params_after < report.params_before
+    out = _run(student, x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    _assert_state_equal(teacher, saved)
+
+
+def test_resnet56_sensitive_blocks_keep_full_width() -> None:
+    torch.manual_seed(0)
+    teacher = get_model("resnet56", 10, 1).eval()
+    skip = set(teacher.prune_skip)
+    assert skip == {"layer1.7.conv2", "layer2.0.conv2", "layer3.0.conv2", "layer3.8.conv2"}
+    x = _images(n=4)
+    student, _ = compress(teacher, x, method="ours", keep=0.5)
+    for name, block in _blocks(student):
+        full = block.conv2.out_channels
+        expected = full if f"{name}.conv2" in skip else math.floor(0.5 * full)
+        assert block.conv2.in_channels == expected, name
+        assert block.conv1.out_channels == expected and block.bn1.num_features == expected, name
+    assert torch.isfinite(_run(student, x)).all()
+
+
+# --------------------------------------------------------------------------- unstructured
+
+
+def test_unstructured_keeps_exactly_the_target_weights_per_layer() -> None:
+    teacher = _resnet20()
+    x = _images()
+    student, report = compress(teacher, x, method="ours", prune="unstructured", keep=0.1)
+    processed = 0
+    for name, m in student.named_modules():
+        t = teacher.get_submodule(name)
+        if name == "conv1" or isinstance(m, nn.Linear):
+            assert torch.equal(m.weight, t.weight), f"{name} should stay untouched"
+        elif isinstance(m, nn.Conv2d):
+            assert m.weight.shape == t.weight.shape
+            assert int(torch.count_nonzero(m.weight)) == math.floor(0.1 * m.weight.numel()), name
+            processed += 1
+    assert processed == 18
+    assert report.sparsity == pytest.approx(0.9, abs=2e-3)
+    assert report.params_after == report.params_before  # same shapes, zeros inside
+    assert torch.isfinite(_run(student, x)).all()
+
+
+# --------------------------------------------------------------------------- exact special cases
+
+
+@pytest.mark.parametrize("prune", ["structured", "unstructured"])
+def test_keep_one_with_ours_returns_the_teacher(prune) -> None:
+    teacher = _resnet20()
+    x = _images()
+    student, report = compress(teacher, x, method="ours", keep=1.0, prune=prune)
+    torch.testing.assert_close(_run(student, x), _run(teacher, x))
+    assert report.params_after == report.params_before and report.flops_after == report.flops_before
+
+
+def test_keep_one_with_nc_refits_every_layer_back_to_the_teacher() -> None:
+    # nothing is pruned, so h^S = h^T at every layer and the NC least-squares optimum is W^T itself
+    teacher = _resnet20()
+    x = _images()
+    student, report = compress(teacher, x, method="nc", keep=1.0)
+    assert all(not r.skipped for r in report.layers) and len(report.layers) == 18
+    for name, m in student.named_modules():
+        if isinstance(m, nn.Conv2d):
+            torch.testing.assert_close(m.weight, teacher.get_submodule(name).weight, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_run(student, x), _run(teacher, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["lstsq", "adam"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_solver_compresses_resnet20(method, solver) -> None:
+    teacher = _resnet20()
+    x = _images()
+    student, report = compress(teacher, x, method=method, solver=solver, iterations=20, keep=0.5)
+    out = _run(student, x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    assert student.layer2[1].conv2.in_channels == 16 and student.layer2[1].conv1.out_channels == 16
+    assert report.flops_after < report.flops_before
+    assert all(math.isfinite(r.loss_after) for r in report.layers)
+
+
+def test_soft_with_alpha_plus_beta_one_skips_unpruned_layers() -> None:
+    # 1 - 0.7 is 0.30000000000000004 in floating point: still the no-op case of METHOD.md
+    _, report = compress(_resnet20(), _images(), method="ours-s", alpha=0.3, beta=0.7, keep=0.5)
+    assert {r.name for r in report.layers if r.skipped} == {f"{n}.conv1" for n, _ in _blocks(_resnet20())}
+
+
+def test_exact_solve_without_ridge_never_worsens_an_unpruned_layer() -> None:
+    # late layers see few output positions (rank-deficient systems); the plain least-squares fallback must be exact
+    _, report = compress(_resnet20(), _images(), method="nc", keep=0.5, ridge=0.0)
+    unpruned = [r for r in report.layers if r.kept == r.total]
+    assert len(unpruned) == 9
+    for r in unpruned:
+        assert r.loss_after <= r.loss_before + 1e-9, r
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"keep": 0}, {"keep": 1.5}, {"method": "fitnet"}, {"solver": "sgd"}, {"mu": 2.0}, {"no_such_setting": 1}],
+    ids=["keep0", "keep1.5", "method", "solver", "mu", "unknown_setting"],
+)
+def test_bad_settings_raise_user_error(overrides) -> None:
+    with pytest.raises(UserError):
+        compress(_resnet20(), _images(), **overrides)
+
+
+def test_bad_images_raise_user_error() -> None:
+    teacher = _resnet20()
+    nan = _images()
+    nan[2, 0, 3, 3] = float("nan")
+    for bad in (nan, _images(channels=3), torch.randn(8, 16, 16), torch.zeros(0, 1, 16, 16)):
+        with pytest.raises(UserError):
+            compress(teacher, bad)
+    with pytest.raises(UserError, match="channels"):
+        compress(teacher, _images(channels=3))
+
+
+def test_nan_teacher_weight_raises_user_error() -> None:
+    teacher = _resnet20()
+    with torch.no_grad():
+        teacher.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="NaN"):
+        compress(teacher, _images())
+
+
+# --------------------------------------------------------------------------- BN recalibration
+
+
+def test_recalibrate_bn_sets_running_stats_to_the_few_shot_statistics() -> None:
+    teacher = _resnet20()
+    x = _images()
+    plain, _ = compress(teacher, x, method="ours", keep=1.0)
+    recal, _ = compress(teacher, x, method="ours", keep=1.0, recalibrate_bn=True)
+    assert torch.equal(plain.bn1.running_mean, teacher.bn1.running_mean)
+    with torch.no_grad():
+        y = teacher.conv1(x)
+    torch.testing.assert_close(recal.bn1.running_mean, y.mean((0, 2, 3)))
+    torch.testing.assert_close(recal.bn1.running_var, y.var((0, 2, 3), unbiased=True))
+    changed = [
+        n
+        for n, m in recal.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and not torch.equal(m.running_mean, teacher.get_submodule(n).running_mean)
+    ]
+    assert len(changed) == 19  # every BN of resnet20
+    assert not recal.training and all(not m.training for m in recal.modules())
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def test_capture_input_stops_early_and_equals_capture_inputs() -> None:
+    model = _resnet20()
+    x = _images()
+    calls = {"fc": 0, "layer3": 0}
+    model.fc.register_forward_hook(lambda *_: calls.__setitem__("fc", calls["fc"] + 1))
+    model.layer3.register_forward_hook(lambda *_: calls.__setitem__("layer3", calls["layer3"] + 1))
+    name = "layer2.1.conv1"
+    one = capture_input(model, name, x, batch_size=3)  # three batches: 3 + 3 + 2
+    assert calls == {"fc": 0, "layer3": 0}  # the forward never reached the layers after it
+    both = capture_inputs(model, [name, "fc"], x, batch_size=3)
+    assert calls == {"fc": 3, "layer3": 3}
+    assert one.shape == (8, 32, 8, 8)
+    torch.testing.assert_close(one, both[name])
+    assert both["fc"].shape == (8, 64)
+    assert all(not m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_capture_input_of_a_layer_never_called_is_an_error() -> None:
+    model = _resnet20()
+    model.unused = nn.Conv2d(1, 1, 1)
+    with pytest.raises(RuntimeError, match="not called"):
+        capture_input(model, "unused", _images(n=2))
