@@ -35,7 +35,7 @@ from .errors import UserError
 __all__ = [
     "Split", "DatasetInfo", "DATASETS", "load_dataset", "load_idx", "load_cifar",
     "load_image_folder", "few_shot", "normalize", "augment", "default_cache_dir", "dataset_info",
-    "download", "verify_checksum",
+    "download", "verify_checksum", "load_few_shot",
 ]  # fmt: skip
 
 
@@ -270,9 +270,7 @@ def load_cifar(name: str, split: str, data_dir: str | Path | None = None, downlo
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_image_folder(
-    root: str | Path, size: int | None = None, channels: int = 3
-) -> tuple[Split, list[str]]:
+def load_image_folder(root: str | Path, size: int | None = None, channels: int = 3) -> tuple[Split, list[str]]:
     """One sub-folder per class (sorted names = class indices), or a flat folder of unlabelled images
     (labels are then -1). Images are converted to ``channels`` (1 or 3) and resized to ``size``."""
     from PIL import Image, UnidentifiedImageError
@@ -342,3 +340,12 @@ def few_shot(split: Split, k: int, seed: int = 0, num_classes: int | None = None
         picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     sel = torch.cat(picks)
     return Split(split.images[sel], split.labels[sel])
+
+
+def load_few_shot(
+    dataset: str, k: int, seed: int = 0, data_dir: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float images (K per class, train split) and their labels: the compression input."""
+    info = dataset_info(dataset)
+    draw = few_shot(load_dataset(info.name, "train", data_dir), k, seed, info.num_classes)
+    return normalize(draw.images, info), draw.labels

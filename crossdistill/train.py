@@ -99,12 +99,13 @@ def train_teacher(cfg: TrainConfig, out: str | Path, data_dir: str | Path | None
                 opt.step()
                 sched.step()
                 total_loss += loss.item()
-                bar.update(task, advance=1, description=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
+                desc = f"{cfg.model} epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}"
+                bar.update(task, advance=1, description=desc)
         elapsed += time.time() - t0
         print(f"epoch {epoch + 1}: mean loss {total_loss / steps_per_epoch:.4f}, {elapsed:.0f}s so far", flush=True)
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "gen": gen.get_state(), "epoch": epoch + 1, "elapsed": elapsed}  # fmt: skip
-        atomic_write(resume, lambda tmp: torch.save(state, tmp))
+        atomic_write(resume, lambda tmp, state=state: torch.save(state, tmp))
     model = model.to(memory_format=torch.contiguous_format)
     acc = accuracy(model, test.images, test.labels, info)
     meta = {

@@ -1,0 +1,80 @@
+"""Accuracy grid: teacher / NC / Ours / Ours-S on Fashion-MNIST (resumable, one JSONL line per cell).
+
+    python benchmarks/bench_accuracy.py --models resnet56 --ks 1 5 --seeds 0 1 2
+
+Cells already in the results file are skipped. Every method sees the same
+few-shot draw for a (K, seed). Accuracy is on the full test split.
+Then run ``python benchmarks/report.py`` to rebuild the tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+
+from crossdistill.checkpoint import load_checkpoint
+from crossdistill.compress import CompressConfig, compress
+from crossdistill.data import dataset_info, load_dataset, load_few_shot
+from crossdistill.train import accuracy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--models", nargs="+", default=["resnet56", "vgg16"])
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 5])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["nc", "ours", "ours-s"])
+    ap.add_argument("--prunes", nargs="+", default=["structured:0.5", "unstructured:0.1"], help="kind:keep")
+    ap.add_argument("--solver", default="lstsq")
+    ap.add_argument("--out", default=None, help="results file (default results/accuracy_<dataset>.jsonl)")
+    args = ap.parse_args()
+
+    out = RESULTS / f"accuracy_{args.dataset}.jsonl" if args.out is None else args.out
+    done = {(r["model"], r["prune"], r["keep"], r["k"], r["seed"], r["method"], r["solver"]) for r in read_jsonl(out)}
+    info = dataset_info(args.dataset)
+    test = load_dataset(info.name, "test")
+    env = machine()
+    for model_name in args.models:
+        path = teacher_path(model_name, info.name)
+        if not path.exists():
+            print(f"skip {model_name}: no teacher at {path}")
+            continue
+        teacher, meta = load_checkpoint(path)
+        for spec in args.prunes:
+            prune, keep = spec.split(":")
+            keep = float(keep)
+            for k in args.ks:
+                for seed in args.seeds:
+                    images, _ = load_few_shot(info.name, k, seed)
+                    for method in args.methods:
+                        key = (model_name, prune, keep, k, seed, method, args.solver)
+                        if key in done:
+                            continue
+                        cfg = CompressConfig(method=method, mu=official_mu(model_name), prune=prune, keep=keep,
+                                             solver=args.solver)  # fmt: skip
+                        t0 = time.perf_counter()
+                        student, report = compress(teacher, images, cfg)
+                        seconds = time.perf_counter() - t0
+                        acc = accuracy(student, test.images, test.labels, info)
+                        row = {
+                            "model": model_name, "dataset": info.name, "prune": prune, "keep": keep, "k": k,
+                            "seed": seed, "method": method, "solver": args.solver, "mu": cfg.mu,
+                            "alpha": cfg.alpha, "beta": cfg.beta, "accuracy": acc,
+                            "teacher_accuracy": meta["test_accuracy"], "teacher_sha256": meta["sha256"],
+                            "params": [report.params_before, report.params_after],
+                            "flops": [report.flops_before, report.flops_after], "sparsity": report.sparsity,
+                            "compress_seconds": seconds, "machine": env,
+                        }  # fmt: skip
+                        append_jsonl(out, row)
+                        print(f"{model_name} {prune}:{keep} K={k} seed={seed} {method:7s} acc {acc:.4f} "
+                              f"({seconds:.1f} s)", flush=True)  # fmt: skip
+                        del student
+                        torch.manual_seed(0)
+
+
+if __name__ == "__main__":
+    main()
