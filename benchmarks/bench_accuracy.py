@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
 
+from crossdistill.baselines import BASELINES
 from crossdistill.checkpoint import load_checkpoint
-from crossdistill.compress import CompressConfig, compress
+from crossdistill.compress import CompressConfig
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
+from crossdistill.methods import run_method
 from crossdistill.train import accuracy
 
 
@@ -33,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results file (default results/accuracy_<dataset>.jsonl)")
     args = ap.parse_args()
 
-    out = RESULTS / f"accuracy_{args.dataset}.jsonl" if args.out is None else args.out
+    out = RESULTS / f"accuracy_{args.dataset}.jsonl" if args.out is None else Path(args.out)
     done = {(r["model"], r["prune"], r["keep"], r["k"], r["seed"], r["method"], r["solver"]) for r in read_jsonl(out)}
     info = dataset_info(args.dataset)
     test = load_dataset(info.name, "test")
@@ -49,15 +52,16 @@ def main() -> None:
             keep = float(keep)
             for k in args.ks:
                 for seed in args.seeds:
-                    images, _ = load_few_shot(info.name, k, seed)
+                    images, labels = load_few_shot(info.name, k, seed)
                     for method in args.methods:
                         key = (model_name, prune, keep, k, seed, method, args.solver)
-                        if key in done:
+                        if key in done or (method in BASELINES and prune == "unstructured"
+                                           and not BASELINES[method].unstructured):  # fmt: skip
                             continue
                         cfg = CompressConfig(method=method, mu=official_mu(model_name), prune=prune, keep=keep,
                                              solver=args.solver)  # fmt: skip
                         t0 = time.perf_counter()
-                        student, report = compress(teacher, images, cfg)
+                        student, report = run_method(method, teacher, images, labels, cfg)
                         seconds = time.perf_counter() - t0
                         acc = accuracy(student, test.images, test.labels, info)
                         row = {

@@ -83,9 +83,9 @@ def evaluate(
     _run(go)
 
 
-def _compress_one(teacher, images, cfg, label: str):
-    """compress() with a rich progress bar over layers."""
-    from .compress import compress
+def _compress_one(teacher, images, cfg, label: str, labels=None):
+    """run_method() with a rich progress bar over layers."""
+    from .methods import run_method
     from .progress import progress
 
     with progress() as bar:
@@ -94,7 +94,7 @@ def _compress_one(teacher, images, cfg, label: str):
         def on_layer(i, n, name):
             bar.update(task, total=n, completed=i, description=f"{label}: {name}")
 
-        student, report = compress(teacher, images, cfg, on_layer=on_layer)
+        student, report = run_method(cfg.method, teacher, images, labels, cfg, on_layer=on_layer)
         bar.update(task, completed=len(report.layers))
     return student, report
 
@@ -105,7 +105,9 @@ def compress(
     dataset: str | None = typer.Option(None, help="data set for the few-shot draw (default: the teacher's)"),
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
-    method: str = typer.Option("ours", help="nc | ours | ours-s | correction | imitation"),
+    method: str = typer.Option(
+        "ours", help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp"
+    ),  # fmt: skip
     mu: float = typer.Option(0.6, help="ours: weight of the correction loss"),
     alpha: float = typer.Option(0.5, help="ours-s: teacher-side mix"),
     beta: float = typer.Option(0.5, help="ours-s: student-side mix"),
@@ -133,11 +135,11 @@ def compress(
     def go():
         model, meta = load_checkpoint(teacher)
         ds = dataset or meta["dataset"]
-        images, _ = load_few_shot(ds, k, seed, data_dir)
+        images, labels = load_few_shot(ds, k, seed, data_dir)
         cfg = CompressConfig(method=method, mu=mu, alpha=alpha, beta=beta, prune=prune, keep=keep, solver=solver,
                              iterations=iterations, lr=lr, recalibrate_bn=recalibrate_bn, include=include or None,
                              exclude=exclude or None, device=device)  # fmt: skip
-        student, report = _compress_one(model, images, cfg, f"{method} K={k}")
+        student, report = _compress_one(model, images, cfg, f"{method} K={k}", labels)
         reports = {
             "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit),
             f"student ({method})": eval_model(student.cpu(), ds, data_dir=data_dir, limit=test_limit),

@@ -60,8 +60,11 @@ class CompressConfig:
     device: str = "cpu"  # cpu | cuda | auto
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        from .baselines import BASELINES  # late: the baselines build on this module
+
+        if self.method not in METHODS and self.method not in BASELINES:
+            names = ", ".join((*METHODS, *BASELINES))
+            raise UserError(f"unknown method {self.method!r}; choose one of {names}")
         if self.solver not in ("lstsq", "adam"):
             raise UserError(f"unknown solver {self.solver!r}; choose 'lstsq' or 'adam'")
         if self.bn_mode not in ("eval", "train"):
@@ -178,6 +181,8 @@ def compress(
             raise UserError(f"unknown compression setting {k!r}")
         setattr(cfg, k, v)
     cfg.validate()
+    if cfg.method not in METHODS:
+        raise UserError(f"compress() runs {', '.join(METHODS)}; use run_method() for baseline {cfg.method!r}")
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cuda":

@@ -1,0 +1,36 @@
+"""One entry point for every method: cross-distillation variants and the paper's baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .baselines import BASELINES, run_baseline
+from .compress import CompressConfig, CompressReport, compress
+from .errors import UserError
+from .objectives import METHODS
+
+__all__ = ["ALL_METHODS", "run_method"]
+
+ALL_METHODS: tuple[str, ...] = METHODS + tuple(BASELINES)
+
+
+def run_method(
+    method: str,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    config: CompressConfig | None = None,
+    on_layer: Callable[[int, int, str], None] | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, CompressReport]:
+    """``compress`` for nc/ours/ours-s/correction/imitation, ``run_baseline`` for l1, l1+bp, fitnet, fskd,
+    thinet, cp. Same plan, same kept counts, same report type."""
+    if method in BASELINES:
+        return run_baseline(method, teacher, images, labels, config, **overrides)
+    if method in METHODS:
+        return compress(teacher, images, config, on_layer=on_layer, method=method, **overrides)
+    raise UserError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
