@@ -2,8 +2,8 @@
 
 - ``student.safetensors`` + ``student.json``: weights and the architecture
   (registry name + per-layer widths); ``load_checkpoint`` rebuilds it.
-- ``student.torchscript.pt``: a TorchScript program; ``torch.jit.load`` runs
-  it with plain PyTorch, no crossdistill import needed.
+- ``student.pt2``: a ``torch.export`` program; ``torch.export.load(path).module()``
+  runs it with plain PyTorch, no crossdistill import needed (batch size is dynamic).
 - ``report.json``: the compression report and the resolved config.
 Every file is written to a temporary name and renamed.
 """
@@ -44,12 +44,12 @@ def save_student(
         "widths": layer_widths(student),
         **(extra_meta or {}),
     }
-    paths = {"weights": out / "student.safetensors", "torchscript": out / "student.torchscript.pt",
+    paths = {"weights": out / "student.safetensors", "program": out / "student.pt2",
              "report": out / "report.json"}  # fmt: skip
     save_checkpoint(student, paths["weights"], meta)
-    with torch.no_grad():
-        scripted = torch.jit.trace(student, example.cpu()[:1])
-    atomic_write(paths["torchscript"], lambda tmp: torch.jit.save(scripted, tmp))
+    x = example.cpu()[:2]
+    program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    atomic_write(paths["program"], lambda tmp: torch.export.save(program, tmp))
     text = json.dumps(report, indent=2, default=str) + "\n"
     atomic_write(paths["report"], lambda tmp: Path(tmp).write_text(text))
     return paths

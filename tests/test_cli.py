@@ -1,0 +1,65 @@
+"""The CLI end to end on the shipped ResNet-20 teacher, and its one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from crossdistill.checkpoint import load_checkpoint
+from crossdistill.cli import DEMO_TEACHER, app
+
+runner = CliRunner()
+
+
+def test_compress_writes_a_student_that_loads_with_and_without_crossdistill(tmp_path: Path, fashion_dir) -> None:
+    out = tmp_path / "student"
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", "ours",
+                              "--out", str(out), "--test-limit", "200", "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    student, meta = load_checkpoint(out / "student.safetensors")
+    teacher, _ = load_checkpoint(DEMO_TEACHER)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    program = torch.export.load(str(out / "student.pt2")).module()
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(program(x), student(x), atol=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["k"] == 1 and report["config"]["method"] == "ours"
+    assert report["flops_after"] < report["flops_before"]
+
+
+def test_evaluate_prints_a_table(fashion_dir) -> None:
+    res = runner.invoke(app, ["evaluate", str(DEMO_TEACHER), "--limit", "100", "--no-latency",
+                              "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "Top-1 accuracy" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compress", "--teacher", "missing.safetensors"], "does not exist"),
+        (["compress", "--teacher", str(DEMO_TEACHER), "--k", "100000"], "lower --k"),
+        (["compress", "--teacher", str(DEMO_TEACHER), "--keep", "0"], "keep must lie in (0, 1]"),
+        (["compress", "--teacher", str(DEMO_TEACHER), "--method", "magic"], "unknown method"),
+        (["evaluate", "missing.safetensors"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args: list[str], message: str, fashion_dir) -> None:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert message in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    meta = json.loads(DEMO_TEACHER.with_suffix(".json").read_text())
+    bad.with_suffix(".json").write_text(json.dumps(meta))
+    res = runner.invoke(app, ["evaluate", str(bad)])
+    assert res.exit_code == 2
+    assert "sha256" in res.output or "corrupt" in res.output
