@@ -55,13 +55,17 @@ def main() -> None:
                     images, labels = load_few_shot(info.name, k, seed)
                     for method in args.methods:
                         key = (model_name, prune, keep, k, seed, method, args.solver)
-                        if key in done or (method in BASELINES and prune == "unstructured"
-                                           and not BASELINES[method].unstructured):  # fmt: skip
+                        # "<method>+refit": unpruned layers re-fitted with L^r (unpruned_objective="nc")
+                        base, refit = method.removesuffix("+refit"), method.endswith("+refit")
+                        skip = base in BASELINES and prune == "unstructured" and not BASELINES[base].unstructured
+                        if key in done or skip:
                             continue
-                        cfg = CompressConfig(method=method, mu=official_mu(model_name), prune=prune, keep=keep,
-                                             solver=args.solver)  # fmt: skip
+                        cfg = CompressConfig(
+                            method=base, mu=official_mu(model_name), prune=prune, keep=keep, solver=args.solver,
+                            unpruned_objective="nc" if refit else "same",
+                        )  # fmt: skip
                         t0 = time.perf_counter()
-                        student, report = run_method(method, teacher, images, labels, cfg)
+                        student, report = run_method(base, teacher, images, labels, cfg)
                         seconds = time.perf_counter() - t0
                         acc = accuracy(student, test.images, test.labels, info)
                         row = {

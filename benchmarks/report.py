@@ -17,6 +17,21 @@ from common import RESULTS, read_jsonl
 ORDER = ["teacher", "l1", "l1+bp", "fitnet", "fskd", "thinet", "cp", "nc", "ours", "ours-s"]
 
 
+def label(r: dict) -> str:
+    """Method name with the hyperparameters that distinguish its variants."""
+    m = r["method"]
+    if m.startswith("ours-s"):
+        return f"{m} (α={r['alpha']}, β={r['beta']})"
+    if m.startswith("ours"):
+        return f"{m} (μ={r['mu']})"
+    return m
+
+
+def order(m: str) -> int:
+    base = m.split(" ")[0].removesuffix("+refit")
+    return ORDER.index(base) if base in ORDER else 99
+
+
 def mean_std(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{100 * xs[0]:.2f}"
@@ -30,15 +45,15 @@ def accuracy_tables(path: Path) -> str:
     seconds: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         g = (r["model"], r["prune"], r["keep"], r["solver"])
-        groups[g][(r["method"], r["k"])].append(r["accuracy"])
+        groups[g][(label(r), r["k"])].append(r["accuracy"])
         teacher[g] = r["teacher_accuracy"]
-        seconds[(*g, r["method"])].append(r["compress_seconds"])
+        seconds[(*g, label(r))].append(r["compress_seconds"])
     out = []
     for g in sorted(groups):
         model, prune, keep, solver = g
         cells = groups[g]
         ks = sorted({k for _, k in cells})
-        methods = sorted({m for m, _ in cells}, key=lambda m: ORDER.index(m) if m in ORDER else 99)
+        methods = sorted({m for m, _ in cells}, key=lambda m: (order(m), m))
         seeds = max(len(v) for v in cells.values())
         out.append(f"### {model}, {prune} keep {keep} (solver {solver}; mean ± std over {seeds} seeds, top-1 %)\n")
         out.append("| method | " + " | ".join(f"K={k}" for k in ks) + " | compress time (s) |")

