@@ -108,9 +108,9 @@ def compress(
     method: str = typer.Option(
         "ours", help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp"
     ),  # fmt: skip
-    mu: float = typer.Option(0.6, help="ours: weight of the correction loss"),
-    alpha: float = typer.Option(0.5, help="ours-s: teacher-side mix"),
-    beta: float = typer.Option(0.5, help="ours-s: student-side mix"),
+    mu: float | None = typer.Option(None, help="ours: weight of L^c (default: 0.9 ResNets, 0.6 others)"),
+    alpha: float = typer.Option(0.7, help="ours-s: teacher-side mix"),
+    beta: float = typer.Option(0.7, help="ours-s: student-side mix"),
     prune: str = typer.Option("structured", help="structured | unstructured"),
     keep: float = typer.Option(0.5, help="fraction of channels (structured) or weights (unstructured) kept"),
     solver: str = typer.Option("lstsq", help="lstsq (exact) | adam (official schedule)"),
@@ -126,7 +126,7 @@ def compress(
 ) -> None:
     """Compress a teacher with K images per class; save the student and print a before/after table."""
     from .checkpoint import load_checkpoint
-    from .compress import CompressConfig
+    from .compress import CompressConfig, official_mu
     from .data import load_few_shot
     from .evaluate import evaluate as eval_model
     from .evaluate import render_table
@@ -136,9 +136,11 @@ def compress(
         model, meta = load_checkpoint(teacher)
         ds = dataset or meta["dataset"]
         images, labels = load_few_shot(ds, k, seed, data_dir)
-        cfg = CompressConfig(method=method, mu=mu, alpha=alpha, beta=beta, prune=prune, keep=keep, solver=solver,
-                             iterations=iterations, lr=lr, recalibrate_bn=recalibrate_bn, include=include or None,
-                             exclude=exclude or None, device=device)  # fmt: skip
+        cfg = CompressConfig(
+            method=method, mu=official_mu(model) if mu is None else mu, alpha=alpha, beta=beta, prune=prune,
+            keep=keep, solver=solver, iterations=iterations, lr=lr, recalibrate_bn=recalibrate_bn,
+            include=include or None, exclude=exclude or None, device=device,
+        )  # fmt: skip
         student, report = _compress_one(model, images, cfg, f"{method} K={k}", labels)
         reports = {
             "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit),
@@ -162,10 +164,11 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder (student, report, plot)"),
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
 ) -> None:
-    """Compress a shipped teacher with NC and Ours (K=5, structured, keep 0.5) and compare them."""
+    """Compress a shipped teacher with NC, Ours and Ours-S (K=5, structured, keep 0.5) and compare them."""
+    from .capture import forward_order
     from .checkpoint import load_checkpoint
-    from .compress import CompressConfig
-    from .data import load_dataset, load_few_shot, normalize
+    from .compress import CompressConfig, official_mu
+    from .data import dataset_info, load_dataset, load_few_shot, normalize
     from .diagnostics import layer_output_errors, plot_layer_errors
     from .evaluate import evaluate as eval_model
     from .evaluate import render_table
@@ -178,22 +181,19 @@ def demo(
         images, _ = load_few_shot(ds, k, seed)
         console.print(f"teacher {meta['model']} ({teacher.name}), {len(images)} few-shot images from {ds}")
         students, reports = {}, {"teacher": eval_model(model, ds, limit=test_limit)}
-        for method in ("nc", "ours"):
-            cfg = CompressConfig(method=method, keep=keep)
+        for method in ("nc", "ours", "ours-s"):
+            cfg = CompressConfig(method=method, keep=keep, mu=official_mu(model))
             students[method], rep = _compress_one(model, images, cfg, f"{method}")
             reports[f"{method} ({rep.seconds:.1f} s)"] = eval_model(students[method], ds, limit=test_limit)
             save_student(students[method], out / method, meta, {**rep.to_dict(), "k": k, "seed": seed}, images)
         Console().print(render_table(reports, title=f"{meta['model']} on {ds}: structured keep {keep}, K={k}"))
-        from .capture import forward_order
-
-        names = [n for n in forward_order(model, images[:1]) if students["ours"].get_submodule(n).weight.shape[0]
-                 == model.get_submodule(n).weight.shape[0]]  # fmt: skip
+        # layers whose output width is unchanged: there teacher and student outputs are comparable
+        width = lambda m, n: m.get_submodule(n).weight.shape[0]  # noqa: E731
+        names = [n for n in forward_order(model, images[:1]) if width(students["ours"], n) == width(model, n)]
         test = load_dataset(ds, "test")
-        from .data import dataset_info
-
         held_out = normalize(test.images[:500], dataset_info(ds))
-        curves = {m.upper() if m == "nc" else "Ours": layer_output_errors(model, s, names, held_out)
-                  for m, s in students.items()}  # fmt: skip
+        pretty = {"nc": "NC", "ours": "Ours", "ours-s": "Ours-S"}
+        curves = {pretty[m]: layer_output_errors(model, s, names, held_out) for m, s in students.items()}
         plot = plot_layer_errors(curves, names, out / "layer_errors.png",
                                  f"{meta['model']}: output error per layer on 500 test images (K={k})")  # fmt: skip
         console.print(f"plot: {plot}; students under {out}/; total {time.perf_counter() - t0:.0f} s")

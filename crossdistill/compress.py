@@ -30,7 +30,15 @@ from .pruning import ChannelRemover, apply_mask, sparsity
 from .solvers import LayerStats, SolveResult, adam_solve, solve_structured, solve_unstructured
 from .structure import layer_widths
 
-__all__ = ["CompressConfig", "CompressReport", "LayerRecord", "compress", "check_images", "recalibrate_bn"]
+__all__ = [
+    "official_mu",
+    "CompressConfig",
+    "CompressReport",
+    "LayerRecord",
+    "compress",
+    "check_images",
+    "recalibrate_bn",
+]
 
 
 @dataclass
@@ -108,6 +116,13 @@ class CompressReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def official_mu(model: nn.Module) -> float:
+    """The official release's mu: 0.9 for the CIFAR ResNets, 0.6 otherwise (VGG-16)."""
+    from .models import ResNet
+
+    return 0.9 if isinstance(model, ResNet) else 0.6
 
 
 def resolve_device(device: str) -> torch.device:

@@ -56,7 +56,7 @@ def plot_layer_errors(curves: dict[str, list[float]], names: list[str], path: st
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for label, errs in curves.items():
-        xs = [i for i, e in enumerate(errs) if e == e]
+        xs = [i for i, e in enumerate(errs) if e == e and e > 0]  # NaN: width changed; 0: layer untouched
         ax.plot(xs, [errs[i] for i in xs], marker="o", ms=3, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("layer (forward order)")
