@@ -68,7 +68,9 @@ class CompressConfig:
     keep_overrides: dict[str, float] = field(default_factory=dict)  # pattern -> keep ratio
     bn_mode: str = "eval"  # eval | train: BN mode of both networks while capturing
     recalibrate_bn: bool = False  # re-estimate student BN statistics on the few images at the end
+    skip_unsupported: bool = False  # leave layers the solvers cannot handle untouched (warn) instead of failing
     batch_size: int = 128  # images per forward while capturing
+    teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
 
     def validate(self) -> None:
@@ -227,13 +229,17 @@ def compress(
     remover = ChannelRemover(student, example) if cfg.prune == "structured" else None
     plan: list[LayerPlan] = make_plan(
         student, example, cfg.prune, cfg.keep, cfg.include, cfg.exclude, cfg.keep_overrides,
-        cfg.include_linear, cfg.refit_unpruned, remover,
+        cfg.include_linear, cfg.refit_unpruned, remover, cfg.skip_unsupported,
     )  # fmt: skip
     if not plan:
         raise UserError("no layer matched for compression; check --include/--exclude patterns")
 
-    # teacher inputs of every planned layer: one pass, kept for the whole run
-    hT_all = capture_inputs(teacher, [p.name for p in plan], images, cfg.batch_size)
+    # teacher inputs of every planned layer: one pass, kept for the whole run, unless that would
+    # exceed teacher_cache_mb (large N): then each layer's teacher input is captured when needed
+    names = [p.name for p in plan]
+    one = capture_inputs(teacher, names, images[:1])
+    cache_mb = len(images) * sum(t.numel() * t.element_size() for t in one.values()) / 2**20
+    hT_all = capture_inputs(teacher, names, images, cfg.batch_size) if cache_mb <= cfg.teacher_cache_mb else None
     # Unpruned layers: the mu-mix leaves them as they are (W^S = W^T is optimal); "nc" re-fits them
     # with L^r to absorb the error accumulated before them (METHOD.md: "a question to measure").
     unpruned_terms = objective_terms("nc") if cfg.unpruned_objective == "nc" else terms
@@ -245,7 +251,7 @@ def compress(
             on_layer(i, len(plan), p.name)
         layer = student.get_submodule(p.name)
         wT = teacher.get_submodule(p.name).weight.detach()
-        hT = hT_all.pop(p.name)
+        hT = hT_all.pop(p.name) if hT_all is not None else capture_input(teacher, p.name, images, cfg.batch_size)
         structured = cfg.prune == "structured"
         total = wT.shape[1] if structured else wT.numel()
         if p.keep is None and not moves_unpruned:

@@ -15,6 +15,7 @@ layers considered, ``keep_overrides`` maps a pattern to its own keep ratio.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -39,6 +40,16 @@ def keep_count(total: int, keep: float) -> int:
     return max(1, math.floor(keep * total + 1e-9))
 
 
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Why the least-squares solvers cannot handle ``layer``, or None."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return f"grouped convolution (groups={layer.groups}) is not supported yet"
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            return "only explicit zero padding is supported"
+    return None
+
+
 def _match(name: str, patterns: list[str] | None) -> bool:
     return any(fnmatch(name, p) for p in patterns or [])
 
@@ -54,8 +65,14 @@ def make_plan(
     include_linear: bool = False,
     refit_unpruned: bool = True,
     remover: ChannelRemover | None = None,
+    skip_unsupported: bool = False,
 ) -> list[LayerPlan]:
-    """The layers to process, in forward order, with their keep ratio."""
+    """The layers to process, in forward order, with their keep ratio.
+
+    A layer the solvers cannot handle (grouped/depthwise conv, non-zero padding
+    mode, string padding) raises a :class:`UserError` naming it, or is left
+    untouched with a warning when ``skip_unsupported``.
+    """
     if prune not in ("structured", "unstructured"):
         raise UserError(f"prune must be 'structured' or 'unstructured', got {prune!r}")
     if not 0.0 < keep <= 1.0:
@@ -75,6 +92,15 @@ def make_plan(
         if include and not _match(name, include):
             continue
         if _match(name, exclude):
+            continue
+        problem = unsupported_reason(layer)
+        if problem:
+            if not skip_unsupported:
+                raise UserError(
+                    f"layer {name} ({type(layer).__name__}) cannot be compressed: {problem}; "
+                    f"exclude it (--exclude '{name}') or allow skipping (skip_unsupported=True)"
+                )
+            warnings.warn(f"leaving layer {name} untouched: {problem}", stacklevel=2)
             continue
         ratio = keep
         for pattern, r in (keep_overrides or {}).items():

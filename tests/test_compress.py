@@ -303,3 +303,33 @@ def test_capture_input_of_a_layer_never_called_is_an_error() -> None:
     model.unused = nn.Conv2d(1, 1, 1)
     with pytest.raises(RuntimeError, match="not called"):
         capture_input(model, "unused", _images(n=2))
+
+
+def _grouped_model() -> torch.nn.Module:
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()  # fmt: skip
+
+
+def test_unsupported_layer_raises_an_error_naming_it() -> None:
+    with pytest.raises(UserError, match=r"layer 3 .*grouped convolution.*--exclude"):
+        compress(_grouped_model(), torch.randn(6, 1, 12, 12))
+
+
+def test_unsupported_layer_is_skipped_with_a_warning_when_allowed() -> None:
+    model = _grouped_model()
+    with pytest.warns(UserWarning, match="leaving layer 3 untouched"):
+        student, report = compress(model, torch.randn(6, 1, 12, 12), skip_unsupported=True)
+    assert "3" not in [r.name for r in report.layers]
+    assert torch.equal(student[3].weight, model[3].weight)
+
+
+def test_per_layer_teacher_capture_gives_the_same_student_as_the_cache() -> None:
+    model = get_model("resnet20", 10, 1).eval()
+    x = torch.randn(8, 1, 16, 16)
+    cached, _ = compress(model, x, method="nc")
+    streamed, _ = compress(model, x, method="nc", teacher_cache_mb=0)
+    assert torch.allclose(cached(x), streamed(x), atol=1e-5)
