@@ -25,9 +25,9 @@ from torch import nn
 from .capture import capture_input, capture_inputs
 from .errors import UserError
 from .objectives import METHODS, objective_terms, refits_unpruned_layer
-from .plan import LayerPlan, keep_count, make_plan
+from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
-from .solvers import LayerStats, SolveResult, adam_solve, solve_structured, solve_unstructured
+from .solvers import LayerStats, SolveResult, adam_solve, solve_grouped, solve_structured, solve_unstructured
 from .structure import layer_widths
 
 __all__ = [
@@ -102,6 +102,7 @@ class LayerRecord:
     loss_after: float
     seconds: float
     skipped: bool = False  # re-fit would be a no-op for this objective
+    kept_channels: list[int] | None = None  # structured, pruned layers: the teacher's input channels kept
 
 
 @dataclass
@@ -257,22 +258,34 @@ def compress(
         if p.keep is None and not moves_unpruned:
             records.append(LayerRecord(p.name, total, total, 0.0, 0.0, time.perf_counter() - t0, skipped=True))
             continue
-        n_keep = total if p.keep is None else keep_count(total, p.keep)
+        n_keep = p.n_keep(total)
         layer_terms = unpruned_terms if p.keep is None else terms
+        # a concatenation consumer: the channels outside p.channels are always kept
+        fixed = None
+        if structured and p.channels is not None:
+            pinned = torch.ones(total, dtype=torch.bool, device=device)
+            pinned[torch.tensor(p.channels, device=device)] = False
+            fixed = pinned.nonzero().flatten()
+        grouped = getattr(layer, "groups", 1) != 1  # grouped / depthwise conv: solved group by group
 
         # student input with the producer still at full width (METHOD.md, "a subtlety")
         hS = capture_input(student, p.name, images, cfg.batch_size)
         w0 = layer.weight.detach().clone()
         if cfg.solver == "adam":
             res: SolveResult = adam_solve(
-                layer, layer_terms, hT, hS, wT, w0, n_keep, structured, cfg.iterations, cfg.lr, cfg.lr_drop
+                layer, layer_terms, hT, hS, wT, w0, n_keep, structured, cfg.iterations, cfg.lr, cfg.lr_drop, fixed
             )
+        elif grouped:
+            res = solve_grouped(layer, layer_terms, hT, hS, wT, w0, None if structured else n_keep, cfg.ridge,
+                                cfg.weight_criterion, cfg.batch_size)  # fmt: skip
         else:
             stats = LayerStats(layer)
             for j in range(0, len(hT), cfg.batch_size):
                 stats.add_batch(hT[j : j + cfg.batch_size], hS[j : j + cfg.batch_size])
             if structured:
-                res = solve_structured(stats, layer_terms, wT, w0, n_keep, cfg.ridge, cfg.steps, cfg.channel_criterion)
+                res = solve_structured(
+                    stats, layer_terms, wT, w0, n_keep, cfg.ridge, cfg.steps, cfg.channel_criterion, fixed
+                )
             else:
                 res = solve_unstructured(stats, layer_terms, wT, w0, n_keep, cfg.ridge, cfg.weight_criterion)
             stats.free()
@@ -286,7 +299,11 @@ def compress(
                 remover.remove_input_channels(p.name, res.kept)
         else:
             apply_mask(layer, res.kept)
-        records.append(LayerRecord(p.name, n_keep, total, res.loss_before, res.loss_after, time.perf_counter() - t0))
+        kept_channels = res.kept.tolist() if structured and n_keep < total else None
+        records.append(
+            LayerRecord(p.name, n_keep, total, res.loss_before, res.loss_after, time.perf_counter() - t0,
+                        kept_channels=kept_channels)
+        )  # fmt: skip
 
     if cfg.recalibrate_bn:
         recalibrate_bn(student, images, cfg.batch_size)

@@ -1,15 +1,39 @@
-"""Which layers are re-fitted and how much of each is kept (the official defaults).
+"""Which layers are re-fitted and how much of each is kept: one default rule for any CNN.
 
-Structured (METHOD.md): every Conv2d but the first is re-fitted, pruned or
-not; a conv's input channels are pruned when it is independently prunable
-(VGG-16: convs 2-13; CIFAR ResNets: the inner conv of each block, since
-block outputs are tied by the residual sum) and it is not in the model's
-``prune_skip`` list (ResNet-56: the official sensitive blocks).
-Unstructured: every Conv2d but the first keeps ``keep`` of its weights;
-Linear layers stay dense unless ``include_linear``.
+Structured (METHOD.md): every Conv2d but the first (and, with
+``include_linear``, every Linear) is re-fitted, pruned or not. A layer's
+*input channels* are pruned where they can be removed together with the
+output channels of the one layer producing them and nothing else
+(:meth:`ChannelRemover.prunable_channels`, from torch-pruning's dependency
+graph), unless the layer is in the model's ``prune_skip`` list (ResNet-56:
+the official sensitive blocks). What that gives:
+
+- plain chains (VGG convs 2-13), the inner conv of a residual block, the
+  second conv of a bottleneck: all input channels are prunable;
+- residual sums, the input image, a flatten of a spatial map: nothing, the
+  layer is re-fitted only (block outputs are never narrowed);
+- MobileNetV2 inverted residuals: the project 1x1 is pruned; its input
+  channels go with the expand 1x1's outputs and the depthwise conv's
+  channels in between (depthwise convs are pass-throughs, never pruned by
+  themselves; they are re-fitted per channel, grouped convs per group);
+- concatenation (DenseNet): only the slices of the concat that come from a
+  producer feeding this consumer alone are prunable (in a dense block, the
+  newest layer's features at the transition conv); ``keep`` then applies to
+  those slices, the other channels are kept (``LayerPlan.channels``);
+- Linear layers (``include_linear``): input features, i.e. the neurons of
+  the Linear (or the channels of the conv, after global pooling) before it.
+
+Unstructured: every Conv2d but the first keeps ``keep`` of its weights
+(grouped convs: of their grouped weight); Linear layers stay dense unless
+``include_linear``.
+
+Layers the solvers cannot handle (non-zero padding modes, ConvTranspose,
+Conv1d/3d) raise a :class:`UserError` naming them, or are left untouched
+with a warning when ``skip_unsupported``.
 
 Users override with fnmatch patterns: ``include`` / ``exclude`` restrict the
-layers considered, ``keep_overrides`` maps a pattern to its own keep ratio.
+layers considered, ``keep_overrides`` maps a pattern to its own keep ratio
+(the last matching pattern wins; :func:`load_keep_file` reads them from YAML).
 """
 
 from __future__ import annotations
@@ -18,6 +42,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,13 +51,25 @@ from .capture import forward_order
 from .errors import UserError
 from .pruning import ChannelRemover
 
-__all__ = ["LayerPlan", "make_plan", "keep_count"]
+__all__ = ["LayerPlan", "make_plan", "keep_count", "load_keep_file", "unsupported_reason"]
+
+# weighted layers the solvers do not handle: named in an error, never silently left dense
+_UNSUPPORTED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv1d, nn.Conv3d)
 
 
 @dataclass
 class LayerPlan:
     name: str
     keep: float | None  # fraction of input channels (structured) or weights (unstructured); None: re-fit only
+    channels: list[int] | None = None  # structured: the prunable input channels (None: all); keep applies to these
+
+    def n_keep(self, total: int) -> int:
+        """Kept input channels / weights out of ``total``: channels outside ``channels`` are always kept."""
+        if self.keep is None:
+            return total
+        if self.channels is None:
+            return keep_count(total, self.keep)
+        return total - len(self.channels) + keep_count(len(self.channels), self.keep)
 
 
 def keep_count(total: int, keep: float) -> int:
@@ -42,12 +79,43 @@ def keep_count(total: int, keep: float) -> int:
 
 def unsupported_reason(layer: nn.Module) -> str | None:
     """Why the least-squares solvers cannot handle ``layer``, or None."""
+    if isinstance(layer, _UNSUPPORTED_TYPES):
+        return f"{type(layer).__name__} layers cannot be re-fitted (only Conv2d and Linear)"
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            return f"grouped convolution (groups={layer.groups}) is not supported yet"
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            return "only explicit zero padding is supported"
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r} is not supported (only zero padding)"
+        pads = [(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
+        if layer.padding == "same" and any(p % 2 for p in pads):
+            return "padding='same' with an even kernel (asymmetric padding) is not supported"
     return None
+
+
+def load_keep_file(path: str | Path) -> dict[str, float]:
+    """Per-layer keep ratios from a YAML mapping ``pattern: ratio`` (fnmatch patterns, ratios in (0, 1]).
+
+    Example file::
+
+        "features.*": 0.5
+        "blocks.3.project": 0.25
+        classifier.fc1: 1.0
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"keep file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"keep file {path} is not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"keep file {path} must map layer-name patterns to keep ratios, e.g. 'layer1.*: 0.5'")
+    out: dict[str, float] = {}
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+            raise UserError(f"keep file {path}: ratio for {k!r} must be a number in (0, 1], got {v!r}")
+        out[str(k)] = float(v)
+    return out
 
 
 def _match(name: str, patterns: list[str] | None) -> bool:
@@ -67,27 +135,28 @@ def make_plan(
     remover: ChannelRemover | None = None,
     skip_unsupported: bool = False,
 ) -> list[LayerPlan]:
-    """The layers to process, in forward order, with their keep ratio.
+    """The layers to process, in forward order, with their keep ratio (rule: module docstring).
 
-    A layer the solvers cannot handle (grouped/depthwise conv, non-zero padding
-    mode, string padding) raises a :class:`UserError` naming it, or is left
-    untouched with a warning when ``skip_unsupported``.
+    A layer the solvers cannot handle (non-zero padding mode, ConvTranspose,
+    Conv1d/3d) raises a :class:`UserError` naming it, or is left untouched
+    with a warning when ``skip_unsupported``.
     """
     if prune not in ("structured", "unstructured"):
         raise UserError(f"prune must be 'structured' or 'unstructured', got {prune!r}")
     if not 0.0 < keep <= 1.0:
         raise UserError(f"keep must lie in (0, 1], got {keep}; e.g. 0.5 keeps half the channels")
     types = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
-    order = forward_order(model, example, types=(nn.Conv2d, nn.Linear))
+    order = forward_order(model, example, types=(nn.Conv2d, nn.Linear, *_UNSUPPORTED_TYPES))
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
     if not convs:
         raise UserError("the model has no Conv2d layer; crossdistill compresses convolutional networks")
     first = convs[0]
     skip = set(getattr(model, "prune_skip", ()))
     plan: list[LayerPlan] = []
+    untouched: set[str] = set()  # unsupported layers left alone: neither re-fitted nor narrowed as producers
     for name in order:
         layer = model.get_submodule(name)
-        if name == first or not isinstance(layer, types):
+        if name == first or not isinstance(layer, (*types, *_UNSUPPORTED_TYPES)):
             continue
         if include and not _match(name, include):
             continue
@@ -101,6 +170,7 @@ def make_plan(
                     f"exclude it (--exclude '{name}') or allow skipping (skip_unsupported=True)"
                 )
             warnings.warn(f"leaving layer {name} untouched: {problem}", stacklevel=2)
+            untouched.add(name)
             continue
         ratio = keep
         for pattern, r in (keep_overrides or {}).items():
@@ -109,12 +179,15 @@ def make_plan(
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"keep for {name} must lie in (0, 1], got {ratio}")
         if prune == "structured":
-            prunable = name not in skip and ratio < 1.0
-            if prunable:
+            channels: list[int] = []
+            if name not in skip and ratio < 1.0:
                 remover = remover or ChannelRemover(model, example)
-                prunable = remover.independently_prunable(name)
-            if prunable or refit_unpruned:
-                plan.append(LayerPlan(name, ratio if prunable else None))
+                channels = remover.prunable_channels(name, untouched)
+            if channels:
+                whole = len(channels) == layer.weight.shape[1]
+                plan.append(LayerPlan(name, ratio, None if whole else channels))
+            elif refit_unpruned:
+                plan.append(LayerPlan(name, None))
         else:
             plan.append(LayerPlan(name, ratio if ratio < 1.0 else None))
     return plan

@@ -2,11 +2,22 @@
 
 Removing input channel j of a layer removes output channel j of the layer
 that produces it, with its BatchNorm entry; torch-pruning's
-``DependencyGraph`` finds that coupled group. A layer is *independently
-prunable* when its group touches the input channels of that layer alone and
-the output channels of exactly one producer (VGG convs 2-13, the inner conv
-of a residual block); layers whose inputs are shared through a residual sum
-or a concatenation are re-fitted but not narrowed by default.
+``DependencyGraph`` finds that coupled group. :meth:`ChannelRemover.prunable_channels`
+decides channel by channel: input channel j of a layer is *removable* when
+its group touches the input channels of that layer alone and the output
+channels of exactly one producer (a Conv2d with groups=1 or a Linear), with
+a one-to-one channel mapping. Depthwise convs (groups = in = out) and
+elementwise ops (BN, activations, pooling) between producer and consumer
+are pass-throughs: their channels go with the producer's (MobileNetV2: the
+project 1x1's inputs remove the expand 1x1's outputs and the depthwise
+channels). Channels are *not* removable when they also feed another layer
+(a residual sum, a dense concatenation reused later, the model output),
+come from two producers (a residual sum), from a grouped (non-depthwise)
+conv, from no layer (the input image), or through a flatten of a spatial map.
+A layer whose every input channel is removable is *independently prunable*
+(VGG convs 2-13, the inner conv of a residual block, a bottleneck); a
+concatenation consumer is *partly prunable*: only the slices of producers
+that feed it alone can go.
 """
 
 from __future__ import annotations
@@ -17,9 +28,14 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["ChannelRemover", "apply_mask", "sparsity"]
+__all__ = ["ChannelRemover", "apply_mask", "sparsity", "is_depthwise"]
 
 _PARAM_LAYERS = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A conv with one filter per input channel (groups = in = out): channels pass straight through."""
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
 
 
 class ChannelRemover:
@@ -38,11 +54,12 @@ class ChannelRemover:
         return self.graph.get_pruning_group(layer, fn, idxs=idxs)
 
     def coupled_layers(self, layer: nn.Module) -> tuple[list[str], list[str]]:
-        """(layers whose input channels change, layers whose output channels change) if ``layer``'s inputs shrink."""
+        """(layers whose input channels change, layers whose output channels change) if input channel 0 of
+        ``layer`` goes. Depthwise convs in between are pass-throughs and not listed."""
         ins, outs = [], []
         for item in self._group(layer, [0]):
             mod, handler = item.dep.target.module, item.dep.handler
-            if not isinstance(mod, _PARAM_LAYERS):
+            if not isinstance(mod, _PARAM_LAYERS) or is_depthwise(mod):
                 continue
             if self.graph.is_out_channel_pruning_fn(handler):
                 outs.append(self.names.get(mod, "?"))
@@ -50,15 +67,46 @@ class ChannelRemover:
                 ins.append(self.names.get(mod, "?"))
         return sorted(set(ins)), sorted(set(outs))
 
-    def independently_prunable(self, name: str) -> bool:
+    def prunable_channels(self, name: str, frozen: set[str] | frozenset[str] = frozenset()) -> list[int]:
+        """Input channels of layer ``name`` that can be removed with their producer alone (module docstring).
+
+        ``frozen``: names of layers whose output channels must not change (layers left untouched)."""
         layer = self.model.get_submodule(name)
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            return False
-        ins, outs = self.coupled_layers(layer)
-        if ins != [name] or len(outs) != 1:
-            return False
-        producer = self.model.get_submodule(outs[0])
-        return not (isinstance(producer, nn.Conv2d) and producer.groups != 1)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
+            return []
+        c_in = layer.weight.shape[1]
+        producers = [0] * c_in
+        blocked = [False] * c_in
+        producer_width = 0
+        reshaped = False
+        for item in self._group(layer, list(range(c_in))):
+            mod, handler = item.dep.target.module, item.dep.handler
+            roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
+            if isinstance(mod, (tp.ops._ReshapeOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):
+                reshaped = True
+            if isinstance(mod, tp.ops._OutputOp):  # the channels are also a model output
+                for r in roots:
+                    blocked[r] = True
+            if not isinstance(mod, _PARAM_LAYERS) or mod is layer or is_depthwise(mod):
+                continue
+            if self.graph.is_out_channel_pruning_fn(handler):
+                ok = isinstance(mod, (nn.Linear, nn.Conv2d)) and getattr(mod, "groups", 1) == 1
+                ok = ok and len(set(int(i) for i in item.idxs)) == len(roots) and self.names.get(mod) not in frozen
+                producer_width += mod.weight.shape[0]
+                for r in roots:
+                    producers[r] += 1
+                    blocked[r] |= not ok
+            elif self.graph.is_in_channel_pruning_fn(handler):  # another consumer of the same channels
+                for r in roots:
+                    blocked[r] = True
+        if reshaped and producer_width != c_in:  # a flatten of a spatial map: features are not channels
+            return []
+        return [j for j in range(c_in) if producers[j] == 1 and not blocked[j]]
+
+    def independently_prunable(self, name: str) -> bool:
+        """Every input channel of ``name`` is removable (see :meth:`prunable_channels`)."""
+        layer = self.model.get_submodule(name)
+        return len(self.prunable_channels(name)) == layer.weight.shape[1] > 0
 
     def remove_input_channels(self, name: str, keep: torch.Tensor) -> None:
         """Remove every input channel of layer ``name`` not in ``keep``, and the producer's outputs."""

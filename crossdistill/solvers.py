@@ -27,7 +27,7 @@ from .objectives import Term
 
 __all__ = [
     "LayerStats", "LeastSquares", "GramSystem", "RowSystem", "layer_fn", "unfold",
-    "solve_structured", "solve_unstructured", "adam_solve", "SolveResult", "weight_mask",
+    "solve_structured", "solve_unstructured", "solve_grouped", "adam_solve", "SolveResult", "weight_mask",
 ]  # fmt: skip
 
 
@@ -40,15 +40,27 @@ def layer_fn(layer: nn.Module):
     raise TypeError(f"cannot solve for layer type {type(layer).__name__}")
 
 
+def _explicit_padding(layer) -> tuple[int, ...]:
+    """A conv's padding as numbers: 'valid' is 0, 'same' (odd effective kernel) is (k-1)*d/2 per side."""
+    if layer.padding == "valid":
+        return (0, 0)
+    if layer.padding == "same":
+        pads = [(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
+        if any(p % 2 for p in pads):
+            raise TypeError("padding='same' with an even kernel (asymmetric padding) is not supported")
+        return tuple(p // 2 for p in pads)
+    return layer.padding
+
+
 def unfold(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """im2col: (N, C, H, W) -> (N*L, C*kh*kw) in the column order of ``W.flatten(1)``."""
     if isinstance(layer, nn.Linear):
         return h.reshape(-1, h.shape[-1])
     if layer.groups != 1:
-        raise TypeError("grouped convolutions are not supported by the least-squares solver")
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        raise TypeError("only convolutions with explicit zero padding are supported by the least-squares solver")
-    cols = F.unfold(h, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, C*kh*kw, L)
+        raise TypeError("grouped convolutions are solved group by group (solve_grouped), not by unfold")
+    if layer.padding_mode != "zeros":
+        raise TypeError("only convolutions with zero padding are supported by the least-squares solver")
+    cols = F.unfold(h, layer.kernel_size, layer.dilation, _explicit_padding(layer), layer.stride)  # (N, C*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N*L, C*kh*kw)
 
 
@@ -227,13 +239,15 @@ def channel_scores(W: torch.Tensor, system: LeastSquares, cols: torch.Tensor, kk
 
 def solve_structured(
     stats: LayerStats, terms: list[Term], wT: torch.Tensor, w0: torch.Tensor, n_keep: int,
-    ridge: float = 1e-3, steps: int = 4, criterion: str = "energy",
+    ridge: float = 1e-3, steps: int = 4, criterion: str = "energy", fixed: torch.Tensor | None = None,
 ) -> SolveResult:  # fmt: skip
     """Exact solve with ``n_keep`` input channels, chosen by iterative elimination.
 
     Rule: solve with the current channel set, drop the lowest-scoring channels
     (``criterion``) down to the next count, re-solve; counts fall linearly from
     all channels to ``n_keep`` in ``steps`` steps, then a final solve.
+    ``fixed``: input channels that are always kept (a concatenation consumer's
+    slices that cannot be removed); ``n_keep`` counts them.
     """
     system = stats.system(terms, wT)
     c_in = w0.shape[1]
@@ -241,6 +255,10 @@ def solve_structured(
     W0 = w0.flatten(1).double()  # (C_out, d)
     loss_before = system.loss(W0)
     keep = torch.arange(c_in, device=w0.device)
+    pinned = torch.zeros(c_in, dtype=torch.bool, device=w0.device)
+    if fixed is not None:
+        pinned[fixed.to(w0.device)] = True
+    n_keep = max(n_keep, int(pinned.sum()))
     counts = [round(c_in - (c_in - n_keep) * (i + 1) / steps) for i in range(steps)] if n_keep < c_in else []
     W = W0
     for count in counts + [n_keep]:
@@ -249,6 +267,7 @@ def solve_structured(
         W[:, cols] = system.solve(cols, W0, ridge).T
         if count < len(keep):
             scores = channel_scores(W[:, cols], system, cols, kk, criterion)
+            scores = scores.masked_fill(pinned[keep], float("inf"))
             keep = keep[scores.topk(count).indices.sort().values]
     return SolveResult(W.reshape(w0.shape).float(), keep, loss_before, system.loss(W))
 
@@ -268,13 +287,19 @@ def weight_mask(W: torch.Tensor, diag: torch.Tensor | None, n_keep: int, criteri
 
 def solve_unstructured(
     stats: LayerStats, terms: list[Term], wT: torch.Tensor, w0: torch.Tensor, n_keep: int,
-    ridge: float = 1e-3, criterion: str = "magnitude",
+    ridge: float = 1e-3, criterion: str = "magnitude", mask: torch.Tensor | None = None,
 ) -> SolveResult:  # fmt: skip
-    """Exact solve for a fixed weight mask: one ridge least-squares problem per output row."""
+    """Exact solve for a fixed weight mask: one ridge least-squares problem per output row.
+
+    The mask is the top ``n_keep`` weights by ``criterion``, or ``mask`` (boolean, shape of ``w0``) if given.
+    """
     system = stats.system(terms, wT)
     W0 = w0.flatten(1).double()
     loss_before = system.loss(W0)
-    mask = weight_mask(W0, system.diag(), n_keep, criterion)
+    if mask is None:
+        mask = weight_mask(W0, system.diag(), n_keep, criterion)
+    else:
+        mask = mask.reshape(W0.shape).to(W0.device)
     W = torch.zeros_like(W0)
     for o in range(W0.shape[0]):
         idx = mask[o].nonzero().flatten()
@@ -283,10 +308,54 @@ def solve_unstructured(
     return SolveResult(W.reshape(w0.shape).float(), mask.reshape(w0.shape), loss_before, system.loss(W))
 
 
+class _GroupView:
+    """The conv parameters of one group of a grouped conv, as a groups=1 layer for :func:`unfold`."""
+
+    def __init__(self, layer: nn.Conv2d):
+        self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
+        self.padding, self.padding_mode, self.groups = layer.padding, layer.padding_mode, 1
+
+
+def solve_grouped(
+    layer: nn.Conv2d, terms: list[Term], hT: torch.Tensor, hS: torch.Tensor, wT: torch.Tensor, w0: torch.Tensor,
+    n_keep: int | None = None, ridge: float = 1e-3, criterion: str = "magnitude", batch_size: int = 128,
+) -> SolveResult:  # fmt: skip
+    """Re-fit a grouped (or depthwise) conv: its weight is block-diagonal, so each group is its own problem.
+
+    Group g maps input channels ``g*C_in/G ... (g+1)*C_in/G`` to output channels
+    ``g*C_out/G ...``; each is solved exactly like a dense conv (Gram of that
+    group's im2col columns only). No input channel is removed (``kept`` = all).
+    ``n_keep`` set: unstructured, the top ``n_keep`` weights of the whole layer
+    by magnitude are kept and each group is solved on its part of that mask.
+    Losses are summed over groups and normalised like a dense layer's.
+    """
+    G = layer.groups
+    view = _GroupView(layer)
+    cin_g, cout_g = wT.shape[1], wT.shape[0] // G
+    mask = None if n_keep is None else weight_mask(w0.flatten(1), None, n_keep, criterion).view_as(w0)
+    W = torch.empty_like(w0)
+    before = after = 0.0
+    for g in range(G):
+        i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
+        stats = LayerStats(view)  # type: ignore[arg-type]
+        for j in range(0, len(hT), batch_size):
+            stats.add_batch(hT[j : j + batch_size, i], hS[j : j + batch_size, i])
+        if mask is None:
+            res = solve_structured(stats, terms, wT[o], w0[o], cin_g, ridge, steps=1)
+        else:
+            res = solve_unstructured(stats, terms, wT[o], w0[o], 0, ridge, mask=mask[o])
+        stats.free()
+        W[o] = res.weight
+        before += res.loss_before * cout_g
+        after += res.loss_after * cout_g
+    kept = torch.arange(w0.shape[1], device=w0.device) if mask is None else mask
+    return SolveResult(W, kept, before / w0.shape[0], after / w0.shape[0])
+
+
 def adam_solve(
     layer: nn.Module, terms: list[Term], hT: torch.Tensor, hS: torch.Tensor, wT: torch.Tensor,
     w0: torch.Tensor, n_keep: int, structured: bool, iterations: int = 3000, lr: float = 5e-4,
-    lr_drop: float = 0.1,
+    lr_drop: float = 0.1, fixed: torch.Tensor | None = None,
 ) -> SolveResult:  # fmt: skip
     """The official optimisation: full-batch Adam with a gradually tightening mask.
 
@@ -297,6 +366,8 @@ def adam_solve(
     count falling the same way, no lr drop. The mask is applied to the
     weights, the gradients and both Adam moments. The teacher-side products
     W^T*(p h^T + q h^S) are computed once (the official loop recomputes them).
+    ``fixed``: input channels always kept (structured). Grouped convs work as
+    they are (the layer's own grouped convolution).
     """
     fn = layer_fn(layer)
     with torch.no_grad():
@@ -323,6 +394,8 @@ def adam_solve(
             with torch.no_grad():
                 if structured:
                     norms = (W * mask).pow(2).transpose(0, 1).reshape(c_in, -1).sum(1)
+                    if fixed is not None:
+                        norms[fixed] = float("inf")
                     chan = torch.zeros(c_in, dtype=torch.bool, device=W.device)
                     chan[norms.topk(count).indices] = True
                     mask = chan.view(1, -1, *([1] * (W.dim() - 2))).expand_as(W)

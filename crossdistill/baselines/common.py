@@ -157,7 +157,9 @@ def start(
         student, example, cfg.prune, cfg.keep, cfg.include, cfg.exclude, cfg.keep_overrides,
         cfg.include_linear, refit_unpruned=False, remover=remover,
     )  # fmt: skip
-    plan = [p for p in plan if p.keep is not None]
+    # baselines prune whole layers only: not concatenation consumers (partly prunable) nor grouped convs
+    grouped = lambda n: getattr(student.get_submodule(n), "groups", 1) != 1  # noqa: E731
+    plan = [p for p in plan if p.keep is not None and p.channels is None and not grouped(p.name)]
     if not plan:
         raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
     return Run(
