@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -69,12 +70,13 @@ def main() -> None:
     ap.add_argument("--solvers", nargs="+", default=["lstsq"])
     ap.add_argument("--adam-iterations", type=int, default=3000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="speed.jsonl", help="results file name under results/")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(one_run(**json.loads(args.child))))
         return
-    out = RESULTS / "speed.jsonl"
+    out = RESULTS / args.out
     env = machine()
     for solver in args.solvers:
         for rep in range(args.repeats if solver == "lstsq" else 1):
@@ -82,7 +84,8 @@ def main() -> None:
                     "iterations": args.adam_iterations, "method": args.method}  # fmt: skip
             res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                  text=True, check=True)  # fmt: skip
-            row = {**json.loads(res.stdout.strip().splitlines()[-1]), "repeat": rep, "machine": env}
+            row = {**json.loads(res.stdout.strip().splitlines()[-1]), "repeat": rep, "machine": env,
+                   "loadavg_1min_after": os.getloadavg()[0]}  # fmt: skip
             append_jsonl(out, row)
             print(f"{args.model} {solver}: {row['compress_seconds']:.1f} s, peak {row['peak_rss_mb']:.0f} MB, "
                   f"acc {row['accuracy']:.4f}, FLOPs /{row['flops_reduction']:.2f}, "
