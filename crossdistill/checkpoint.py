@@ -1,7 +1,8 @@
 """Checkpoints: safetensors weights plus a JSON sidecar, both written atomically.
 
 A checkpoint ``name.safetensors`` has a sidecar ``name.json`` holding the model
-name, its constructor arguments, the dataset, the measured accuracy, the recipe
+name (or ``model_file``, ``path.py:function``, for a user's model), its
+constructor arguments, the dataset, the measured accuracy, the recipe
 and the sha256 of the weights file. ``load_checkpoint`` rebuilds the model from
 the registry (or, for compressed students, from the stored channel widths).
 """
@@ -108,7 +109,12 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[nn.Module, d
     meta = read_meta(path)
     state = load_state(path, verify)
     try:
-        model = get_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])
+        if meta.get("model_file"):  # a user's model (crossdistill compress --model-file): rebuild from the file
+            from .usermodel import load_model_file
+
+            model = load_model_file(meta["model_file"])
+        else:
+            model = get_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])
     except KeyError as e:
         raise UserError(f"metadata of {path} lacks {e}; it was not written by crossdistill") from e
     except ValueError as e:
@@ -120,7 +126,8 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[nn.Module, d
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0:2]
         raise UserError(
-            f"weights in {path} do not fit architecture {meta['model']!r} ({' '.join(first)}); "
+            f"weights in {path} do not fit architecture {meta.get('model') or meta.get('model_file')!r} "
+            f"({' '.join(first)}); "
             "the checkpoint belongs to another model"
         ) from e
     return model.eval(), meta

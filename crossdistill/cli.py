@@ -99,9 +99,38 @@ def _compress_one(teacher, images, cfg, label: str, labels=None):
     return student, report
 
 
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+def _first_conv_channels(model) -> int:
+    from torch import nn
+
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise UserError("the model has no Conv2d layer; crossdistill compresses convolutional networks")
+    return first.in_channels
+
+
 @app.command()
 def compress(
-    teacher: Path = typer.Option(..., help="teacher checkpoint (.safetensors + .json)"),
+    teacher: Path | None = typer.Option(None, help="teacher checkpoint (.safetensors + .json) of our registry"),
+    model_file: str | None = typer.Option(
+        None, help="your model instead: path/to/file.py:function, function() returns the nn.Module"
+    ),
+    weights: Path | None = typer.Option(None, help="with --model-file: state dict (.pt/.pth/.safetensors)"),
+    images: Path | None = typer.Option(
+        None, help="folder of few-shot images (one sub-folder per class, or flat and unlabelled); all are used"
+    ),
+    size: int | None = typer.Option(None, help="with --images: resize images to SIZE x SIZE"),
+    mean: str | None = typer.Option(None, help="with --images: per-channel mean of x/255, e.g. 0.5,0.5,0.5"),
+    std: str | None = typer.Option(None, help="with --images: per-channel std (default: mean/std of the images)"),
+    test_images: Path | None = typer.Option(None, help="with --images: labelled folder to measure accuracy on"),
     dataset: str | None = typer.Option(None, help="data set for the few-shot draw (default: the teacher's)"),
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
@@ -113,6 +142,9 @@ def compress(
     beta: float = typer.Option(0.7, help="ours-s: student-side mix"),
     prune: str = typer.Option("structured", help="structured | unstructured"),
     keep: float = typer.Option(0.5, help="fraction of channels (structured) or weights (unstructured) kept"),
+    keep_file: Path | None = typer.Option(None, help="YAML mapping layer-name pattern -> keep ratio"),
+    include_linear: bool = typer.Option(False, help="also prune / re-fit Linear layers"),
+    skip_unsupported: bool = typer.Option(False, help="leave layers that cannot be compressed untouched"),
     solver: str = typer.Option("lstsq", help="lstsq (exact) | adam (official schedule)"),
     iterations: int = typer.Option(3000, help="adam: iterations per layer"),
     lr: float = typer.Option(5e-4, help="adam: learning rate"),
@@ -122,35 +154,79 @@ def compress(
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     out: Path = typer.Option(Path("runs/student"), help="output folder"),
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
+    latency: bool = typer.Option(True, help="measure CPU latency at batch 1 and 64"),
     data_dir: Path | None = typer.Option(None),
 ) -> None:
-    """Compress a teacher with K images per class; save the student and print a before/after table."""
+    """Compress a teacher with a few images; save the student and print a before/after table.
+
+    Either --teacher CKPT (few-shot draw of K per class from --dataset) or --model-file FILE.py:FN
+    [--weights W] --images DIR (your model and your images).
+    """
     from .checkpoint import load_checkpoint
     from .compress import CompressConfig, official_mu
     from .data import load_few_shot
     from .evaluate import evaluate as eval_model
     from .evaluate import render_table
+    from .plan import load_keep_file
     from .student import save_student
 
     def go():
-        model, meta = load_checkpoint(teacher)
-        ds = dataset or meta["dataset"]
-        images, labels = load_few_shot(ds, k, seed, data_dir)
+        if (teacher is None) == (model_file is None):
+            raise UserError("give either --teacher CKPT or --model-file FILE.py:FUNCTION (with --images DIR)")
+        if model_file is not None:
+            from .usermodel import accuracy, images_from_folder, load_model_file, load_weights
+
+            if images is None:
+                raise UserError("--model-file needs --images DIR: a folder of images the model takes")
+            model = load_model_file(model_file)
+            if weights is not None:
+                load_weights(model, weights)
+            model.eval()
+            channels = _first_conv_channels(model)
+            x, labels, m, s, _ = images_from_folder(images, channels, size, _floats(mean), _floats(std))
+            labels = labels if bool((labels >= 0).all()) else None
+            meta = {"model_file": model_file, "in_channels": channels, "mean": m, "std": s,
+                    "weights": str(weights) if weights else None}  # fmt: skip
+            ds, title = None, f"{Path(model_file.rpartition(':')[0]).name}, {len(x)} images from {images}"
+        else:
+            if images is not None:
+                raise UserError("--images goes with --model-file; with --teacher the few-shot set is drawn by --k")
+            model, meta = load_checkpoint(teacher)
+            ds = dataset or meta["dataset"]
+            x, labels = load_few_shot(ds, k, seed, data_dir)
+            title = f"{meta['model']}, K={k}, seed {seed}"
         cfg = CompressConfig(
             method=method, mu=official_mu(model) if mu is None else mu, alpha=alpha, beta=beta, prune=prune,
             keep=keep, solver=solver, iterations=iterations, lr=lr, recalibrate_bn=recalibrate_bn,
-            include=include or None, exclude=exclude or None, device=device,
+            include=include or None, exclude=exclude or None, device=device, include_linear=include_linear,
+            skip_unsupported=skip_unsupported, keep_overrides=load_keep_file(keep_file) if keep_file else {},
         )  # fmt: skip
-        student, report = _compress_one(model, images, cfg, f"{method} K={k}", labels)
-        reports = {
-            "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit),
-            f"student ({method})": eval_model(student.cpu(), ds, data_dir=data_dir, limit=test_limit),
-        }
-        Console().print(render_table(reports, title=f"{meta['model']}, {prune} keep {keep}, K={k}, seed {seed}"))
-        rep = {**report.to_dict(), "k": k, "seed": seed, "dataset": ds,
+        student, report = _compress_one(model, x, cfg, f"{method}", labels)
+        student = student.cpu()
+        if model_file is not None:  # accuracy only on a given labelled test folder
+            shape = tuple(x.shape[1:])
+            reports = {"teacher": eval_model(model, input_shape=shape, latency=latency),
+                       f"student ({method})": eval_model(student, input_shape=shape, latency=latency)}  # fmt: skip
+            if test_images is not None:
+                tx, tl, *_ = images_from_folder(test_images, x.shape[1], size or x.shape[-1], meta["mean"],
+                                                meta["std"])  # fmt: skip
+                if test_limit is not None:
+                    tx, tl = tx[:test_limit], tl[:test_limit]
+                for name, net in (("teacher", model), (f"student ({method})", student)):
+                    reports[name].accuracy, reports[name].test_images = accuracy(net, tx, tl)
+        else:
+            reports = {
+                "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),
+                f"student ({method})": eval_model(student, ds, data_dir=data_dir, limit=test_limit, latency=latency),
+            }
+        Console().print(render_table(reports, title=f"{title}: {prune} keep {keep}"))
+        rep = {**report.to_dict(), "k": k if model_file is None else None, "seed": seed, "dataset": ds,
+               "images": str(images) if images else None,
                "evaluation": {n: r.to_dict() for n, r in reports.items()}}  # fmt: skip
-        paths = save_student(student, out, meta, rep, images, {"method": method, "k": k, "seed": seed})
-        console.print(f"compressed in {report.seconds:.1f} s; student written to {paths['weights'].parent}/")
+        extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
+        paths = save_student(student, out, meta, rep, x, extra)
+        console.print(f"compressed in {report.seconds:.1f} s; student written to {paths['weights'].parent}/ "
+                      f"({', '.join(p.name for p in paths.values())})")  # fmt: skip
 
     _run(go)
 

@@ -1,16 +1,23 @@
 """Saving a compressed student so that it loads with or without crossdistill.
 
-- ``student.safetensors`` + ``student.json``: weights and the architecture
-  (registry name + per-layer widths); ``load_checkpoint`` rebuilds it.
+- ``student.safetensors`` + ``student.json``: weights and the architecture: the
+  registry name (our models) or the user's ``model_file`` (``path.py:function``,
+  stored as an absolute path) plus per-layer widths; ``load_checkpoint``
+  rebuilds either.
 - ``student.pt2``: a ``torch.export`` program; ``torch.export.load(path).module()``
   runs it with plain PyTorch, no crossdistill import needed (batch size is dynamic).
+- ``student.onnx`` (when the ``onnx`` package is installed, ``pip install crossdistill[export]``):
+  the same network for onnxruntime and other ONNX runtimes; input ``images``,
+  output ``output``, dynamic batch size.
 - ``report.json``: the compression report and the resolved config.
 Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,30 @@ from torch import nn
 from .checkpoint import atomic_write, save_checkpoint
 from .structure import layer_widths
 
-__all__ = ["save_student"]
+__all__ = ["save_student", "export_onnx", "onnx_available"]
+
+
+def onnx_available() -> bool:
+    return importlib.util.find_spec("onnx") is not None
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
+    """Write ``model`` as ONNX (opset 17, dynamic batch) with the TorchScript-based exporter."""
+    model = model.cpu().eval()
+    x = example.cpu()[:2]
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            kwargs = dict(input_names=["images"], output_names=["output"], opset_version=17,
+                          dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+            try:
+                torch.onnx.export(model, (x,), tmp, dynamo=False, **kwargs)
+            except TypeError:  # torch < 2.5 has no dynamo= argument
+                torch.onnx.export(model, (x,), tmp, **kwargs)
+
+    atomic_write(path, write)
+    return Path(path)
 
 
 def save_student(
@@ -30,26 +60,41 @@ def save_student(
     report: dict[str, Any],
     example: torch.Tensor,
     extra_meta: dict[str, Any] | None = None,
+    onnx: bool | None = None,
 ) -> dict[str, Path]:
-    """Write the student (safetensors + JSON, TorchScript) and its report into ``out_dir``."""
+    """Write the student (safetensors + JSON, torch.export, ONNX) and its report into ``out_dir``.
+
+    ``teacher_meta`` names the architecture: ``model`` (a registry name, with ``num_classes`` and
+    ``in_channels``) or ``model_file`` (``path.py:function`` building the user's model). ``onnx``:
+    write ``student.onnx`` (None: when the onnx package is installed).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     student = student.cpu().eval()
     meta = {
-        "model": teacher_meta["model"],
-        "num_classes": teacher_meta["num_classes"],
-        "in_channels": teacher_meta["in_channels"],
+        "model": teacher_meta.get("model"),
+        "num_classes": teacher_meta.get("num_classes"),
+        "in_channels": teacher_meta.get("in_channels", example.shape[1]),
         "dataset": teacher_meta.get("dataset"),
         "teacher_sha256": teacher_meta.get("sha256"),
+        "input_shape": list(example.shape[1:]),
         "widths": layer_widths(student),
         **(extra_meta or {}),
     }
+    if teacher_meta.get("model_file"):
+        path, _, fn = str(teacher_meta["model_file"]).rpartition(":")
+        meta["model_file"] = f"{Path(path).resolve()}:{fn}"
+    for key in ("mean", "std"):
+        if key in teacher_meta:
+            meta[key] = teacher_meta[key]
     paths = {"weights": out / "student.safetensors", "program": out / "student.pt2",
              "report": out / "report.json"}  # fmt: skip
     save_checkpoint(student, paths["weights"], meta)
     x = example.cpu()[:2]
     program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     atomic_write(paths["program"], lambda tmp: torch.export.save(program, tmp))
+    if onnx or (onnx is None and onnx_available()):
+        paths["onnx"] = export_onnx(student, out / "student.onnx", x)
     text = json.dumps(report, indent=2, default=str) + "\n"
     atomic_write(paths["report"], lambda tmp: Path(tmp).write_text(text))
     return paths
