@@ -172,7 +172,7 @@ class GramSystem(LeastSquares):
 
     def blocks(self, cols, kk):
         c = len(cols) // kk
-        ar = torch.arange(c)
+        ar = torch.arange(c, device=self.G.device)
         return self.G[cols][:, cols].reshape(c, kk, c, kk)[ar, :, ar, :]
 
     def solve(self, cols, W0, ridge, row=None):

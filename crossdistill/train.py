@@ -41,13 +41,14 @@ class TrainConfig:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, info, batch_size: int = 500) -> float:
-    """Top-1 accuracy (fraction) of ``model`` in eval mode on uint8 ``images``."""
+    """Top-1 accuracy (fraction) of ``model`` in eval mode on uint8 ``images`` (batches go to the model's device)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(labels), batch_size):
-        x = normalize(images[i : i + batch_size], info)
-        correct += (model(x).argmax(1) == labels[i : i + batch_size]).sum().item()
+        x = normalize(images[i : i + batch_size], info).to(device)
+        correct += (model(x).argmax(1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
     model.train(was_training)
     return correct / len(labels)
 
