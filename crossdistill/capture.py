@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["record_inputs", "capture_inputs", "capture_input", "forward_order"]
+__all__ = ["record_inputs", "capture_inputs", "capture_input", "layer_outputs", "forward_order"]
 
 
 class _Stop(Exception):
@@ -66,6 +66,30 @@ def capture_input(model: nn.Module, name: str, images: torch.Tensor, batch_size:
     if len(store[name]) != -(-len(images) // batch_size):
         raise RuntimeError(f"layer {name} was not called exactly once per forward; it cannot be captured")
     return torch.cat(store[name])
+
+
+def layer_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of the named modules on ``x``, cloned (safe from later in-place ops) with their autograd
+    graph; the forward stops once every named module has run. Modules never called are absent."""
+    store: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_m, _inp, out):
+            store[name] = out.clone()
+            if len(store) == len(names):
+                raise _Stop
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return store
 
 
 def forward_order(model: nn.Module, example: torch.Tensor, types=(nn.Conv2d, nn.Linear)) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .capture import layer_outputs
 from .checkpoint import atomic_write
 
 __all__ = ["layer_output_errors", "plot_layer_errors"]
@@ -19,31 +20,16 @@ def layer_output_errors(
     """Relative error ||y^T - y^S||^2 / ||y^T||^2 of each named layer's output (raw conv output),
     each network fed its own inputs: the error accumulated up to and including that layer."""
     sums = {n: [0.0, 0.0] for n in names}
-    outs: dict[str, dict[str, torch.Tensor]] = {"t": {}, "s": {}}
-    handles = []
-    for tag, model in (("t", teacher), ("s", student)):
+    teacher.eval()
+    student.eval()
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        yT, yS = layer_outputs(teacher, names, x), layer_outputs(student, names, x)
         for n in names:
-
-            def hook(_m, _i, y, tag=tag, n=n):
-                outs[tag][n] = y.detach()
-
-            handles.append(model.get_submodule(n).register_forward_hook(hook))
-    try:
-        teacher.eval()
-        student.eval()
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
-            teacher(x)
-            student(x)
-            for n in names:
-                yT, yS = outs["t"][n], outs["s"][n]
-                if yS.shape != yT.shape:  # output channels were removed: compare the student's kept ones
-                    continue
-                sums[n][0] += float((yT - yS).pow(2).sum())
-                sums[n][1] += float(yT.pow(2).sum())
-    finally:
-        for h in handles:
-            h.remove()
+            if yS[n].shape != yT[n].shape:  # output channels were removed: not comparable
+                continue
+            sums[n][0] += float((yT[n] - yS[n]).pow(2).sum())
+            sums[n][1] += float(yT[n].pow(2).sum())
     return [s[0] / max(s[1], 1e-12) if s[1] else float("nan") for s in sums.values()]
 
 

@@ -41,8 +41,6 @@ thin, deeper student trained from scratch on a full data set):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import layer_outputs
 from ..compress import CompressConfig, CompressReport
 from ..errors import UserError
 from .common import check_train_params, eval_loss, finish, resolve_configs, ridge_lstsq, sgd_train, stage_record, start
@@ -91,39 +90,8 @@ def hint_points(model: nn.Module) -> list[str]:
     raise UserError("no default FitNet hint points for this model; pass hints=[module names] (e.g. stage outputs)")
 
 
-class _Stop(Exception):
-    pass
-
-
-@contextmanager
-def _record_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Outputs of the named modules (cloned: safe from later in-place ReLUs); the forward stops after the last."""
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(_m, _inp, out):
-            store[name] = out.clone()
-            if len(store) == len(names):
-                raise _Stop
-
-        return hook
-
-    try:
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_hook(make_hook(n)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _features(model: nn.Module, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
-    with _record_outputs(model, names) as store:
-        try:
-            model(x)
-        except _Stop:
-            pass
+    store = layer_outputs(model, names, x)
     missing = [n for n in names if n not in store]
     if missing:
         raise UserError(f"hint points {missing} were not called by the forward pass; choose other modules")
