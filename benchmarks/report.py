@@ -76,14 +76,19 @@ def plot_vs_k(g, cells, teacher_acc, ks, methods, path: Path) -> None:
 
     model, prune, keep, solver = g
     fig, ax = plt.subplots(figsize=(6, 4))
+    floor = 100 * teacher_acc - 20  # methods far below this are listed, not drawn, so the rest stay readable
     for m in methods:
         xs = [k for k in ks if (m, k) in cells]
         ys = [100 * statistics.mean(cells[(m, k)]) for k in xs]
+        if max(ys) < floor:
+            ax.plot([], [], " ", label=f"{m}: {max(ys):.1f}% (off scale)")
+            continue
         err = [100 * statistics.stdev(cells[(m, k)]) if len(cells[(m, k)]) > 1 else 0 for k in xs]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m, lw=2 if m.startswith("ours") else 1)
     ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label="teacher")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("K (images per class)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{model}, {prune} keep {keep}")
