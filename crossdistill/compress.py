@@ -115,7 +115,7 @@ class CompressReport:
     flops_after: int
     sparsity: float  # fraction of zero weights in the processed layers
     seconds: float
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +174,15 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 128
     for m, (mom, tr) in zip(bns, saved, strict=True):
         m.momentum = mom
         m.train(tr)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated on the device during compress(); CPU: peak RSS of the whole process so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -317,7 +326,7 @@ def compress(
         flops_after=_flops(student, example),
         sparsity=sparsity(student, [p.name for p in plan]),
         seconds=time.perf_counter() - t_start,
-        peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        peak_memory_mb=_peak_memory_mb(device),
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
