@@ -225,7 +225,8 @@ def compress(
                "evaluation": {n: r.to_dict() for n, r in reports.items()}}  # fmt: skip
         extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
         paths = save_student(student, out, meta, rep, x, extra)
-        console.print(f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); student written to {paths['weights'].parent}/ "
+        console.print(f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
+                      f"student written to {paths['weights'].parent}/ "
                       f"({', '.join(p.name for p in paths.values())})")  # fmt: skip
 
     _run(go)
