@@ -38,7 +38,8 @@ def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary name keeps the suffix: some writers (torch.export.save) check it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write_fn(tmp)
