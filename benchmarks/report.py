@@ -61,7 +61,12 @@ def accuracy_tables(path: Path) -> str:
         out.append("|---" * (len(ks) + 2) + "|")
         out.append("| teacher | " + " | ".join(f"{100 * teacher[g]:.2f}" for _ in ks) + " | |")
         for m in methods:
-            accs = [mean_std(cells[(m, k)]) if (m, k) in cells else "" for k in ks]
+            accs = [
+                mean_std(cells[(m, k)]) + (f" (n={len(cells[(m, k)])})" if len(cells[(m, k)]) < seeds else "")
+                if (m, k) in cells
+                else ""
+                for k in ks
+            ]
             sec = statistics.median(seconds[(*g, m)])
             out.append(f"| {m} | " + " | ".join(accs) + f" | {sec:.1f} |")
         out.append("")
