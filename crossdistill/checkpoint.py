@@ -23,15 +23,20 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_meta", "sha256_file"]
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_meta", "sha256_file", "file_digest"]
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def atomic_write(path: str | Path, write_fn) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .capture import capture_input, capture_inputs
 from .errors import UserError
+from .evaluate import count_flops
 from .objectives import METHODS, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
@@ -185,14 +186,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _flops(model: nn.Module, example: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(example)
-    return int(counter.get_total_flops())
-
-
 def compress(
     teacher: nn.Module,
     images: torch.Tensor,
@@ -232,8 +225,7 @@ def compress(
     terms = objective_terms(cfg.method, cfg.mu, cfg.alpha, cfg.beta)
     example = images[:1]
     params_before = sum(p.numel() for p in student.parameters())
-    flops_before = _flops(student.eval(), example)
-    student.train(cfg.bn_mode == "train")
+    flops_before = count_flops(student, example.shape[1:])
 
     # plan: layers in forward order with their keep ratios
     remover = ChannelRemover(student, example) if cfg.prune == "structured" else None
@@ -323,7 +315,7 @@ def compress(
         params_before=params_before,
         params_after=sum(p.numel() for p in student.parameters()),
         flops_before=flops_before,
-        flops_after=_flops(student, example),
+        flops_after=count_flops(student, example.shape[1:]),
         sparsity=sparsity(student, [p.name for p in plan]),
         seconds=time.perf_counter() - t_start,
         peak_memory_mb=_peak_memory_mb(device),

@@ -16,7 +16,6 @@ zero padding (2 px for 28x28, 4 px for 32x32) and horizontal flip.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import pickle
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import file_digest
 from .errors import UserError
 
 __all__ = [
@@ -184,13 +184,10 @@ def verify_checksum(path: str | Path, expected: str | None, what: str = "") -> N
     if expected is None:
         return
     algo, _, digest = expected.rpartition(":")
-    h = hashlib.new(algo or "sha256")
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != digest.lower():
+    got = file_digest(path, algo or "sha256")
+    if got != digest.lower():
         raise UserError(
-            f"checksum mismatch for {what or path}: got {algo or 'sha256'} {h.hexdigest()[:12]}..., "
+            f"checksum mismatch for {what or path}: got {algo or 'sha256'} {got[:12]}..., "
             f"expected {digest[:12]}...; the file is corrupt or not the published one: delete it and fetch again"
         )
 

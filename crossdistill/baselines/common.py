@@ -27,6 +27,7 @@ from ..capture import capture_input, capture_inputs
 from ..compress import CompressConfig, CompressReport, LayerRecord, check_images, recalibrate_bn, resolve_device
 from ..data import augment
 from ..errors import UserError
+from ..evaluate import count_flops
 from ..objectives import Term
 from ..plan import LayerPlan, keep_count, make_plan
 from ..pruning import ChannelRemover, sparsity
@@ -35,7 +36,7 @@ from ..structure import layer_widths
 
 __all__ = [
     "Run", "resolve_configs", "start", "finish", "sgd_train", "check_train_params", "auto_pad",
-    "ridge_solve", "ridge_lstsq", "mse", "flops", "eval_loss", "stage_record", "normal_equations", "contribution_gram",
+    "ridge_solve", "ridge_lstsq", "mse", "eval_loss", "stage_record", "normal_equations", "contribution_gram",
     "layerwise", "kept_columns",
 ]  # fmt: skip
 
@@ -92,15 +93,6 @@ def resolve_configs(
     return cfg, hp
 
 
-def flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of one forward of ``example`` (FlopCounterMode: multiply-add = 2), as compress() reports them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(example)
-    return int(counter.get_total_flops())
-
-
 def _check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise UserError("labels must be an integer tensor (N,) of class indices, e.g. few_shot(...).labels")
@@ -151,7 +143,7 @@ def start(
         p.requires_grad_(True)
     example = images[:1]
     params_before = sum(p.numel() for p in student.parameters())
-    flops_before = flops(student, example)
+    flops_before = count_flops(student, example.shape[1:])
     remover = ChannelRemover(student, example) if cfg.prune == "structured" else None
     plan = make_plan(
         student, example, cfg.prune, cfg.keep, cfg.include, cfg.exclude, cfg.keep_overrides,
@@ -181,7 +173,7 @@ def finish(run: Run, hp: Any) -> tuple[nn.Module, CompressReport]:
         params_before=run.params_before,
         params_after=sum(p.numel() for p in student.parameters()),
         flops_before=run.flops_before,
-        flops_after=flops(student, run.example),
+        flops_after=count_flops(student, run.example.shape[1:]),
         sparsity=sparsity(student, [p.name for p in run.plan]),
         seconds=time.perf_counter() - run.t_start,
         peak_memory_mb=torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None,
