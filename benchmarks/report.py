@@ -112,8 +112,10 @@ def speed_table(path: Path) -> str:
         return ""
     out = [
         "| model | K | solver | compress time (s) | peak RSS (MB) | accuracy % | mean final layer loss | "
-        "FLOPs reduction | speed-up b1 | speed-up b64 | threads | load avg |",
-        "|---" * 12 + "|",
+        "FLOPs reduction | speed-up b1 | speed-up b64 | b64 speed-up / FLOPs reduction | "
+        "optimized: speed-up b1 | optimized: speed-up b64 | optimized: b64 / FLOPs | student b64 ms (eager / opt) | "
+        "threads | load avg |",
+        "|---" * 18 + "|",
     ]
     groups = defaultdict(list)
     for r in rows:
@@ -123,12 +125,19 @@ def speed_table(path: Path) -> str:
         def med(key: str, rs: list = rs) -> float:
             return statistics.median(r[key] for r in rs)
 
+        def opt(key: str, divide: float = 1.0, suffix: str = "x", rs: list = rs) -> str:
+            have = [r[key] for r in rs if key in r]  # rows from before the optimized measurement lack it
+            return f"{statistics.median(have) / divide:.2f}{suffix}" if have else "n/a"
+
         label = f"adam ({iters} it)" if solver == "adam" else solver
         load = statistics.median(r.get("loadavg_1min_after", float("nan")) for r in rs)
         out.append(
             f"| {model} | {k} | {label} | {med('compress_seconds'):.1f} (n={len(rs)}) | {med('peak_rss_mb'):.0f} | "
             f"{100 * med('accuracy'):.2f} | {med('mean_final_layer_loss'):.4f} | {med('flops_reduction'):.2f}x | "
-            f"{med('speedup_b1'):.2f}x | {med('speedup_b64'):.2f}x | {rs[0]['threads']} | {load:.1f} |"
+            f"{med('speedup_b1'):.2f}x | {med('speedup_b64'):.2f}x | "
+            f"{med('speedup_b64') / med('flops_reduction'):.2f} | {opt('speedup_opt_b1')} | {opt('speedup_opt_b64')} | "
+            f"{opt('speedup_opt_b64', med('flops_reduction'), '')} | {med('student_b64_ms'):.1f} / "
+            f"{opt('student_opt_b64_ms', suffix='')} | {rs[0]['threads']} | {load:.1f} |"
         )
     return "\n".join(out) + "\n"
 

@@ -11,6 +11,7 @@ from .compress import CompressConfig, CompressReport, compress
 from .data import load_dataset, load_few_shot, load_image_folder
 from .errors import UserError
 from .evaluate import evaluate
+from .inference import optimize_for_inference
 from .methods import ALL_METHODS, run_method
 from .models import get_model, list_models
 from .student import save_student
@@ -18,6 +19,6 @@ from .student import save_student
 __version__ = "0.1.0"
 __all__ = [
     "ALL_METHODS", "CompressConfig", "CompressReport", "UserError", "compress", "evaluate", "get_model",
-    "list_models", "load_checkpoint", "load_dataset", "load_few_shot", "load_image_folder", "run_method",
-    "save_checkpoint", "save_student", "__version__",
+    "list_models", "load_checkpoint", "load_dataset", "load_few_shot", "load_image_folder", "optimize_for_inference",
+    "run_method", "save_checkpoint", "save_student", "__version__",
 ]  # fmt: skip
