@@ -177,7 +177,7 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 128
         m.train(tr)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def measure_peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated on the device during compress(); CPU: peak RSS of the whole process so far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -318,7 +318,7 @@ def compress(
         flops_after=count_flops(student, example.shape[1:]),
         sparsity=sparsity(student, [p.name for p in plan]),
         seconds=time.perf_counter() - t_start,
-        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_mb=measure_peak_memory_mb(device),
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report

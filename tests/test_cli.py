@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from crossdistill.baselines import BASELINES
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.cli import DEMO_TEACHER, app
 
@@ -29,6 +30,17 @@ def test_compress_writes_a_student_that_loads_with_and_without_crossdistill(tmp_
     report = json.loads((out / "report.json").read_text())
     assert report["k"] == 1 and report["config"]["method"] == "ours"
     assert report["flops_after"] < report["flops_before"]
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_compress_runs_every_baseline(method: str, tmp_path: Path, fashion_dir) -> None:
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", method,
+                              "--out", str(tmp_path), "--test-limit", "100", "--no-latency",
+                              "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "peak memory" in res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["method"] == method and report["flops_after"] < report["flops_before"]
 
 
 def test_evaluate_prints_a_table(fashion_dir) -> None:

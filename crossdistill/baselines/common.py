@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import capture_input, capture_inputs
-from ..compress import CompressConfig, CompressReport, LayerRecord, check_images, recalibrate_bn, resolve_device
+from ..compress import (
+    CompressConfig,
+    CompressReport,
+    LayerRecord,
+    check_images,
+    measure_peak_memory_mb,
+    recalibrate_bn,
+    resolve_device,
+)
 from ..data import augment
 from ..errors import UserError
 from ..evaluate import count_flops
@@ -129,6 +137,8 @@ def start(
             "use prune='structured', or l1 / l1+bp / fitnet for unstructured pruning"
         )
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     teacher = copy.deepcopy(teacher).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -176,7 +186,7 @@ def finish(run: Run, hp: Any) -> tuple[nn.Module, CompressReport]:
         flops_after=count_flops(student, run.example.shape[1:]),
         sparsity=sparsity(student, [p.name for p in run.plan]),
         seconds=time.perf_counter() - run.t_start,
-        peak_memory_mb=torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None,
+        peak_memory_mb=measure_peak_memory_mb(run.device),
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
