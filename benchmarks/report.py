@@ -44,11 +44,13 @@ def accuracy_tables(path: Path) -> str:
     groups: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     teacher: dict[tuple, float] = {}
     seconds: dict[tuple, list[float]] = defaultdict(list)
+    shrink: dict[tuple, list[tuple[float, float, float]]] = defaultdict(list)
     for r in rows:
         g = (r["model"], r["prune"], r["keep"], r["solver"])
         groups[g][(label(r), r["k"])].append(r["accuracy"])
         teacher[g] = r["teacher_accuracy"]
         seconds[(*g, label(r))].append(r["compress_seconds"])
+        shrink[g].append((r["flops"][0] / r["flops"][1], r["params"][0] / r["params"][1], r["sparsity"]))
     out = []
     for g in sorted(groups):
         model, prune, keep, solver = g
@@ -57,6 +59,12 @@ def accuracy_tables(path: Path) -> str:
         methods = sorted({m for m, _ in cells}, key=lambda m: (order(m), m))
         seeds = max(len(v) for v in cells.values())
         out.append(f"### {model}, {prune} keep {keep} (solver {solver}; mean ± std over {seeds} seeds, top-1 %)\n")
+        flops, params, sparse = (statistics.median(x) for x in zip(*shrink[g], strict=True))
+        if prune == "structured":
+            out.append(f"Student (every method): dense FLOPs ÷{flops:.2f}, parameters ÷{params:.2f}.\n")
+        else:
+            out.append(f"Student (every method): {100 * sparse:.1f}% of the pruned layers' weights are zero "
+                       "(dense FLOPs unchanged; speed needs a sparse kernel).\n")  # fmt: skip
         out.append("| method | " + " | ".join(f"K={k}" for k in ks) + " | compress time (s) |")
         out.append("|---" * (len(ks) + 2) + "|")
         out.append("| teacher | " + " | ".join(f"{100 * teacher[g]:.2f}" for _ in ks) + " | |")
