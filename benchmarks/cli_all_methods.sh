@@ -3,6 +3,7 @@
 # (K=1, seed 0, structured keep 0.5, accuracy on the first 2000 test images).
 # Log: benchmarks/results/cli_all_methods.log (one summary line per run).
 set -euo pipefail
+export COLUMNS=160
 cd "$(dirname "$0")/.."
 log=benchmarks/results/cli_all_methods.log
 tmp=$(mktemp)
@@ -11,10 +12,11 @@ for model in resnet56 vgg16; do
     out=$(mktemp -d)
     start=$(date +%s)
     crossdistill compress --teacher "teachers/${model}_fashion-mnist.safetensors" --k 1 --seed 0 \
-      --method "$method" --prune structured --keep 0.5 --test-limit 2000 --no-latency --out "$out" >"$out/stdout.txt" 2>&1
-    acc=$(grep -E "^│? *Accuracy|Accuracy" "$out/stdout.txt" | head -1 | tr -s ' │' ' ')
-    echo "$model $method: exit 0, $(( $(date +%s) - start )) s, files: $(cd "$out" && ls | tr '\n' ' '); $acc" | tee -a "$tmp"
-    rm -rf "$out"
+      --method "$method" --prune structured --keep 0.5 --test-limit 2000 --no-latency --out "$out" >"$out.log" 2>&1
+    acc=$(grep "Top-1 accuracy" "$out.log" | head -1 | tr -s " │" " ")
+    took=$(grep -o "compressed in [0-9.]* s" "$out.log")
+    echo "$model $method: exit 0, $took, run $(( $(date +%s) - start )) s, files: $(cd "$out" && ls | tr "\n" " ")| $acc" | tee -a "$tmp"
+    rm -rf "$out" "$out.log"
   done
 done
 mv "$tmp" "$log"
