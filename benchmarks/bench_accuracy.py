@@ -33,11 +33,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["nc", "ours", "ours-s"])
     ap.add_argument("--prunes", nargs="+", default=["structured:0.5", "unstructured:0.1"], help="kind:keep")
     ap.add_argument("--solver", default="lstsq")
+    ap.add_argument(
+        "--mu", type=float, default=None, help="mu of ours (default: official per family); sweep with ours only"
+    )
     ap.add_argument("--out", default=None, help="results file (default results/accuracy_<dataset>.jsonl)")
     args = ap.parse_args()
 
     out = RESULTS / f"accuracy_{args.dataset}.jsonl" if args.out is None else Path(args.out)
-    done = {(r["model"], r["prune"], r["keep"], r["k"], r["seed"], r["method"], r["solver"]) for r in read_jsonl(out)}
+    keys = ("model", "prune", "keep", "k", "seed", "method", "solver", "mu")
+    done = {tuple(r[key] for key in keys) for r in read_jsonl(out)}
     info = dataset_info(args.dataset)
     test = load_dataset(info.name, "test")
     env = machine()
@@ -47,6 +51,7 @@ def main() -> None:
             print(f"skip {model_name}: no teacher at {path}")
             continue
         teacher, meta = load_checkpoint(path)
+        mu = official_mu(model_name) if args.mu is None else args.mu
         for spec in args.prunes:
             prune, keep = spec.split(":")
             keep = float(keep)
@@ -54,14 +59,14 @@ def main() -> None:
                 for seed in args.seeds:
                     images, labels = load_few_shot(info.name, k, seed)
                     for method in args.methods:
-                        key = (model_name, prune, keep, k, seed, method, args.solver)
+                        key = (model_name, prune, keep, k, seed, method, args.solver, mu)
                         # "<method>+refit": unpruned layers re-fitted with L^r (unpruned_objective="nc")
                         base, refit = method.removesuffix("+refit"), method.endswith("+refit")
                         skip = base in BASELINES and prune == "unstructured" and not BASELINES[base].unstructured
                         if key in done or skip:
                             continue
                         cfg = CompressConfig(
-                            method=base, mu=official_mu(model_name), prune=prune, keep=keep, solver=args.solver,
+                            method=base, mu=mu, prune=prune, keep=keep, solver=args.solver,
                             unpruned_objective="nc" if refit else "same",
                         )  # fmt: skip
                         t0 = time.perf_counter()
