@@ -5,10 +5,11 @@
 
 Each run compresses in a fresh subprocess so that its peak RSS is its own
 (the figure includes the process's Python/torch baseline and the train split).
-Latency is the median of repeated runs after warm-up, teacher and student in
-the same process, at batch 1 and 64, both as compress() returns them (eager)
-and after crossdistill.inference.optimize_for_inference (BN folded into the
-convs, channels-last), applied to teacher and student alike.
+Latency is the median of 30 runs after warm-up, teacher and student timed
+alternately in the same process (evaluate.measure_latency_pair), at batch 1
+and 64, both as compress() returns them (eager) and after
+crossdistill.inference.optimize_for_inference (BN folded into the convs,
+channels-last), applied to teacher and student alike.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def one_run(model: str, dataset: str, k: int, seed: int, solver: str, iterations
     from crossdistill.checkpoint import load_checkpoint
     from crossdistill.compress import CompressConfig, compress
     from crossdistill.data import dataset_info, load_dataset, load_few_shot
-    from crossdistill.evaluate import count_flops, measure_latency
+    from crossdistill.evaluate import count_flops, measure_latency_pair
     from crossdistill.inference import optimize_for_inference
     from crossdistill.train import accuracy
 
@@ -49,10 +50,10 @@ def one_run(model: str, dataset: str, k: int, seed: int, solver: str, iterations
     lat = {}
     # "eager": the models as compress() returns them; "opt": optimize_for_inference (BN folded, channels-last)
     for variant, prep in (("", lambda m: m), ("opt_", optimize_for_inference)):
-        for name, m in (("teacher", teacher), ("student", student)):
-            m = prep(m)
-            for b in (1, 64):
-                lat[f"{name}_{variant}b{b}_ms"] = 1e3 * measure_latency(m, shape, batch_size=b, warmup=5, repeats=30)
+        t, s = prep(teacher), prep(student)
+        for b in (1, 64):
+            tt, ts = measure_latency_pair(t, s, shape, batch_size=b, warmup=5, repeats=30)
+            lat[f"teacher_{variant}b{b}_ms"], lat[f"student_{variant}b{b}_ms"] = 1e3 * tt, 1e3 * ts
     flops_t, flops_s = count_flops(teacher, shape), count_flops(student, shape)
     final = [r for r in report.layers if not r.skipped]
     return {

@@ -53,7 +53,8 @@ from .train import accuracy as _accuracy
 
 __all__ = [
     "EvalReport", "count_params", "count_nonzero_params", "count_flops", "count_sparse_flops",
-    "measure_latency", "checkpoint_size", "state_dict_size", "evaluate", "evaluate_checkpoint", "render_table",
+    "measure_latency", "measure_latency_pair", "checkpoint_size", "state_dict_size", "evaluate", "evaluate_checkpoint",
+    "render_table",
 ]  # fmt: skip
 
 
@@ -176,6 +177,35 @@ def measure_latency(
             model(x)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def measure_latency_pair(
+    first: nn.Module,
+    second: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> tuple[float, float]:
+    """Median seconds of one forward pass of each model, timed alternately on the same batch.
+
+    Alternating (first, second, first, ...) makes slow drifts in machine speed
+    (a shared or throttled CPU) hit both models alike, so their ratio, the
+    speed-up, is steadier than from two separate :func:`measure_latency` runs.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    x = _example(first, input_shape, batch_size)
+    times: tuple[list[float], list[float]] = ([], [])
+    with _eval_mode(first), _eval_mode(second), torch.inference_mode():
+        for _ in range(warmup):
+            first(x), second(x)
+        for _ in range(repeats):
+            for model, ts in zip((first, second), times, strict=True):
+                t0 = time.perf_counter()
+                model(x)
+                ts.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def checkpoint_size(path: str | Path) -> int:

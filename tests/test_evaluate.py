@@ -23,6 +23,7 @@ from crossdistill.evaluate import (
     evaluate,
     evaluate_checkpoint,
     measure_latency,
+    measure_latency_pair,
     render_table,
     state_dict_size,
 )
@@ -210,3 +211,12 @@ def test_render_table() -> None:
     text = out.getvalue()
     for needle in ("Parameters", "MFLOPs", "KB", "1.50 ms", "(50%)", "%", "-"):
         assert needle in text, needle
+
+
+def test_latency_pair_times_both_models_and_sees_the_bigger_one() -> None:
+    small = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    big = nn.Sequential(nn.Conv2d(1, 64, 3), nn.Conv2d(64, 64, 3), nn.Flatten())
+    t_small, t_big = measure_latency_pair(small, big, SHAPE, 8, warmup=1, repeats=5)
+    assert 0 < t_small < t_big
+    with pytest.raises(ValueError, match="repeats"):
+        measure_latency_pair(small, big, SHAPE, repeats=0)
