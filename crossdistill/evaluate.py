@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from math import prod
 from pathlib import Path
@@ -155,6 +155,25 @@ def count_sparse_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     return int(round(total - sum(saved)))
 
 
+def _median_times(models: Sequence[nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of one forward pass of each model on ``x``, the models timed in turn, pass by pass."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    times: list[list[float]] = [[] for _ in models]
+    with ExitStack() as stack, torch.inference_mode():
+        for m in models:
+            stack.enter_context(_eval_mode(m))
+        for _ in range(warmup):
+            for m in models:
+                m(x)
+        for _ in range(repeats):
+            for m, ts in zip(models, times, strict=True):
+                t0 = time.perf_counter()
+                m(x)
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def measure_latency(
     model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, warmup: int = 5, repeats: int = 20
 ) -> float:
@@ -165,18 +184,7 @@ def measure_latency(
     passes is robust to the odd scheduling hiccup. Uses the current
     ``torch.get_num_threads()`` threads.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    x = _example(model, input_shape, batch_size)
-    times = []
-    with _eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_times([model], _example(model, input_shape, batch_size), warmup, repeats)[0]
 
 
 def measure_latency_pair(
@@ -193,19 +201,8 @@ def measure_latency_pair(
     (a shared or throttled CPU) hit both models alike, so their ratio, the
     speed-up, is steadier than from two separate :func:`measure_latency` runs.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    x = _example(first, input_shape, batch_size)
-    times: tuple[list[float], list[float]] = ([], [])
-    with _eval_mode(first), _eval_mode(second), torch.inference_mode():
-        for _ in range(warmup):
-            first(x), second(x)
-        for _ in range(repeats):
-            for model, ts in zip((first, second), times, strict=True):
-                t0 = time.perf_counter()
-                model(x)
-                ts.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    t_first, t_second = _median_times([first, second], _example(first, input_shape, batch_size), warmup, repeats)
+    return t_first, t_second
 
 
 def checkpoint_size(path: str | Path) -> int:
