@@ -50,6 +50,7 @@ from torch import nn
 from .capture import forward_order
 from .errors import UserError
 from .pruning import ChannelRemover
+from .solvers import explicit_padding
 
 __all__ = ["LayerPlan", "make_plan", "keep_count", "load_keep_file", "unsupported_reason"]
 
@@ -84,9 +85,10 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Conv2d):
         if layer.padding_mode != "zeros":
             return f"padding_mode={layer.padding_mode!r} is not supported (only zero padding)"
-        pads = [(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
-        if layer.padding == "same" and any(p % 2 for p in pads):
-            return "padding='same' with an even kernel (asymmetric padding) is not supported"
+        try:
+            explicit_padding(layer)  # the solvers' im2col needs symmetric padding
+        except TypeError as e:
+            return str(e)
     return None
 
 

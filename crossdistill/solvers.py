@@ -28,6 +28,7 @@ from .objectives import Term
 __all__ = [
     "LayerStats", "LeastSquares", "GramSystem", "RowSystem", "layer_fn", "unfold",
     "solve_structured", "solve_unstructured", "solve_grouped", "adam_solve", "SolveResult", "weight_mask",
+    "explicit_padding",
 ]  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def layer_fn(layer: nn.Module):
     raise TypeError(f"cannot solve for layer type {type(layer).__name__}")
 
 
-def _explicit_padding(layer) -> tuple[int, ...]:
+def explicit_padding(layer) -> tuple[int, ...]:
     """A conv's padding as numbers: 'valid' is 0, 'same' (odd effective kernel) is (k-1)*d/2 per side."""
     if layer.padding == "valid":
         return (0, 0)
@@ -60,7 +61,7 @@ def unfold(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         raise TypeError("grouped convolutions are solved group by group (solve_grouped), not by unfold")
     if layer.padding_mode != "zeros":
         raise TypeError("only convolutions with zero padding are supported by the least-squares solver")
-    cols = F.unfold(h, layer.kernel_size, layer.dilation, _explicit_padding(layer), layer.stride)  # (N, C*kh*kw, L)
+    cols = F.unfold(h, layer.kernel_size, layer.dilation, explicit_padding(layer), layer.stride)  # (N, C*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N*L, C*kh*kw)
 
 
