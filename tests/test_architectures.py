@@ -42,6 +42,14 @@ def _rel_err(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
     return float((yS - yT).norm() / yT.norm())
 
 
+def _assert_beats(
+    student: nn.Module, teacher: nn.Module, reference: nn.Module, x: torch.Tensor, bound: float, factor: float
+) -> None:
+    """The student's relative output error is below ``bound`` and below ``factor`` x the ``reference``'s."""
+    err, naive = _rel_err(student, teacher, x), _rel_err(reference, teacher, x)
+    assert err < bound and err < factor * naive, (err, naive)
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -171,9 +179,7 @@ def test_mobilenet_student_stays_close_to_the_teacher(mobilenet) -> None:
     # a random-weight MobileNet has no redundant channels: halving every expansion width without
     # reconstruction gives a relative output error above 2 here (1.4 to 3 across seeds and methods)
     teacher, x, student, report = mobilenet
-    err = _rel_err(student, teacher, x)
-    naive = _rel_err(_no_reconstruction(teacher, report, x), teacher, x)
-    assert err < 1.0 and err < 0.5 * naive, (err, naive)
+    _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 1.0, 0.5)
 
 
 def test_depthwise_conv_is_refitted_per_channel_with_nc() -> None:
@@ -185,9 +191,7 @@ def test_depthwise_conv_is_refitted_per_channel_with_nc() -> None:
     for i in range(3):
         rec = recs[f"blocks.{i}.dw.0"]
         assert not rec.skipped and rec.loss_after <= rec.loss_before + 1e-9
-    err = _rel_err(student, teacher, x)
-    naive = _rel_err(_no_reconstruction(teacher, report, x), teacher, x)
-    assert err < 1.0 and err < 0.4 * naive, (err, naive)
+    _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 1.0, 0.4)
 
 
 def test_grouped_solver_recovers_the_teacher_when_nothing_is_pruned() -> None:
@@ -207,8 +211,7 @@ def test_grouped_conv_unstructured_keeps_the_target_inside_its_groups() -> None:
     dw, dwT = student.blocks[0].dw[0], teacher.blocks[0].dw[0]
     assert dw.weight.shape == dwT.weight.shape and dw.groups == dwT.groups
     assert int(torch.count_nonzero(dw.weight)) == dw.weight.numel() * 3 // 4
-    err, naive = _rel_err(student, teacher, x), _rel_err(_magnitude_pruned(teacher, student), teacher, x)
-    assert err < 0.6 and err < 0.75 * naive, (err, naive)
+    _assert_beats(student, teacher, _magnitude_pruned(teacher, student), x, 0.6, 0.75)
 
 
 # --------------------------------------------------------------------------- DenseNet
@@ -242,9 +245,7 @@ def test_densenet_student_has_the_requested_widths_and_stays_close(densenet) -> 
     rec = {r.name: r for r in report.layers}["transition.2"]
     assert (rec.kept, rec.total) == (17, 20)
     assert torch.isfinite(student(x)).all()
-    err = _rel_err(student, teacher, x)
-    naive = _rel_err(_no_reconstruction(teacher, report, x), teacher, x)
-    assert err < 0.25 and err < 0.6 * naive, (err, naive)
+    _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 0.25, 0.6)
 
 
 # --------------------------------------------------------------------------- pooled two-Linear head
@@ -258,9 +259,7 @@ def test_linear_head_neurons_are_pruned_with_include_linear() -> None:
     assert (student[10].in_features, student[10].out_features) == (16, 5)  # the hidden neurons
     assert student[3].out_channels == 8 and student[4].num_features == 8
     assert _params(student) == report.params_after < report.params_before
-    err = _rel_err(student, teacher, x)
-    naive = _rel_err(_no_reconstruction(teacher, report, x), teacher, x)
-    assert err < 0.2 and err < 0.6 * naive, (err, naive)
+    _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 0.2, 0.6)
 
 
 def test_linear_layers_stay_whole_without_include_linear() -> None:
@@ -276,8 +275,7 @@ def test_linear_unstructured_keeps_the_target_weights() -> None:
     student, _ = compress(teacher, x, method="ours", prune="unstructured", keep=0.5, include_linear=True)
     for i in (8, 10):
         assert int(torch.count_nonzero(student[i].weight)) == student[i].weight.numel() // 2
-    err, naive = _rel_err(student, teacher, x), _rel_err(_magnitude_pruned(teacher, student), teacher, x)
-    assert err < 0.2 and err < 0.6 * naive, (err, naive)
+    _assert_beats(student, teacher, _magnitude_pruned(teacher, student), x, 0.2, 0.6)
 
 
 def test_a_flatten_of_a_spatial_map_is_not_pruned_as_channels() -> None:
