@@ -9,10 +9,7 @@ the registry (or, for compressed students, from the stored channel widths).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +19,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
+from .files import atomic_write, file_digest
+from .models import get_model, load_model_file
+from .structure import apply_widths
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_meta", "sha256_file", "file_digest"]
-
-
-def file_digest(path: str | Path, algo: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# atomic_write and file_digest live in files.py; re-exported for old import paths
+__all__ = ["atomic_write", "file_digest", "load_checkpoint", "read_meta", "save_checkpoint", "sha256_file", "storage_state"]
 
 
 def sha256_file(path: str | Path) -> str:
     return file_digest(path, "sha256")
 
 
-def atomic_write(path: str | Path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary name keeps the suffix: some writers (torch.export.save) check it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def storage_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as written to disk: on the CPU, contiguous, floats cast to ``dtype`` if given."""
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    return state
 
 
 def _sidecar(path: Path) -> Path:
@@ -71,12 +53,7 @@ def save_checkpoint(
     they are cast back to float32 on load.
     """
     path = Path(path)
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu().contiguous()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        state[k] = v
+    state = storage_state(model, dtype)
     atomic_write(path, lambda tmp: save_file(state, tmp))
     meta = {**meta, "weights": path.name, "sha256": sha256_file(path)}
     if dtype is not None:
@@ -112,15 +89,10 @@ def load_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model named in the sidecar and load its weights. Returns ``(model, meta)``."""
-    from .models import get_model
-    from .structure import apply_widths
-
     meta = read_meta(path)
     state = load_state(path, verify)
     try:
         if meta.get("model_file"):  # a user's model (crossdistill compress --model-file): rebuild from the file
-            from .usermodel import load_model_file
-
             model = load_model_file(meta["model_file"])
         else:
             model = get_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])

@@ -68,7 +68,7 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="also write the numbers as JSON"),
 ) -> None:
     """Accuracy on the test split, parameters, FLOPs, size on disk and latency of a checkpoint."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     from .evaluate import evaluate_checkpoint, render_table
 
     def go():

@@ -20,21 +20,21 @@ import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import file_digest
+from .files import atomic_write, file_digest
 from .errors import UserError
 
 __all__ = [
     "Split", "DatasetInfo", "DATASETS", "load_dataset", "load_idx", "load_cifar",
-    "load_image_folder", "few_shot", "normalize", "augment", "default_cache_dir", "dataset_info",
+    "load_image_folder", "few_shot", "normalize", "normalize_with", "augment", "default_cache_dir", "dataset_info",
     "download", "verify_checksum", "load_few_shot",
 ]  # fmt: skip
 
@@ -87,10 +87,21 @@ def default_cache_dir() -> Path:
 
 def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """uint8 (N,C,H,W) -> float32 normalised with the data set's mean/std."""
-    x = images.float().div_(255)
-    mean = torch.tensor(info.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return normalize_with(images, info.mean, info.std)
+
+
+def normalize_with(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float ``(x/255 - mean) / std``; one value broadcasts to every channel."""
+    x = images.float().div(255)
+    c = x.shape[1]
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) not in (1, c):
+            raise UserError(f"--{name} needs 1 or {c} values (one per channel), got {len(v)}")
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    if (s <= 0).any():
+        raise UserError("--std values must be positive")
+    return (x - m) / s
 
 
 def augment(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -159,10 +170,8 @@ def load_idx(path: str | Path) -> np.ndarray:
 
 def download(url: str, dest: Path, checksum: str | None) -> Path:
     """Download ``url`` to ``dest`` atomically, verifying ``checksum`` ("sha256:..." or "md5:...")."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
+
+    def fetch(tmp: str) -> None:
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
@@ -171,11 +180,9 @@ def download(url: str, dest: Path, checksum: str | None) -> Path:
                 f"could not download {url} ({e}); without network, put the file in {dest.parent} "
                 "or pass --data-dir pointing at a folder that holds it"
             ) from e
-        verify_checksum(tmp, checksum, url)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        verify_checksum(tmp, checksum, url)  # a bad file never gets the final name
+
+    atomic_write(dest, fetch)
     return dest
 
 

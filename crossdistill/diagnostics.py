@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .capture import layer_outputs
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 __all__ = ["layer_output_errors", "plot_layer_errors"]
 

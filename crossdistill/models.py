@@ -14,13 +14,29 @@ serves Fashion-MNIST (1 channel, 28x28) and CIFAR (3 channels, 32x32).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["register_model", "get_model", "list_models", "ResNet", "BasicBlock", "VGG", "LeNet5"]
+from .errors import UserError
+
+__all__ = [
+    "register_model",
+    "get_model",
+    "list_models",
+    "load_model_file",
+    "official_mu",
+    "ResNet",
+    "BasicBlock",
+    "VGG",
+    "LeNet5",
+]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,6 +57,52 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Modu
     if key not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _MODELS[key](num_classes=num_classes, in_channels=in_channels)
+
+
+# mu of models without an official value: the VGG-16 setting (the release's default)
+DEFAULT_MU = 0.6
+
+
+def official_mu(model: nn.Module) -> float:
+    """The official release's mu for ``model``: its class's ``official_mu`` (ResNets 0.9, VGG-16 0.6), else 0.6."""
+    return float(getattr(model, "official_mu", DEFAULT_MU))
+
+
+# --------------------------------------------------------------------------- a user's model file
+
+
+def _split_spec(spec: str) -> tuple[Path, str]:
+    path, sep, fn = str(spec).rpartition(":")
+    if not sep or not path or not fn.isidentifier():
+        raise UserError(f"--model-file must look like path/to/file.py:function, got {spec!r}")
+    return Path(path), fn
+
+
+def load_model_file(spec: str) -> nn.Module:
+    """Import ``path.py`` and call its ``function()``: the user's (untrained or to-be-loaded) model."""
+    path, fn = _split_spec(spec)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist; check the path")
+    name = "crossdistill_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UserError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    build = getattr(module, fn, None)
+    if not callable(build):
+        raise UserError(f"{path} has no function {fn!r}; name a function that returns the nn.Module")
+    try:
+        model = build()
+    except Exception as e:
+        raise UserError(f"{path}:{fn}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{path}:{fn}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 # --------------------------------------------------------------------------- ResNet
@@ -80,6 +142,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    # Model-specific defaults of the official release (docs/method.md): mu of "ours", and per depth
+    # the blocks whose inner conv is never narrowed (sensitive blocks of Li et al. 2017, conv
+    # indices 16/20/38/54 of ResNet-56 = the inner conv of blocks 7, 9, 18, 26).
+    official_mu = 0.9
+    sensitive_blocks: dict[int, tuple[int, ...]] = {56: (7, 9, 18, 26)}
+
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
@@ -98,9 +166,8 @@ class ResNet(nn.Module):
         self.layer3 = nn.Sequential(*blocks[2 * n :])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        # Layers the official release never narrows (sensitive blocks of Li et al. 2017, conv
-        # indices 16/20/38/54 of ResNet-56 = the inner conv of blocks 7, 9, 18, 26).
-        self.prune_skip = [f"{self._block_name(b)}.conv2" for b in (7, 9, 18, 26)] if depth == 56 else []
+        # layers the official release never narrows (plan.py reads prune_skip)
+        self.prune_skip = [f"{self._block_name(b)}.conv2" for b in self.sensitive_blocks.get(depth, ())]
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -136,6 +203,8 @@ VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 
 
 class VGG(nn.Module):
+    official_mu = 0.6  # mu of "ours" in the official release
+
     def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         layers: list[nn.Module] = []

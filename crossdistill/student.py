@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import save_checkpoint
+from .files import atomic_write
 from .structure import layer_widths
 
 __all__ = ["save_student", "export_onnx", "onnx_available"]

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import save_checkpoint
+from .files import atomic_write
 from .data import augment, dataset_info, load_dataset, normalize
 from .models import get_model
 from .progress import progress

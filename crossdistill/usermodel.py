@@ -12,52 +12,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .data import Split, load_image_folder
+from .data import normalize_with as normalise_with  # old spelling, kept for users' scripts
 from .errors import UserError
+from .models import load_model_file
 
 __all__ = ["load_model_file", "load_weights", "images_from_folder", "channel_stats", "normalise_with", "accuracy"]
-
-
-def _split_spec(spec: str) -> tuple[Path, str]:
-    path, sep, fn = str(spec).rpartition(":")
-    if not sep or not path or not fn.isidentifier():
-        raise UserError(f"--model-file must look like path/to/file.py:function, got {spec!r}")
-    return Path(path), fn
-
-
-def load_model_file(spec: str) -> nn.Module:
-    """Import ``path.py`` and call its ``function()``: the user's (untrained or to-be-loaded) model."""
-    path, fn = _split_spec(spec)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist; check the path")
-    name = "crossdistill_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise UserError(f"cannot import {path} as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # dataclasses and pickling look the module up by name
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(f"importing {path} failed: {type(e).__name__}: {e}") from e
-    build = getattr(module, fn, None)
-    if not callable(build):
-        raise UserError(f"{path} has no function {fn!r}; name a function that returns the nn.Module")
-    try:
-        model = build()
-    except Exception as e:
-        raise UserError(f"{path}:{fn}() failed: {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise UserError(f"{path}:{fn}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -92,20 +57,6 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     mean = x.mean((0, 2, 3))
     std = x.std((0, 2, 3)).clamp_min(1e-6)
     return mean.tolist(), std.tolist()
-
-
-def normalise_with(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float ``(x/255 - mean) / std``; one value broadcasts to every channel."""
-    x = images.float().div(255)
-    c = x.shape[1]
-    for name, v in (("mean", mean), ("std", std)):
-        if len(v) not in (1, c):
-            raise UserError(f"--{name} needs 1 or {c} values (one per channel), got {len(v)}")
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    if (s <= 0).any():
-        raise UserError("--std values must be positive")
-    return (x - m) / s
 
 
 def images_from_folder(
