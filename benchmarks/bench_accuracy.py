@@ -21,7 +21,7 @@ from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
 from crossdistill.methods import run_method
-from crossdistill.train import accuracy
+from crossdistill.evaluate import accuracy
 
 
 def main() -> None:

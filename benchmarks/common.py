@@ -9,15 +9,16 @@ from pathlib import Path
 
 import torch
 
+from crossdistill import models
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TEACHERS = ROOT / "teachers"
-# Official mu per family (METHOD.md): 0.9 for the CIFAR ResNets, 0.6 for VGG-16.
-OFFICIAL_MU = {"resnet": 0.9, "vgg": 0.6}
 
 
 def official_mu(model: str) -> float:
-    return OFFICIAL_MU["vgg" if model.startswith("vgg") else "resnet"]
+    """The official mu of a registered model (a class attribute in crossdistill/models.py)."""
+    return models.official_mu(models.get_model(model))
 
 
 def teacher_path(model: str, dataset: str) -> Path:

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # the library is imported inside the commands: `crossdistill --help` stays fast
+    from .evaluate import EvalReport
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Few-shot network compression by cross distillation."
@@ -69,7 +75,7 @@ def evaluate(
 ) -> None:
     """Accuracy on the test split, parameters, FLOPs, size on disk and latency of a checkpoint."""
     from .files import atomic_write
-    from .evaluate import evaluate_checkpoint, render_table
+    from .evaluate import evaluate_checkpoint
 
     def go():
         report, meta = evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, limit=limit,
@@ -166,7 +172,6 @@ def compress(
     from .compress import CompressConfig, official_mu
     from .data import load_few_shot
     from .evaluate import evaluate as eval_model
-    from .evaluate import render_table
     from .plan import load_keep_file
     from .student import save_student
 
@@ -213,7 +218,7 @@ def compress(
                 if test_limit is not None:
                     tx, tl = tx[:test_limit], tl[:test_limit]
                 for name, net in (("teacher", model), (f"student ({method})", student)):
-                    reports[name].accuracy, reports[name].test_images = accuracy(net, tx, tl)
+                    reports[name].accuracy, reports[name].test_images = accuracy(net, tx, tl), int((tl >= 0).sum())
         else:
             reports = {
                 "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),
@@ -248,7 +253,6 @@ def demo(
     from .data import dataset_info, load_dataset, load_few_shot, normalize
     from .diagnostics import layer_output_errors, plot_layer_errors
     from .evaluate import evaluate as eval_model
-    from .evaluate import render_table
     from .student import save_student
 
     def go():
@@ -276,6 +280,64 @@ def demo(
         console.print(f"plot: {plot}; students under {out}/; total {time.perf_counter() - t0:.0f} s")
 
     _run(go)
+
+
+# --------------------------------------------------------------------------- the before/after table
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.3f} M" if n >= 1e5 else f"{n / 1e3:.1f} K" if n >= 1e3 else str(n)
+
+
+def _fmt_flops(n: int) -> str:
+    return f"{n / 1e9:.2f} GFLOPs" if n >= 1e9 else f"{n / 1e6:.2f} MFLOPs"
+
+
+def _fmt_bytes(n: int) -> str:  # decimal units: 1 KB = 1000 bytes
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} ms" if x < 100 else f"{x:.0f} ms"
+
+
+_ROWS: list[tuple[str, str, Callable[[Any], str], bool]] = [  # label, field, formatter, show ratio to the first column
+    ("Top-1 accuracy", "accuracy", lambda a: "-" if a is None else f"{100 * a:.2f} %", False),
+    ("Test images", "test_images", lambda n: f"{n:,}", False),
+    ("Parameters", "params", _fmt_count, True),
+    ("Nonzero parameters", "nonzero_params", _fmt_count, True),
+    ("FLOPs (2/MAC, batch 1)", "flops", _fmt_flops, True),
+    ("Sparse FLOPs", "sparse_flops", _fmt_flops, True),
+    ("Size on disk", "size_bytes", _fmt_bytes, True),
+    ("Latency batch 1", "latency_b1_ms", _fmt_ms, True),
+    ("Latency batch 64", "latency_b64_ms", _fmt_ms, True),
+    ("CPU threads", "threads", str, False),
+]
+
+
+def render_table(reports: dict[str, EvalReport], title: str | None = None) -> Table:
+    """A rich table with one column per model (e.g. ``{"teacher": ..., "student": ...}``) and one row per metric.
+
+    From the second column on, size and speed figures also show their
+    percentage of the first column's value (e.g. a student against its teacher).
+    """
+    table = Table(title=title)
+    table.add_column("metric", style="bold")
+    names = list(reports)
+    for name in names:
+        table.add_column(name, justify="right")
+    first = reports[names[0]] if names else None
+    for label, key, fmt, ratio in _ROWS:
+        cells = []
+        for name in names:
+            value = getattr(reports[name], key)
+            text = fmt(value)
+            base = getattr(first, key)
+            if ratio and reports[name] is not first and value is not None and base:
+                text += f" ({100 * value / base:.0f}%)"
+            cells.append(text)
+        table.add_row(label, *cells)
+    return table
 
 
 def main() -> None:  # pragma: no cover

@@ -24,7 +24,7 @@ from torch import nn
 
 from .capture import capture_input, capture_inputs
 from .errors import UserError
-from .evaluate import count_flops
+from .measure import count_flops
 from .objectives import METHODS, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity

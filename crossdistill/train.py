@@ -18,10 +18,11 @@ from torch import nn
 from .checkpoint import save_checkpoint
 from .files import atomic_write
 from .data import augment, dataset_info, load_dataset, normalize
+from .evaluate import accuracy
 from .models import get_model
 from .progress import progress
 
-__all__ = ["TrainConfig", "train_teacher", "accuracy"]
+__all__ = ["TrainConfig", "train_teacher", "accuracy"]  # accuracy: evaluate.accuracy, re-exported
 
 
 @dataclass
@@ -38,20 +39,6 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     fp16_storage: bool = False  # store weights as float16 on disk (VGG-16: 60 MB -> 30 MB)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, info, batch_size: int = 500) -> float:
-    """Top-1 accuracy (fraction) of ``model`` in eval mode on uint8 ``images`` (batches go to the model's device)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        x = normalize(images[i : i + batch_size], info).to(device)
-        correct += (model(x).argmax(1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
-    model.train(was_training)
-    return correct / len(labels)
 
 
 def train_teacher(cfg: TrainConfig, out: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:

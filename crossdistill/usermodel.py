@@ -20,6 +20,7 @@ from torch import nn
 from .data import Split, load_image_folder
 from .data import normalize_with as normalise_with  # old spelling, kept for users' scripts
 from .errors import UserError
+from .evaluate import accuracy  # re-exported: the one accuracy function
 from .models import load_model_file
 
 __all__ = ["load_model_file", "load_weights", "images_from_folder", "channel_stats", "normalise_with", "accuracy"]
@@ -77,19 +78,3 @@ def images_from_folder(
         m, s = channel_stats(split.images.float().div(255))
         mean, std = mean or m, std or s
     return normalise_with(split.images, mean, std), split.labels, list(mean), list(std), classes
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
-    """(top-1 accuracy, number of labelled images) on normalised ``images``; labels -1 are left out."""
-    keep = labels >= 0
-    images, labels = images[keep], labels[keep]
-    if len(labels) == 0:
-        raise UserError("the test folder has no labelled images; give one sub-folder per class")
-    model = model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        pred = model(images[i : i + batch_size].to(device)).argmax(1).cpu()
-        correct += int((pred == labels[i : i + batch_size]).sum())
-    return correct / len(labels), len(labels)

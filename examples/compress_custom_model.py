@@ -75,7 +75,8 @@ def main() -> None:
     from crossdistill.data import load_dataset
     from crossdistill.errors import UserError
     from crossdistill.evaluate import evaluate
-    from crossdistill.usermodel import accuracy, images_from_folder, normalise_with
+    from crossdistill.evaluate import accuracy
+    from crossdistill.usermodel import images_from_folder, normalise_with
 
     # 1-2. the user's model, trained briefly (or random weights when Fashion-MNIST is unavailable)
     teacher = build()
@@ -124,7 +125,7 @@ def main() -> None:
     if test is not None:
         x_test, y_test = normalise_with(test.images[:1000], MEAN, STD), test.labels[:1000]
         for name, net in (("teacher", teacher), ("student", student)):
-            acc, n = accuracy(net, x_test, y_test)
+            acc, n = accuracy(net, x_test, y_test), len(y_test)
             size = evaluate(net, input_shape=(1, 28, 28), latency=False)
             print(f"{name}: accuracy {100 * acc:.1f}% on {n} test images, {size.params} params, {size.flops} FLOPs")
 

@@ -11,20 +11,18 @@ from torch import nn
 from torch.nn.utils import prune
 
 from crossdistill.checkpoint import save_checkpoint
+from crossdistill.cli import render_table
 from crossdistill.data import Split
 from crossdistill.errors import UserError
-from crossdistill.evaluate import (
-    EvalReport,
+from crossdistill.evaluate import EvalReport, evaluate, evaluate_checkpoint
+from crossdistill.measure import (
     checkpoint_size,
     count_flops,
     count_nonzero_params,
     count_params,
     count_sparse_flops,
-    evaluate,
-    evaluate_checkpoint,
     measure_latency,
     measure_latency_pair,
-    render_table,
     state_dict_size,
 )
 from crossdistill.models import get_model

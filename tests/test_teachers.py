@@ -9,7 +9,7 @@ import pytest
 
 from crossdistill.checkpoint import load_checkpoint, sha256_file
 from crossdistill.data import dataset_info, load_dataset
-from crossdistill.train import accuracy
+from crossdistill.evaluate import accuracy
 
 TEACHERS = sorted((Path(__file__).resolve().parent.parent / "teachers").glob("*.safetensors"))
 SLICE = 2000  # test images re-measured; the binomial std of a 92% accuracy on 2000 images is 0.6%

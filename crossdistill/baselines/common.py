@@ -35,7 +35,7 @@ from ..compress import (
 )
 from ..data import augment
 from ..errors import UserError
-from ..evaluate import count_flops
+from ..measure import count_flops
 from ..objectives import Term
 from ..plan import LayerPlan, keep_count, make_plan
 from ..pruning import ChannelRemover, sparsity
