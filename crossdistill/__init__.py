@@ -7,13 +7,15 @@ student, report = compress(teacher, images, method="ours", keep=0.5)
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compress import CompressConfig, CompressReport, compress
+from .compress import compress
+from .config import CompressConfig
 from .data import load_dataset, load_few_shot, load_image_folder
 from .errors import UserError
 from .evaluate import evaluate
 from .inference import optimize_for_inference
 from .methods import ALL_METHODS, run_method
 from .models import get_model, list_models
+from .run import CompressReport
 from .student import save_student
 
 __version__ = "0.1.0"

@@ -13,7 +13,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["record_inputs", "capture_inputs", "capture_input", "layer_outputs", "forward_order"]
+__all__ = [
+    "record_inputs",
+    "capture_inputs",
+    "capture_input",
+    "capture_outputs",
+    "layer_outputs",
+    "forward_order",
+]
 
 
 class _Stop(Exception):
@@ -66,6 +73,37 @@ def capture_input(model: nn.Module, name: str, images: torch.Tensor, batch_size:
     if len(store[name]) != -(-len(images) // batch_size):
         raise RuntimeError(f"layer {name} was not called exactly once per forward; it cannot be captured")
     return torch.cat(store[name])
+
+
+@torch.no_grad()
+def capture_outputs(
+    model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
+    """Outputs of every module in ``names`` on ``images``, batched, in eval mode (mode restored after).
+
+    Cloned inside the hook, before any in-place op (an in-place ReLU) can change them.
+    """
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def make_hook(name: str):
+        def hook(_m, _inp, out):
+            store[name].append(out.clone())
+
+        return hook
+
+    handles = []
+    was_training = model.training
+    model.eval()
+    try:
+        for n in names:
+            handles.append(model.get_submodule(n).register_forward_hook(make_hook(n)))
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: torch.cat(v) for n, v in store.items()}
 
 
 def layer_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:

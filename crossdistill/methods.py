@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from .baselines import BASELINES, run_baseline
-from .compress import CompressConfig, CompressReport, compress
+from .compress import compress
+from .config import CompressConfig
 from .errors import UserError
 from .objectives import METHODS
+from .run import CompressReport
 
 __all__ = ["ALL_METHODS", "run_method"]
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .capture import forward_order
+from .config import CompressConfig
 from .errors import UserError
 from .pruning import ChannelRemover
 from .solvers import explicit_padding
@@ -125,29 +126,23 @@ def _match(name: str, patterns: list[str] | None) -> bool:
 
 
 def make_plan(
-    model: nn.Module,
-    example: torch.Tensor,
-    prune: str = "structured",
-    keep: float = 0.5,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    keep_overrides: dict[str, float] | None = None,
-    include_linear: bool = False,
-    refit_unpruned: bool = True,
-    remover: ChannelRemover | None = None,
-    skip_unsupported: bool = False,
+    model: nn.Module, example: torch.Tensor, cfg: CompressConfig, remover: ChannelRemover | None = None
 ) -> list[LayerPlan]:
     """The layers to process, in forward order, with their keep ratio (rule: module docstring).
 
-    A layer the solvers cannot handle (non-zero padding mode, ConvTranspose,
-    Conv1d/3d) raises a :class:`UserError` naming it, or is left untouched
-    with a warning when ``skip_unsupported``.
+    Reads ``cfg.prune``, ``keep``, ``include``, ``exclude``, ``keep_overrides``,
+    ``include_linear``, ``refit_unpruned`` and ``skip_unsupported``. A layer the
+    solvers cannot handle (non-zero padding mode, ConvTranspose, Conv1d/3d)
+    raises a :class:`UserError` naming it, or is left untouched with a warning
+    when ``skip_unsupported``. ``remover``: the model's :class:`ChannelRemover`
+    (built here when needed and not given).
     """
+    prune, keep, include, exclude = cfg.prune, cfg.keep, cfg.include, cfg.exclude
     if prune not in ("structured", "unstructured"):
         raise UserError(f"prune must be 'structured' or 'unstructured', got {prune!r}")
     if not 0.0 < keep <= 1.0:
         raise UserError(f"keep must lie in (0, 1], got {keep}; e.g. 0.5 keeps half the channels")
-    types = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
+    types = (nn.Conv2d, nn.Linear) if cfg.include_linear else (nn.Conv2d,)
     order = forward_order(model, example, types=(nn.Conv2d, nn.Linear, *_UNSUPPORTED_TYPES))
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
     if not convs:
@@ -166,7 +161,7 @@ def make_plan(
             continue
         problem = unsupported_reason(layer)
         if problem:
-            if not skip_unsupported:
+            if not cfg.skip_unsupported:
                 raise UserError(
                     f"layer {name} ({type(layer).__name__}) cannot be compressed: {problem}; "
                     f"exclude it (--exclude '{name}') or allow skipping (skip_unsupported=True)"
@@ -175,7 +170,7 @@ def make_plan(
             untouched.add(name)
             continue
         ratio = keep
-        for pattern, r in (keep_overrides or {}).items():
+        for pattern, r in (cfg.keep_overrides or {}).items():
             if fnmatch(name, pattern):
                 ratio = r
         if not 0.0 < ratio <= 1.0:
@@ -188,7 +183,7 @@ def make_plan(
             if channels:
                 whole = len(channels) == layer.weight.shape[1]
                 plan.append(LayerPlan(name, ratio, None if whole else channels))
-            elif refit_unpruned:
+            elif cfg.refit_unpruned:
                 plan.append(LayerPlan(name, None))
         else:
             plan.append(LayerPlan(name, ratio if ratio < 1.0 else None))

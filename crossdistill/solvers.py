@@ -17,7 +17,7 @@ determine it (late layers see few output positions: M can be < C_in*k*k).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,57 @@ from torch import nn
 from .objectives import Term
 
 __all__ = [
-    "LayerStats", "LeastSquares", "GramSystem", "RowSystem", "layer_fn", "unfold",
-    "solve_structured", "solve_unstructured", "solve_grouped", "adam_solve", "SolveResult", "weight_mask",
+    "LayerProblem",
+    "LstsqOptions",
+    "AdamOptions",
+    "SolveResult",
+    "LayerStats",
+    "LeastSquares",
+    "GramSystem",
+    "RowSystem",
+    "layer_fn",
+    "unfold",
+    "ridge_solve",
+    "kept_columns",
+    "solve_structured",
+    "solve_unstructured",
+    "solve_grouped",
+    "adam_solve",
+    "weight_mask",
     "explicit_padding",
-]  # fmt: skip
+]
+
+
+@dataclass
+class LayerProblem:
+    """One layer's re-fit: the objective ``terms`` on its inputs, the weights, and how much to keep."""
+
+    terms: list[Term]
+    wT: torch.Tensor  # teacher weight (C_out, C_in, kh, kw) or (C_out, C_in)
+    w0: torch.Tensor  # starting weight of the student, same shape
+    n_keep: int  # kept input channels (structured) or weights (unstructured)
+    fixed: torch.Tensor | None = None  # structured: input channels that are always kept (n_keep counts them)
+    structured: bool = True
+
+
+@dataclass
+class LstsqOptions:
+    """Settings of the exact least-squares solvers (CompressConfig fields of the same names)."""
+
+    ridge: float = 1e-3  # relative ridge towards the starting weights (x mean diag of the Gram)
+    steps: int = 4  # structured: elimination steps from all channels to n_keep
+    channel_criterion: str = "energy"  # structured: energy | norm
+    weight_criterion: str = "magnitude"  # unstructured: magnitude | energy
+    batch_size: int = 128  # grouped convs: images per batch while accumulating statistics
+
+
+@dataclass
+class AdamOptions:
+    """Settings of the official Adam loop (CompressConfig fields of the same names)."""
+
+    iterations: int = 3000  # full-batch iterations per layer
+    lr: float = 5e-4
+    lr_drop: float = 0.1  # structured: lr factor once the mask is fixed
 
 
 def layer_fn(layer: nn.Module):
@@ -135,6 +182,31 @@ def _lstsq(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(A) @ B
 
 
+def ridge_solve(G: torch.Tensor, R: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """``(G + lam I)^-1 (R + lam prior)`` with ``lam = ridge * mean diag(G)``: the package's one ridge solve.
+
+    Numerical policy: float64 normal equations, Cholesky; where Cholesky fails
+    (``G`` singular even with the ridge, e.g. all-zero inputs) the minimum-norm
+    solution through the pseudo-inverse (:func:`_lstsq`). Every closed-form fit
+    (the Gram systems, ThiNet's scales, FSKD's and FitNet's 1x1 fits) goes through here.
+    """
+    G, R = G.double(), R.double()
+    lam = ridge * float(G.diagonal().mean()) if len(G) else 0.0
+    if prior is not None:
+        R = R + lam * prior.double()
+    A = G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(R, L)
+    return _lstsq(A, R)
+
+
+def kept_columns(kept: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Column indices of ``w.flatten(1)`` that belong to the kept input channels."""
+    kk = w[0, 0].numel() if w.dim() == 4 else 1
+    return (kept[:, None] * kk + torch.arange(kk, device=kept.device)).flatten()
+
+
 class LeastSquares:
     """``loss(W) = ||A W' - B||^2 / (M * C_out)`` with W = (C_out, d), in one of two representations."""
 
@@ -177,15 +249,9 @@ class GramSystem(LeastSquares):
         return self.G[cols][:, cols].reshape(c, kk, c, kk)[ar, :, ar, :]
 
     def solve(self, cols, W0, ridge, row=None):
-        G_KK = self.G[cols][:, cols]
         C_K = self.C[cols] if row is None else self.C[cols, row : row + 1]
         W0_K = W0[:, cols].T if row is None else W0[row, cols][:, None]
-        lam = ridge * float(G_KK.diagonal().mean())
-        A = G_KK + lam * torch.eye(len(cols), dtype=G_KK.dtype, device=G_KK.device)
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0:
-            return torch.cholesky_solve(C_K + lam * W0_K, L)
-        return _lstsq(A, C_K + lam * W0_K)
+        return ridge_solve(self.G[cols][:, cols], C_K, ridge, W0_K)
 
 
 class RowSystem(LeastSquares):
@@ -238,36 +304,36 @@ def channel_scores(W: torch.Tensor, system: LeastSquares, cols: torch.Tensor, kk
     raise ValueError(f"unknown channel criterion {criterion!r}; choose 'energy' or 'norm'")
 
 
-def solve_structured(
-    stats: LayerStats, terms: list[Term], wT: torch.Tensor, w0: torch.Tensor, n_keep: int,
-    ridge: float = 1e-3, steps: int = 4, criterion: str = "energy", fixed: torch.Tensor | None = None,
-) -> SolveResult:  # fmt: skip
-    """Exact solve with ``n_keep`` input channels, chosen by iterative elimination.
+def solve_structured(stats: LayerStats, problem: LayerProblem, opts: LstsqOptions | None = None) -> SolveResult:
+    """Exact solve with ``problem.n_keep`` input channels, chosen by iterative elimination.
 
     Rule: solve with the current channel set, drop the lowest-scoring channels
-    (``criterion``) down to the next count, re-solve; counts fall linearly from
-    all channels to ``n_keep`` in ``steps`` steps, then a final solve.
-    ``fixed``: input channels that are always kept (a concatenation consumer's
-    slices that cannot be removed); ``n_keep`` counts them.
+    (``opts.channel_criterion``) down to the next count, re-solve; counts fall
+    linearly from all channels to ``n_keep`` in ``opts.steps`` steps, then a
+    final solve. ``problem.fixed``: input channels that are always kept (a
+    concatenation consumer's slices that cannot be removed); ``n_keep`` counts them.
     """
-    system = stats.system(terms, wT)
+    opts = opts or LstsqOptions()
+    w0 = problem.w0
+    system = stats.system(problem.terms, problem.wT)
     c_in = w0.shape[1]
     kk = w0[0, 0].numel() if w0.dim() == 4 else 1
     W0 = w0.flatten(1).double()  # (C_out, d)
     loss_before = system.loss(W0)
     keep = torch.arange(c_in, device=w0.device)
     pinned = torch.zeros(c_in, dtype=torch.bool, device=w0.device)
-    if fixed is not None:
-        pinned[fixed.to(w0.device)] = True
-    n_keep = max(n_keep, int(pinned.sum()))
+    if problem.fixed is not None:
+        pinned[problem.fixed.to(w0.device)] = True
+    n_keep = max(problem.n_keep, int(pinned.sum()))
+    steps = opts.steps
     counts = [round(c_in - (c_in - n_keep) * (i + 1) / steps) for i in range(steps)] if n_keep < c_in else []
     W = W0
     for count in counts + [n_keep]:
-        cols = (keep[:, None] * kk + torch.arange(kk, device=w0.device)).flatten()
+        cols = kept_columns(keep, w0)
         W = torch.zeros_like(W0)
-        W[:, cols] = system.solve(cols, W0, ridge).T
+        W[:, cols] = system.solve(cols, W0, opts.ridge).T
         if count < len(keep):
-            scores = channel_scores(W[:, cols], system, cols, kk, criterion)
+            scores = channel_scores(W[:, cols], system, cols, kk, opts.channel_criterion)
             scores = scores.masked_fill(pinned[keep], float("inf"))
             keep = keep[scores.topk(count).indices.sort().values]
     return SolveResult(W.reshape(w0.shape).float(), keep, loss_before, system.loss(W))
@@ -287,25 +353,27 @@ def weight_mask(W: torch.Tensor, diag: torch.Tensor | None, n_keep: int, criteri
 
 
 def solve_unstructured(
-    stats: LayerStats, terms: list[Term], wT: torch.Tensor, w0: torch.Tensor, n_keep: int,
-    ridge: float = 1e-3, criterion: str = "magnitude", mask: torch.Tensor | None = None,
-) -> SolveResult:  # fmt: skip
+    stats: LayerStats, problem: LayerProblem, opts: LstsqOptions | None = None, mask: torch.Tensor | None = None
+) -> SolveResult:
     """Exact solve for a fixed weight mask: one ridge least-squares problem per output row.
 
-    The mask is the top ``n_keep`` weights by ``criterion``, or ``mask`` (boolean, shape of ``w0``) if given.
+    The mask is the top ``problem.n_keep`` weights by ``opts.weight_criterion``,
+    or ``mask`` (boolean, shape of ``w0``) if given.
     """
-    system = stats.system(terms, wT)
+    opts = opts or LstsqOptions()
+    w0 = problem.w0
+    system = stats.system(problem.terms, problem.wT)
     W0 = w0.flatten(1).double()
     loss_before = system.loss(W0)
     if mask is None:
-        mask = weight_mask(W0, system.diag(), n_keep, criterion)
+        mask = weight_mask(W0, system.diag(), problem.n_keep, opts.weight_criterion)
     else:
         mask = mask.reshape(W0.shape).to(W0.device)
     W = torch.zeros_like(W0)
     for o in range(W0.shape[0]):
         idx = mask[o].nonzero().flatten()
         if len(idx):
-            W[o, idx] = system.solve(idx, W0, ridge, row=o)[:, 0]
+            W[o, idx] = system.solve(idx, W0, opts.ridge, row=o)[:, 0]
     return SolveResult(W.reshape(w0.shape).float(), mask.reshape(w0.shape), loss_before, system.loss(W))
 
 
@@ -318,33 +386,38 @@ class _GroupView:
 
 
 def solve_grouped(
-    layer: nn.Conv2d, terms: list[Term], hT: torch.Tensor, hS: torch.Tensor, wT: torch.Tensor, w0: torch.Tensor,
-    n_keep: int | None = None, ridge: float = 1e-3, criterion: str = "magnitude", batch_size: int = 128,
-) -> SolveResult:  # fmt: skip
+    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions | None = None
+) -> SolveResult:
     """Re-fit a grouped (or depthwise) conv: its weight is block-diagonal, so each group is its own problem.
 
     Group g maps input channels ``g*C_in/G ... (g+1)*C_in/G`` to output channels
     ``g*C_out/G ...``; each is solved exactly like a dense conv (Gram of that
-    group's im2col columns only). No input channel is removed (``kept`` = all).
-    ``n_keep`` set: unstructured, the top ``n_keep`` weights of the whole layer
-    by magnitude are kept and each group is solved on its part of that mask.
-    Losses are summed over groups and normalised like a dense layer's.
+    group's im2col columns only). Structured: no input channel is removed
+    (``kept`` = all; ``fixed`` plays no part). Unstructured: the top ``n_keep``
+    weights of the whole layer by magnitude are kept and each group is solved
+    on its part of that mask. Losses are summed over groups and normalised like a dense layer's.
     """
+    opts = opts or LstsqOptions()
+    wT, w0, bs = problem.wT, problem.w0, opts.batch_size
     G = layer.groups
     view = _GroupView(layer)
     cin_g, cout_g = wT.shape[1], wT.shape[0] // G
-    mask = None if n_keep is None else weight_mask(w0.flatten(1), None, n_keep, criterion).view_as(w0)
+    mask = None
+    if not problem.structured:
+        mask = weight_mask(w0.flatten(1), None, problem.n_keep, opts.weight_criterion).view_as(w0)
     W = torch.empty_like(w0)
     before = after = 0.0
     for g in range(G):
         i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
         stats = LayerStats(view)  # type: ignore[arg-type]
-        for j in range(0, len(hT), batch_size):
-            stats.add_batch(hT[j : j + batch_size, i], hS[j : j + batch_size, i])
+        for j in range(0, len(hT), bs):
+            stats.add_batch(hT[j : j + bs, i], hS[j : j + bs, i])
         if mask is None:
-            res = solve_structured(stats, terms, wT[o], w0[o], cin_g, ridge, steps=1)
+            group = LayerProblem(problem.terms, wT[o], w0[o], cin_g)
+            res = solve_structured(stats, group, replace(opts, steps=1))
         else:
-            res = solve_unstructured(stats, terms, wT[o], w0[o], 0, ridge, mask=mask[o])
+            group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
+            res = solve_unstructured(stats, group, opts, mask=mask[o])
         stats.free()
         W[o] = res.weight
         before += res.loss_before * cout_g
@@ -354,10 +427,8 @@ def solve_grouped(
 
 
 def adam_solve(
-    layer: nn.Module, terms: list[Term], hT: torch.Tensor, hS: torch.Tensor, wT: torch.Tensor,
-    w0: torch.Tensor, n_keep: int, structured: bool, iterations: int = 3000, lr: float = 5e-4,
-    lr_drop: float = 0.1, fixed: torch.Tensor | None = None,
-) -> SolveResult:  # fmt: skip
+    layer: nn.Module, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: AdamOptions | None = None
+) -> SolveResult:
     """The official optimisation: full-batch Adam with a gradually tightening mask.
 
     Structured: input channels ranked by ||W[:, j]||_2; the kept count falls
@@ -367,9 +438,13 @@ def adam_solve(
     count falling the same way, no lr drop. The mask is applied to the
     weights, the gradients and both Adam moments. The teacher-side products
     W^T*(p h^T + q h^S) are computed once (the official loop recomputes them).
-    ``fixed``: input channels always kept (structured). Grouped convs work as
-    they are (the layer's own grouped convolution).
+    ``problem.fixed``: input channels always kept (structured). Grouped convs
+    work as they are (the layer's own grouped convolution).
     """
+    opts = opts or AdamOptions()
+    terms, wT, w0, n_keep = problem.terms, problem.wT, problem.w0, problem.n_keep
+    structured, fixed = problem.structured, problem.fixed
+    iterations, lr, lr_drop = opts.iterations, opts.lr, opts.lr_drop
     fn = layer_fn(layer)
     with torch.no_grad():
         targets = [fn(t.p * hT + t.q * hS, wT) for t in terms]

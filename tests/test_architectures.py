@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from crossdistill.compress import compress, recalibrate_bn
+from crossdistill.compress import CompressConfig, compress, recalibrate_bn
 from crossdistill.errors import UserError
 from crossdistill.plan import LayerPlan, load_keep_file, make_plan
 from crossdistill.pruning import ChannelRemover
@@ -227,7 +227,7 @@ def densenet():
 
 def test_densenet_plan_prunes_bottlenecks_and_only_the_newest_slice_of_the_concat(densenet) -> None:
     teacher, x, _, _ = densenet
-    plan = {p.name: p for p in make_plan(copy.deepcopy(teacher), x[:1], "structured", 0.5)}
+    plan = {p.name: p for p in make_plan(copy.deepcopy(teacher), x[:1], CompressConfig(prune="structured", keep=0.5))}
     assert plan["block.0.conv2"] == LayerPlan("block.0.conv2", 0.5, None)  # input: its own bottleneck only
     assert plan["block.1.conv2"] == LayerPlan("block.1.conv2", 0.5, None)
     assert plan["block.1.conv1"].keep is None  # its inputs (stem + layer 0) also feed the transition
@@ -281,7 +281,7 @@ def test_linear_unstructured_keeps_the_target_weights() -> None:
 def test_a_flatten_of_a_spatial_map_is_not_pruned_as_channels() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5))  # fmt: skip
-    plan = {p.name: p for p in make_plan(model, _images()[:1], "structured", 0.5, include_linear=True)}
+    plan = {p.name: p for p in make_plan(model, _images()[:1], CompressConfig(keep=0.5, include_linear=True))}
     assert plan["2"].keep == 0.5 and plan["6"].keep is None
 
 

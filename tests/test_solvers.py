@@ -9,8 +9,11 @@ from torch import nn
 
 from crossdistill.objectives import METHODS, objective_terms, terms_loss
 from crossdistill.solvers import (
+    AdamOptions,
     GramSystem,
+    LayerProblem,
     LayerStats,
+    LstsqOptions,
     RowSystem,
     adam_solve,
     layer_fn,
@@ -196,7 +199,7 @@ def test_solve_structured_keeps_n_channels_and_beats_masking_the_teacher(method,
     c_in = wT.shape[1]
     n_keep = c_in // 2 - 1
     stats = _stats(layer, hT, hS)
-    res = solve_structured(stats, _terms(method), wT, wT.clone(), n_keep)
+    res = solve_structured(stats, LayerProblem(_terms(method), wT, wT.clone(), n_keep))
     kept = res.kept
     assert len(kept) == n_keep and len(set(kept.tolist())) == n_keep
     assert res.weight.shape == wT.shape and res.weight.dtype == torch.float32
@@ -216,7 +219,9 @@ def test_solve_structured_keeps_n_channels_and_beats_masking_the_teacher(method,
 def test_solve_structured_with_each_criterion_beats_masking_by_norm(criterion) -> None:
     layer, wT, hT, hS = gram_case(seed=1)
     n_keep = 3
-    res = solve_structured(_stats(layer, hT, hS), _terms("ours"), wT, wT.clone(), n_keep, criterion=criterion)
+    res = solve_structured(
+        _stats(layer, hT, hS), LayerProblem(_terms("ours"), wT, wT.clone(), n_keep), LstsqOptions(channel_criterion=criterion)
+    )
     assert len(res.kept) == n_keep
     top_norm = wT.pow(2).sum((0, 2, 3)).topk(n_keep).indices
     assert res.loss_after < _ref_loss("ours", layer, wT, _channel_mask(wT, top_norm), hT, hS)
@@ -224,13 +229,14 @@ def test_solve_structured_with_each_criterion_beats_masking_by_norm(criterion) -
 
 def test_solve_structured_rejects_an_unknown_criterion() -> None:
     layer, wT, hT, hS = gram_case()
+    problem = LayerProblem(_terms("ours"), wT, wT.clone(), 3)
     with pytest.raises(ValueError, match="criterion"):
-        solve_structured(_stats(layer, hT, hS), _terms("ours"), wT, wT.clone(), 3, criterion="random")
+        solve_structured(_stats(layer, hT, hS), problem, LstsqOptions(channel_criterion="random"))
 
 
 def test_solve_structured_keeping_everything_leaves_the_teacher_for_ours() -> None:
     layer, wT, hT, hS = gram_case()
-    res = solve_structured(_stats(layer, hT, hS), _terms("ours"), wT, wT.clone(), wT.shape[1])
+    res = solve_structured(_stats(layer, hT, hS), LayerProblem(_terms("ours"), wT, wT.clone(), wT.shape[1]))
     assert res.kept.tolist() == list(range(wT.shape[1]))
     torch.testing.assert_close(res.weight, wT, rtol=1e-4, atol=1e-4)
     assert res.loss_after < 1e-8
@@ -238,7 +244,8 @@ def test_solve_structured_keeping_everything_leaves_the_teacher_for_ours() -> No
 
 def test_solve_structured_nc_with_equal_inputs_recovers_the_teacher() -> None:
     layer, wT, hT, _ = gram_case()
-    res = solve_structured(_stats(layer, hT, hT), _terms("nc"), wT, torch.randn_like(wT), wT.shape[1], ridge=1e-9)
+    problem = LayerProblem(_terms("nc"), wT, torch.randn_like(wT), wT.shape[1])
+    res = solve_structured(_stats(layer, hT, hT), problem, LstsqOptions(ridge=1e-9))
     torch.testing.assert_close(res.weight, wT, rtol=1e-3, atol=1e-3)
 
 
@@ -251,7 +258,11 @@ def test_solve_structured_nc_with_equal_inputs_recovers_the_teacher() -> None:
 def test_solve_unstructured_keeps_n_weights_and_beats_the_masked_teacher(method, criterion, make) -> None:
     layer, wT, hT, hS = make()
     n_keep = wT.numel() // 10
-    res = solve_unstructured(_stats(layer, hT, hS), _terms(method), wT, wT.clone(), n_keep, criterion=criterion)
+    res = solve_unstructured(
+        _stats(layer, hT, hS),
+        LayerProblem(_terms(method), wT, wT.clone(), n_keep, structured=False),
+        LstsqOptions(weight_criterion=criterion),
+    )
     mask = res.kept
     assert mask.dtype == torch.bool and mask.shape == wT.shape and int(mask.sum()) == n_keep
     assert int(torch.count_nonzero(res.weight)) == n_keep
@@ -265,7 +276,11 @@ def test_solve_unstructured_keeps_n_weights_and_beats_the_masked_teacher(method,
 def test_solve_unstructured_magnitude_mask_is_the_teacher_top_k() -> None:
     layer, wT, hT, hS = gram_case()
     n_keep = 40
-    res = solve_unstructured(_stats(layer, hT, hS), _terms("ours"), wT, wT.clone(), n_keep, criterion="magnitude")
+    res = solve_unstructured(
+        _stats(layer, hT, hS),
+        LayerProblem(_terms("ours"), wT, wT.clone(), n_keep, structured=False),
+        LstsqOptions(weight_criterion="magnitude"),
+    )
     top = torch.zeros(wT.numel(), dtype=torch.bool)
     top[wT.abs().flatten().topk(n_keep).indices] = True
     assert torch.equal(res.kept.flatten(), top)
@@ -278,7 +293,7 @@ def test_solve_unstructured_magnitude_mask_is_the_teacher_top_k() -> None:
 def test_adam_structured_keeps_n_channels_and_beats_hard_masking(method) -> None:
     layer, wT, hT, hS = gram_case()
     n_keep = 3
-    res = adam_solve(layer, _terms(method), hT, hS, wT, wT.clone(), n_keep, structured=True, iterations=30, lr=1e-2)
+    res = adam_solve(layer, LayerProblem(_terms(method), wT, wT.clone(), n_keep), hT, hS, AdamOptions(30, lr=1e-2))
     assert len(res.kept) == n_keep
     dropped = sorted(set(range(wT.shape[1])) - set(res.kept.tolist()))
     assert bool((res.weight[:, dropped] == 0).all())  # zeros stay zero after the projection
@@ -294,7 +309,8 @@ def test_adam_structured_keeps_n_channels_and_beats_hard_masking(method) -> None
 def test_adam_unstructured_keeps_n_weights_and_beats_hard_masking(method) -> None:
     layer, wT, hT, hS = gram_case()
     n_keep = wT.numel() // 10
-    res = adam_solve(layer, _terms(method), hT, hS, wT, wT.clone(), n_keep, structured=False, iterations=30, lr=1e-2)
+    problem = LayerProblem(_terms(method), wT, wT.clone(), n_keep, structured=False)
+    res = adam_solve(layer, problem, hT, hS, AdamOptions(30, lr=1e-2))
     assert int(res.kept.sum()) == n_keep
     assert int(torch.count_nonzero(res.weight)) == n_keep
     assert bool((res.weight[~res.kept] == 0).all())
@@ -305,7 +321,7 @@ def test_adam_unstructured_keeps_n_weights_and_beats_hard_masking(method) -> Non
 
 def test_adam_with_nothing_pruned_leaves_the_teacher_unchanged_for_ours() -> None:
     layer, wT, hT, hS = gram_case()
-    res = adam_solve(layer, _terms("ours"), hT, hS, wT, wT.clone(), wT.shape[1], structured=True, iterations=10)
+    res = adam_solve(layer, LayerProblem(_terms("ours"), wT, wT.clone(), wT.shape[1]), hT, hS, AdamOptions(10))
     torch.testing.assert_close(res.weight, wT)
     assert res.loss_after == pytest.approx(0.0, abs=1e-10)
 
@@ -314,6 +330,6 @@ def test_adam_does_not_modify_its_inputs() -> None:
     layer, wT, hT, hS = gram_case()
     w0 = wT.clone()
     copies = [t.clone() for t in (wT, hT, hS, w0)]
-    adam_solve(layer, _terms("ours"), hT, hS, wT, w0, 3, structured=True, iterations=5, lr=1e-2)
+    adam_solve(layer, LayerProblem(_terms("ours"), wT, w0, 3), hT, hS, AdamOptions(5, lr=1e-2))
     for a, b in zip((wT, hT, hS, w0), copies, strict=True):
         assert torch.equal(a, b)

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress import CompressConfig, CompressReport
+from ..config import CompressConfig
+from ..run import CompressReport
 from ..errors import UserError
 from .bp import BPConfig, l1_bp
 from .cp import CPConfig, channel_pruning

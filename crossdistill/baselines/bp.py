@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress import CompressConfig, CompressReport
-from .common import check_train_params, eval_loss, finish, resolve_configs, sgd_train, stage_record, start
+from ..config import CompressConfig
+from ..run import CompressReport
+from .common import Needs, check_train_params, eval_loss, finish, resolve_configs, sgd_train, stage_record, start
 from .l1 import prune_l1
 
 __all__ = ["BPConfig", "l1_bp"]
@@ -63,7 +64,7 @@ def l1_bp(
     """L1-norm pruning of ``teacher``, then cross-entropy fine-tuning on (``images``, ``labels``)."""
     cfg, hp = resolve_configs(config, params, BPConfig, overrides)
     check_train_params(hp)
-    run = start("l1+bp", teacher, images, labels, cfg, needs_labels=True)
+    run = start("l1+bp", teacher, images, labels, cfg, Needs(labels=True))
     kept = prune_l1(run)
     masks = None if run.structured else kept
 

@@ -1,13 +1,14 @@
-"""Plumbing shared by the baselines: setup, report, the SGD loop (BP, FitNet), the layer loop (ThiNet, CP).
+"""Plumbing shared by the baselines: their start, the SGD loop (BP, FitNet), the layer loop (ThiNet, CP).
 
-Every baseline runs on the same footing as :func:`crossdistill.compress.compress`:
-copies of the teacher on ``config.device``, the same image checks, the same
-structured/unstructured plan (``make_plan`` with the config's prune / keep /
-include / exclude / keep_overrides / include_linear), the same kept counts
-(``keep_count``), physical channel removal with :class:`ChannelRemover`, and
-the same :class:`CompressReport`. Unlike ``compress`` the plan holds only the
-layers that are actually pruned (``refit_unpruned=False``): no baseline
-re-fits a layer it does not prune.
+Every baseline runs on the run skeleton of :mod:`crossdistill.run`, as
+:func:`crossdistill.compress.compress` does: copies of the teacher on
+``config.device``, the same image checks, the same structured/unstructured
+plan, the same kept counts, physical channel removal with
+:class:`ChannelRemover`, and the same :class:`CompressReport`. Unlike
+``compress`` the plan holds only the layers that are actually pruned
+(``plan_layers(run, pruned_only=True)``): no baseline re-fits a layer it does
+not prune. ThiNet and CP run the same per-layer step as compress
+(:func:`crossdistill.run.refit_layers`) with their own selection.
 """
 
 from __future__ import annotations
@@ -16,61 +17,40 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import capture_input, capture_inputs
-from ..compress import (
-    CompressConfig,
-    CompressReport,
-    LayerRecord,
-    check_images,
-    measure_peak_memory_mb,
-    recalibrate_bn,
-    resolve_device,
-)
+from ..config import CompressConfig
 from ..data import augment
 from ..errors import UserError
-from ..measure import count_flops
 from ..objectives import Term
-from ..plan import LayerPlan, keep_count, make_plan
-from ..pruning import ChannelRemover, sparsity
-from ..solvers import GramSystem, LayerStats, LeastSquares, RowSystem
-from ..structure import layer_widths
+from ..run import LayerRecord, LayerStep, Needs, Run, finish, plan_layers, refit_layers
+from ..run import start as start_run
+from ..solvers import GramSystem, LeastSquares, RowSystem, SolveResult, ridge_solve
 
 __all__ = [
-    "Run", "resolve_configs", "start", "finish", "sgd_train", "check_train_params", "auto_pad",
-    "ridge_solve", "ridge_lstsq", "mse", "eval_loss", "stage_record", "normal_equations", "contribution_gram",
-    "layerwise", "kept_columns",
-]  # fmt: skip
-
-
-@dataclass
-class Run:
-    """State of one baseline run: the copies, the few images, the plan and the records so far."""
-
-    name: str
-    cfg: CompressConfig
-    device: torch.device
-    teacher: nn.Module  # the run's own copy; eval mode (train mode only while capturing with bn_mode='train')
-    student: nn.Module  # a deep copy of the teacher, pruned in place
-    images: torch.Tensor  # (N, C, H, W) on device
-    labels: torch.Tensor | None  # (N,) int64 on device
-    example: torch.Tensor  # (1, C, H, W)
-    plan: list[LayerPlan]  # pruned layers only, forward order
-    remover: ChannelRemover | None  # structured only
-    params_before: int
-    flops_before: int
-    t_start: float
-    records: list[LayerRecord] = field(default_factory=list)
-
-    @property
-    def structured(self) -> bool:
-        return self.cfg.prune == "structured"
+    "Run",
+    "Needs",
+    "resolve_configs",
+    "start",
+    "finish",
+    "sgd_train",
+    "check_train_params",
+    "auto_pad",
+    "ridge_solve",
+    "ridge_lstsq",
+    "feature_rows",
+    "mse",
+    "eval_loss",
+    "stage_record",
+    "normal_equations",
+    "contribution_gram",
+    "layerwise",
+]
 
 
 def resolve_configs(
@@ -101,95 +81,18 @@ def resolve_configs(
     return cfg, hp
 
 
-def _check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        raise UserError("labels must be an integer tensor (N,) of class indices, e.g. few_shot(...).labels")
-    if labels.shape != (n,):
-        raise UserError(f"labels must have shape ({n},), one per image, got {tuple(labels.shape)}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(
-            f"labels must lie in [0, {num_classes}) for this model; got {int(labels.min())}..{int(labels.max())} "
-            "(unlabelled images carry -1: use a label-free baseline)"
-        )
-    return labels.long()
-
-
 def start(
     name: str,
     teacher: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor | None,
     cfg: CompressConfig,
-    *,
-    needs_labels: bool = False,
-    structured_only: bool = False,
+    needs: Needs | None = None,
 ) -> Run:
-    """Checks, copies, plan: everything before a baseline's own work."""
-    t_start = time.perf_counter()
-    if needs_labels and labels is None:
-        raise UserError(
-            f"baseline {name!r} trains with cross-entropy and needs labels: pass labels=(N,) class indices "
-            "(e.g. few_shot(split, k).labels), or use a label-free baseline (l1, fskd, thinet, cp)"
-        )
-    if structured_only and cfg.prune != "structured":
-        raise UserError(
-            f"baseline {name!r} selects input channels and exists only for structured pruning; "
-            "use prune='structured', or l1 / l1+bp / fitnet for unstructured pruning"
-        )
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    teacher = copy.deepcopy(teacher).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    images = images.to(device)
-    check_images(teacher, images)
-    if labels is not None:
-        with torch.no_grad():
-            num_classes = teacher(images[:1]).shape[-1]
-        labels = _check_labels(labels, len(images), num_classes).to(device)
-    student = copy.deepcopy(teacher)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    example = images[:1]
-    params_before = sum(p.numel() for p in student.parameters())
-    flops_before = count_flops(student, example.shape[1:])
-    remover = ChannelRemover(student, example) if cfg.prune == "structured" else None
-    plan = make_plan(
-        student, example, cfg.prune, cfg.keep, cfg.include, cfg.exclude, cfg.keep_overrides,
-        cfg.include_linear, refit_unpruned=False, remover=remover,
-    )  # fmt: skip
-    # baselines prune whole layers only: not concatenation consumers (partly prunable) nor grouped convs
-    grouped = lambda n: getattr(student.get_submodule(n), "groups", 1) != 1  # noqa: E731
-    plan = [p for p in plan if p.keep is not None and p.channels is None and not grouped(p.name)]
-    if not plan:
-        raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
-    return Run(
-        name, cfg, device, teacher, student, images, labels, example, plan, remover,
-        params_before, flops_before, t_start,
-    )  # fmt: skip
-
-
-def finish(run: Run, hp: Any) -> tuple[nn.Module, CompressReport]:
-    """Optional BN recalibration, then the same report compress() gives (``config["method"]`` = baseline)."""
-    student = run.student
-    if run.cfg.recalibrate_bn:
-        recalibrate_bn(student, run.images, run.cfg.batch_size)
-    student.eval()
-    config = {**asdict(run.cfg), "method": run.name, "baseline": asdict(hp)}
-    report = CompressReport(
-        config=config,
-        layers=run.records,
-        params_before=run.params_before,
-        params_after=sum(p.numel() for p in student.parameters()),
-        flops_before=run.flops_before,
-        flops_after=count_flops(student, run.example.shape[1:]),
-        sparsity=sparsity(student, [p.name for p in run.plan]),
-        seconds=time.perf_counter() - run.t_start,
-        peak_memory_mb=measure_peak_memory_mb(run.device),
-    )
-    student.widths = layer_widths(student)  # type: ignore[attr-defined]
-    return student, report
+    """The run skeleton's start, then the baselines' plan: the layers they prune, and only those."""
+    run = start_run(name, teacher, images, labels, cfg, needs)
+    plan_layers(run, pruned_only=True)
+    return run
 
 
 def auto_pad(images: torch.Tensor, pad: int | None) -> int:
@@ -259,23 +162,15 @@ def check_train_params(hp: Any) -> None:
         raise UserError(f"lr must be a positive number, got {hp.lr}")
 
 
-def ridge_solve(G: torch.Tensor, R: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
-    """``(G + lam I)^-1 (R + lam prior)`` with ``lam = ridge * mean diag(G)``: normal equations, float64."""
-    G, R = G.double(), R.double()
-    lam = ridge * float(G.diagonal().mean()) if len(G) else 0.0
-    if prior is not None:
-        R = R + lam * prior.double()
-    A = G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        return torch.cholesky_solve(R, L)
-    return torch.linalg.lstsq(A, R).solution
-
-
 def ridge_lstsq(X: torch.Tensor, Y: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
     """argmin_B ||X B - Y||^2 + lam ||B - prior||^2, lam = ridge * mean diag(X'X); X (M, a), Y (M, b) -> (a, b)."""
     X, Y = X.double(), Y.double()
     return ridge_solve(X.T @ X, X.T @ Y, ridge, prior)
+
+
+def feature_rows(f: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C); (N, C) unchanged: one row per pixel, one column per channel."""
+    return f.movedim(1, -1).reshape(-1, f.shape[1])
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -333,53 +228,32 @@ def layerwise(
     terms: list[Term],
     select: Callable[[LeastSquares, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
-    """compress()'s loop, for the baselines that reconstruct one pruned layer at a time (ThiNet, CP).
+    """compress()'s per-layer step, for the baselines that reconstruct one pruned layer at a time (ThiNet, CP).
 
-    For each planned layer, first to last: capture the student's input h^S
-    with the producer still at full width, build the layer's least-squares
-    system for ``terms`` (teacher inputs h^T are captured once, up front, when
-    a term uses them), let ``select(system, W0, n_keep)`` return the new weight
-    (zeros outside the kept channels) and the kept input-channel indices,
-    write it, remove the other channels, record the objective before/after.
-    BN mode while capturing: ``config.bn_mode``, as in compress().
+    For each planned layer, first to last (:func:`crossdistill.run.refit_layers`):
+    capture the student's input h^S with the producer still at full width,
+    build the layer's least-squares system for ``terms`` (teacher inputs h^T
+    are captured once, up front, when a term uses them), let ``select(system,
+    W0, n_keep)`` return the new weight (zeros outside the kept channels) and
+    the kept input-channel indices, write it, remove the other channels,
+    record the objective before/after. BN mode while capturing:
+    ``config.bn_mode``, as in compress().
     """
-    cfg = run.cfg
-    names = [p.name for p in run.plan]
-    uses_teacher = any(t.p != 0 or t.r != 0 for t in terms)
-    train_bn = cfg.bn_mode == "train"
+
+    def solve(step: LayerStep) -> SolveResult:
+        stats = step.stats()
+        system = stats.system(step.problem.terms, step.problem.wT)
+        stats.free()
+        w0 = step.problem.w0
+        loss_before = system.loss(w0)
+        weight, kept = select(system, w0, step.problem.n_keep)
+        return SolveResult(weight, kept, loss_before, system.loss(weight))
+
+    train_bn = run.cfg.bn_mode == "train"
     run.teacher.train(train_bn)
     run.student.train(train_bn)
     try:
-        hT_all = capture_inputs(run.teacher, names, run.images, cfg.batch_size) if uses_teacher else {}
-        for p in run.plan:
-            t0 = time.perf_counter()
-            layer = run.student.get_submodule(p.name)
-            wT = run.teacher.get_submodule(p.name).weight.detach()
-            total = wT.shape[1]
-            n_keep = keep_count(total, p.keep)
-            hS = capture_input(run.student, p.name, run.images, cfg.batch_size)
-            hT = hT_all.pop(p.name) if uses_teacher else hS
-            stats = LayerStats(layer)
-            for j in range(0, len(hS), cfg.batch_size):
-                stats.add_batch(hT[j : j + cfg.batch_size], hS[j : j + cfg.batch_size])
-            del hS, hT
-            system = stats.system(terms, wT)
-            w0 = layer.weight.detach().clone()
-            loss_before = system.loss(w0)
-            weight, kept = select(system, w0, n_keep)
-            loss_after = system.loss(weight)
-            stats.free()
-            del system
-            with torch.no_grad():
-                layer.weight.copy_(weight.to(layer.weight.dtype).view_as(layer.weight))
-            run.remover.remove_input_channels(p.name, kept)
-            run.records.append(LayerRecord(p.name, n_keep, total, loss_before, loss_after, time.perf_counter() - t0))
+        refit_layers(run, lambda _p: terms, solve)
     finally:
         run.teacher.eval()
         run.student.eval()
-
-
-def kept_columns(kept: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Column indices of ``w.flatten(1)`` that belong to the kept input channels."""
-    kk = w[0, 0].numel() if w.dim() == 4 else 1
-    return (kept[:, None] * kk + torch.arange(kk, device=kept.device)).flatten()

@@ -42,10 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress import CompressConfig, CompressReport
+from ..config import CompressConfig
+from ..run import CompressReport
 from ..objectives import Term
-from ..solvers import LeastSquares
-from .common import contribution_gram, finish, kept_columns, layerwise, resolve_configs, start
+from ..solvers import LeastSquares, kept_columns
+from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start
 
 __all__ = ["CPConfig", "channel_pruning", "lasso", "lasso_select"]
 
@@ -111,7 +112,7 @@ def channel_pruning(
 ) -> tuple[nn.Module, CompressReport]:
     """CP: LASSO channel selection and least-squares reconstruction, layer by layer on the few images."""
     cfg, hp = resolve_configs(config, params, CPConfig, overrides)
-    run = start("cp", teacher, images, labels, cfg, structured_only=True)
+    run = start("cp", teacher, images, labels, cfg, Needs(structured=True))
 
     def select(system: LeastSquares, w0: torch.Tensor, n_keep: int):
         G, b = contribution_gram(system, w0)  # b = <Z_c, W^T * h^T>

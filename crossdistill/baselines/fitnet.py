@@ -49,9 +49,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import layer_outputs
-from ..compress import CompressConfig, CompressReport
+from ..config import CompressConfig
+from ..run import CompressReport
 from ..errors import UserError
-from .common import check_train_params, eval_loss, finish, resolve_configs, ridge_lstsq, sgd_train, stage_record, start
+from .common import (
+    Needs,
+    check_train_params,
+    eval_loss,
+    feature_rows,
+    finish,
+    resolve_configs,
+    ridge_lstsq,
+    sgd_train,
+    stage_record,
+    start,
+)
 from .l1 import prune_l1
 
 __all__ = ["FitNetConfig", "fitnet", "hint_points", "kd_loss", "make_regressor"]
@@ -98,11 +110,6 @@ def _features(model: nn.Module, names: list[str], x: torch.Tensor) -> list[torch
     return [store[n] for n in names]
 
 
-def _rows(f: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N*H*W, C); (N, C) unchanged."""
-    return f.movedim(1, -1).reshape(-1, f.shape[1])
-
-
 def make_regressor(fs: torch.Tensor, ft: torch.Tensor, ridge: float) -> nn.Module:
     """1x1 conv (Linear for flat features) from student width to teacher width.
 
@@ -117,9 +124,9 @@ def make_regressor(fs: torch.Tensor, ft: torch.Tensor, ridge: float) -> nn.Modul
             reg.weight.copy_(torch.eye(cs).view_as(reg.weight))
             reg.bias.zero_()
         else:
-            X = _rows(fs)
+            X = feature_rows(fs)
             X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)  # (M, cs + 1)
-            B = ridge_lstsq(X, _rows(ft), ridge).float()  # (cs + 1, ct)
+            B = ridge_lstsq(X, feature_rows(ft), ridge).float()  # (cs + 1, ct)
             reg.weight.copy_(B[:cs].T.reshape(reg.weight.shape))
             reg.bias.copy_(B[cs])
     return reg.to(fs.device)
@@ -145,7 +152,7 @@ def fitnet(
     check_train_params(hp)
     if not 0.0 <= hp.alpha <= 1.0 or hp.temperature <= 0:
         raise UserError(f"alpha must lie in [0, 1] and temperature be > 0, got {hp.alpha}, {hp.temperature}")
-    run = start("fitnet", teacher, images, labels, cfg, needs_labels=True)
+    run = start("fitnet", teacher, images, labels, cfg, Needs(labels=True))
     kept = prune_l1(run)
     masks = None if run.structured else kept
     student, teacher = run.student, run.teacher

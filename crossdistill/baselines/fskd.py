@@ -49,8 +49,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress import CompressConfig, CompressReport
-from .common import Run, finish, mse, resolve_configs, ridge_lstsq, start
+from ..capture import capture_outputs
+from ..config import CompressConfig
+from ..run import CompressReport
+from .common import Needs, Run, feature_rows, finish, mse, resolve_configs, ridge_lstsq, start
 from .l1 import prune_l1
 
 __all__ = ["FSKDConfig", "fskd", "following_bn", "fit_pointwise", "merge_pointwise"]
@@ -89,33 +91,9 @@ def following_bn(model: nn.Module, name: str, example: torch.Tensor) -> str | No
     return found[0] if found else None
 
 
-@torch.no_grad()
-def _outputs(model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Outputs of the named modules (cloned before any in-place ReLU), batched, eval mode."""
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: store[n].append(o.clone())) for n in names
-    ]
-    was = model.training
-    model.eval()
-    try:
-        for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return {n: torch.cat(v) for n, v in store.items()}
-
-
-def _rows(f: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N*H*W, C); (N, C) unchanged."""
-    return f.movedim(1, -1).reshape(-1, f.shape[1])
-
-
 def fit_pointwise(ys: torch.Tensor, yt: torch.Tensor, ridge: float, bias: bool = False):
     """Q (C, C) and q (C,) minimising ||Q ys + q - yt||^2 + lam ||Q - I||^2 over all pixels."""
-    X, Y = _rows(ys), _rows(yt)  # (M, C)
+    X, Y = feature_rows(ys), feature_rows(yt)  # (M, C)
     c = X.shape[1]
     prior = torch.eye(c, dtype=torch.float64, device=X.device)
     if bias:
@@ -169,23 +147,23 @@ def fskd(
 ) -> tuple[nn.Module, CompressReport]:
     """L1-norm pruning, then a least-squares 1x1 correction after each pruned layer, merged away."""
     cfg, hp = resolve_configs(config, params, FSKDConfig, overrides)
-    run: Run = start("fskd", teacher, images, labels, cfg, structured_only=True)
+    run: Run = start("fskd", teacher, images, labels, cfg, Needs(structured=True))
     kept_out = prune_l1(run)
     student, teacher = run.student, run.teacher
 
     # pre-ReLU output module of each pruned layer; teacher targets in one pass
     points = {p.name: following_bn(student, p.name, run.example) or p.name for p in run.plan}
-    targets = _outputs(teacher, list(points.values()), run.images, hp.batch_size)
+    targets = capture_outputs(teacher, list(points.values()), run.images, hp.batch_size)
     for rec, p in zip(run.records, run.plan, strict=True):
         t0 = time.perf_counter()
         point = points[p.name]
         yt = targets.pop(point)
         if p.name in kept_out:  # this layer's own outputs were pruned: compare the kept channels
             yt = yt[:, kept_out[p.name].to(yt.device)]
-        ys = _outputs(student, [point], run.images, hp.batch_size)[point]
+        ys = capture_outputs(student, [point], run.images, hp.batch_size)[point]
         Q, q = fit_pointwise(ys, yt, hp.ridge, hp.bias)
         rec.loss_before = mse(ys, yt)
-        rec.loss_after = mse((_rows(ys).double() @ Q.T + q), _rows(yt))
+        rec.loss_after = mse((feature_rows(ys).double() @ Q.T + q), feature_rows(yt))
         bn = student.get_submodule(point) if point != p.name else None
         merge_pointwise(student.get_submodule(p.name), bn, Q, q if hp.bias else None)
         rec.seconds += time.perf_counter() - t0

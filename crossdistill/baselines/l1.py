@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress import CompressConfig, CompressReport, LayerRecord
+from ..config import CompressConfig
+from ..run import CompressReport, LayerRecord
 from ..plan import keep_count
 from ..pruning import apply_mask
 from ..solvers import weight_mask

@@ -38,18 +38,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress import CompressConfig, CompressReport
+from ..config import CompressConfig
+from ..run import CompressReport
 from ..errors import UserError
 from ..objectives import Term
-from ..solvers import LeastSquares
-from .common import contribution_gram, finish, kept_columns, layerwise, resolve_configs, ridge_solve, start
+from ..solvers import LeastSquares, kept_columns, ridge_solve
+from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start
 
 __all__ = ["ThiNetConfig", "thinet", "greedy_removal"]
 
 
 @dataclass
 class ThiNetConfig:
-    # lstsq: least-squares weight reconstruction, as METHOD.md states the baseline; scale: ThiNet's one factor per
+    # lstsq: least-squares weight reconstruction, as docs/method.md states the baseline; scale: ThiNet's one factor per
     # kept channel (on the few-shot ResNet-20, K=1, it drops accuracy from 88.7% to 32%)
     reconstruct: str = "lstsq"
     ridge: float = 1e-3  # scale: towards 1; lstsq: towards the teacher weights (x mean diag of the Gram)
@@ -88,7 +89,7 @@ def thinet(
     cfg, hp = resolve_configs(config, params, ThiNetConfig, overrides)
     if hp.reconstruct not in ("scale", "lstsq"):
         raise UserError(f"reconstruct must be 'scale' or 'lstsq', got {hp.reconstruct!r}")
-    run = start("thinet", teacher, images, labels, cfg, structured_only=True)
+    run = start("thinet", teacher, images, labels, cfg, Needs(structured=True))
 
     def select(system: LeastSquares, w0: torch.Tensor, n_keep: int):
         G, b = contribution_gram(system, w0)  # target y = W^T * h^S, so b = G 1

@@ -1,0 +1,388 @@
+"""The run skeleton shared by compress() and every baseline, and the per-layer step written once.
+
+A run reads top to bottom:
+
+1. ``start``: device, copies of the teacher (the caller's model is never
+   touched), image and label checks, parameter and FLOP counts before;
+2. ``plan_layers``: the layers to process (:func:`crossdistill.plan.make_plan`)
+   and, for structured pruning, the :class:`ChannelRemover`;
+3. the method's own work; for the layer-wise methods :func:`refit_layers`:
+   per layer, capture h^T and h^S -> statistics -> solve -> write the weights
+   -> remove the pruned channels (or apply the weight mask) -> record;
+4. ``finish``: optional BN recalibration, the :class:`CompressReport`.
+
+Imports run one way: cli -> methods -> {compress, baselines} -> run ->
+{plan, solvers, capture, measure, pruning}.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import capture_input, capture_inputs
+from .config import CompressConfig
+from .errors import UserError
+from .measure import count_flops, count_params
+from .objectives import Term
+from .plan import LayerPlan, make_plan
+from .pruning import ChannelRemover, apply_mask, sparsity
+from .solvers import LayerProblem, LayerStats, SolveResult
+from .structure import layer_widths
+
+__all__ = [
+    "CompressConfig",
+    "CompressReport",
+    "LayerRecord",
+    "Needs",
+    "Run",
+    "LayerStep",
+    "start",
+    "plan_layers",
+    "refit_layers",
+    "finish",
+    "check_images",
+    "check_labels",
+    "resolve_device",
+    "recalibrate_bn",
+    "measure_peak_memory_mb",
+]
+
+
+# --------------------------------------------------------------------------- report types
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    kept: int  # kept input channels (structured) or weights (unstructured)
+    total: int
+    loss_before: float  # objective at W^S = starting weights, after masking is not yet applied
+    loss_after: float
+    seconds: float
+    skipped: bool = False  # re-fit would be a no-op for this objective
+    kept_channels: list[int] | None = None  # structured, pruned layers: the teacher's input channels kept
+
+
+@dataclass
+class CompressReport:
+    config: dict[str, Any]
+    layers: list[LayerRecord]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    sparsity: float  # fraction of zero weights in the processed layers
+    seconds: float
+    peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- checks, device, BN, memory
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def check_images(model: nn.Module, images: torch.Tensor) -> None:
+    """Clear errors for images the model cannot take: wrong type, shape, NaN/inf, channel count."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise UserError("images must be a float tensor (N, C, H, W), normalised the way the model expects")
+    if images.dim() != 4 or len(images) == 0:
+        raise UserError(f"images must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise UserError("images contain NaN or inf values; clean or re-normalise them")
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != images.shape[1]:
+        raise UserError(
+            f"images have {images.shape[1]} channels but the model's first conv takes {first.in_channels}; "
+            "convert them (grayscale vs RGB)"
+        )
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt")
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    except RuntimeError as e:
+        raise UserError(f"the model cannot run on images of shape {tuple(images.shape[1:])}: {e}") from e
+
+
+def check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
+    """Labels as int64 after checking type, shape (one per image) and range."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise UserError("labels must be an integer tensor (N,) of class indices, e.g. few_shot(...).labels")
+    if labels.shape != (n,):
+        raise UserError(f"labels must have shape ({n},), one per image, got {tuple(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(
+            f"labels must lie in [0, {num_classes}) for this model; got {int(labels.min())}..{int(labels.max())} "
+            "(unlabelled images carry -1: use a label-free baseline)"
+        )
+    return labels.long()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> None:
+    """Re-estimate BN running statistics on ``images`` (cumulative average over batches)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for i in range(0, len(images), batch_size):
+        model(images[i : i + batch_size])
+    for m, (mom, tr) in zip(bns, saved, strict=True):
+        m.momentum = mom
+        m.train(tr)
+
+
+def measure_peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated on the device during the run; CPU: peak RSS of the whole process so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method requires beyond images: labels (it trains with cross-entropy), structured pruning."""
+
+    labels: bool = False
+    structured: bool = False
+
+
+@dataclass
+class Run:
+    """State of one run: the copies, the few images, the plan and the records so far."""
+
+    name: str  # the method
+    cfg: CompressConfig
+    device: torch.device
+    teacher: nn.Module  # the run's own copy; eval mode (train mode only while capturing with bn_mode='train')
+    student: nn.Module  # a deep copy of the teacher, pruned in place
+    images: torch.Tensor  # (N, C, H, W) on device
+    labels: torch.Tensor | None  # (N,) int64 on device
+    example: torch.Tensor  # (1, C, H, W)
+    params_before: int
+    flops_before: int
+    t_start: float
+    plan: list[LayerPlan] = field(default_factory=list)  # forward order; set by plan_layers
+    remover: ChannelRemover | None = None  # structured only; set by plan_layers
+    records: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def structured(self) -> bool:
+        return self.cfg.prune == "structured"
+
+
+def start(
+    name: str,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg: CompressConfig,
+    needs: Needs | None = None,
+) -> Run:
+    """Checks, device, copies and the counts before: everything a method does before its plan."""
+    t_start = time.perf_counter()
+    needs = needs or Needs()
+    if needs.labels and labels is None:
+        raise UserError(
+            f"baseline {name!r} trains with cross-entropy and needs labels: pass labels=(N,) class indices "
+            "(e.g. few_shot(split, k).labels), or use a label-free baseline (l1, fskd, thinet, cp)"
+        )
+    if needs.structured and cfg.prune != "structured":
+        raise UserError(
+            f"baseline {name!r} selects input channels and exists only for structured pruning; "
+            "use prune='structured', or l1 / l1+bp / fitnet for unstructured pruning"
+        )
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    teacher = copy.deepcopy(teacher).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    images = images.to(device)
+    check_images(teacher, images)
+    if labels is not None:
+        with torch.no_grad():
+            num_classes = teacher(images[:1]).shape[-1]
+        labels = check_labels(labels, len(images), num_classes).to(device)
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    example = images[:1]
+    params_before = count_params(student)
+    flops_before = count_flops(student, example.shape[1:])
+    return Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+
+
+def plan_layers(run: Run, pruned_only: bool = False) -> None:
+    """Set ``run.remover`` (structured) and ``run.plan``.
+
+    ``pruned_only`` (the baselines): only layers that are actually pruned, as
+    a whole (not concatenation consumers, which are partly prunable, nor
+    grouped convs), and never a layer that is only re-fitted.
+    """
+    cfg = run.cfg
+    run.remover = ChannelRemover(run.student, run.example) if run.structured else None
+    if pruned_only:  # baselines re-fit no layer they do not prune, and fail on unsupported layers
+        cfg = replace(cfg, refit_unpruned=False, skip_unsupported=False)
+    plan = make_plan(run.student, run.example, cfg, run.remover)
+    if pruned_only:
+        grouped = lambda n: getattr(run.student.get_submodule(n), "groups", 1) != 1  # noqa: E731
+        plan = [p for p in plan if p.keep is not None and p.channels is None and not grouped(p.name)]
+        if not plan:
+            raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
+    elif not plan:
+        raise UserError("no layer matched for compression; check --include/--exclude patterns")
+    run.plan = plan
+
+
+def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
+    """Optional BN recalibration, then the report. ``params``: a baseline's hyperparameters, recorded."""
+    student = run.student
+    if run.cfg.recalibrate_bn:
+        recalibrate_bn(student, run.images, run.cfg.batch_size)
+    student.eval()
+    config = asdict(run.cfg)
+    if params is not None:
+        config = {**config, "method": run.name, "baseline": asdict(params)}
+    report = CompressReport(
+        config=config,
+        layers=run.records,
+        params_before=run.params_before,
+        params_after=count_params(student),
+        flops_before=run.flops_before,
+        flops_after=count_flops(student, run.example.shape[1:]),
+        sparsity=sparsity(student, [p.name for p in run.plan]),
+        seconds=time.perf_counter() - run.t_start,
+        peak_memory_mb=measure_peak_memory_mb(run.device),
+    )
+    student.widths = layer_widths(student)  # type: ignore[attr-defined]
+    return student, report
+
+
+# --------------------------------------------------------------------------- the per-layer step
+
+
+@dataclass
+class LayerStep:
+    """What a solver sees for one layer: the problem and both input streams (N, C, H, W) or (N, F)."""
+
+    name: str
+    layer: nn.Module  # the student's layer, full width on its input side
+    problem: LayerProblem
+    hT: torch.Tensor  # the layer's input inside the teacher (h^S itself when no term uses h^T)
+    hS: torch.Tensor  # the layer's input inside the student, producer still at full width
+    batch_size: int
+
+    def stats(self) -> LayerStats:
+        """The Gram statistics of h^T and h^S, accumulated batch by batch (the caller frees them)."""
+        stats = LayerStats(self.layer)
+        bs = self.batch_size
+        for j in range(0, len(self.hT), bs):
+            stats.add_batch(self.hT[j : j + bs], self.hS[j : j + bs])
+        return stats
+
+
+def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """Teacher inputs of every planned layer in one pass, or None when that would exceed teacher_cache_mb
+    (large N): then each layer's teacher input is captured when needed."""
+    was_training = run.teacher.training
+    run.teacher.eval()  # the size probe must not run BN in train mode on one image
+    one = capture_inputs(run.teacher, names, run.images[:1])
+    run.teacher.train(was_training)
+    cache_mb = len(run.images) * sum(t.numel() * t.element_size() for t in one.values()) / 2**20
+    if cache_mb > run.cfg.teacher_cache_mb:
+        return None
+    return capture_inputs(run.teacher, names, run.images, run.cfg.batch_size)
+
+
+def refit_layers(
+    run: Run,
+    terms_for: Callable[[LayerPlan], list[Term] | None],
+    solve: Callable[[LayerStep], SolveResult],
+    on_layer: Callable[[int, int, str], None] | None = None,
+) -> None:
+    """The per-layer step over ``run.plan``, first to last: capture -> stats -> solve -> write -> remove.
+
+    ``terms_for(p)``: the objective of planned layer ``p``, or None to leave it
+    as it is (recorded as skipped). ``solve(step)`` returns the new weight and
+    what is kept (input-channel indices, or a boolean weight mask). The
+    student's input h^S is captured with the layer's producer still at full
+    width (docs/method.md, "a subtlety"); the teacher's inputs are captured
+    once, up front, when a term uses them. Then the weight is written and the
+    pruned channels removed with their producer's outputs (structured), or the
+    mask applied (unstructured). BN mode while capturing: the caller's.
+    """
+    cfg, plan = run.cfg, run.plan
+    layer_terms = [terms_for(p) for p in plan]
+    uses_teacher = any(t.p != 0 or t.r != 0 for terms in layer_terms if terms for t in terms)
+    names = [p.name for p in plan]
+    cache = _teacher_inputs(run, names) if uses_teacher else None
+    for i, (p, terms) in enumerate(zip(plan, layer_terms, strict=True)):
+        t0 = time.perf_counter()
+        if on_layer is not None:
+            on_layer(i, len(plan), p.name)
+        layer = run.student.get_submodule(p.name)
+        wT = run.teacher.get_submodule(p.name).weight.detach()
+        total = wT.shape[1] if run.structured else wT.numel()
+        if terms is None:
+            if cache is not None:
+                cache.pop(p.name)
+            run.records.append(LayerRecord(p.name, total, total, 0.0, 0.0, time.perf_counter() - t0, skipped=True))
+            continue
+        n_keep = p.n_keep(total)
+        # a concatenation consumer: the channels outside p.channels are always kept
+        fixed = None
+        if run.structured and p.channels is not None:
+            pinned = torch.ones(total, dtype=torch.bool, device=run.device)
+            pinned[torch.tensor(p.channels, device=run.device)] = False
+            fixed = pinned.nonzero().flatten()
+
+        # inputs: the student's with the producer still at full width, the teacher's from the cache
+        hS = capture_input(run.student, p.name, run.images, cfg.batch_size)
+        if not uses_teacher:
+            hT = hS
+        elif cache is not None:
+            hT = cache.pop(p.name)
+        else:
+            hT = capture_input(run.teacher, p.name, run.images, cfg.batch_size)
+        w0 = layer.weight.detach().clone()
+        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured)
+        res = solve(LayerStep(p.name, layer, problem, hT, hS, cfg.batch_size))
+        del hS, hT
+
+        # write the solution, then remove the pruned channels (and the producer's outputs)
+        with torch.no_grad():
+            layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
+        pruned = run.structured and n_keep < total
+        if pruned:
+            run.remover.remove_input_channels(p.name, res.kept)
+        elif not run.structured:
+            apply_mask(layer, res.kept)
+        kept_channels = res.kept.tolist() if pruned else None
+        seconds = time.perf_counter() - t0
+        record = LayerRecord(p.name, n_keep, total, res.loss_before, res.loss_after, seconds, False, kept_channels)
+        run.records.append(record)
