@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import CompressConfig
 from .errors import UserError
 
 if TYPE_CHECKING:  # the library is imported inside the commands: `crossdistill --help` stays fast
@@ -26,6 +27,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TEACHER = REPO / "teachers" / "resnet20_fashion-mnist.safetensors"
+DEFAULTS = CompressConfig()  # option defaults of `compress` and `demo` come from the library's dataclass
 
 
 def _run(fn):
@@ -141,23 +143,25 @@ def compress(
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
     method: str = typer.Option(
-        "ours", help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp"
-    ),  # fmt: skip
+        DEFAULTS.method, help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp"
+    ),
     mu: float | None = typer.Option(None, help="ours: weight of L^c (default: 0.9 ResNets, 0.6 others)"),
-    alpha: float = typer.Option(0.7, help="ours-s: teacher-side mix"),
-    beta: float = typer.Option(0.7, help="ours-s: student-side mix"),
-    prune: str = typer.Option("structured", help="structured | unstructured"),
-    keep: float = typer.Option(0.5, help="fraction of channels (structured) or weights (unstructured) kept"),
+    alpha: float = typer.Option(DEFAULTS.alpha, help="ours-s: teacher-side mix"),
+    beta: float = typer.Option(DEFAULTS.beta, help="ours-s: student-side mix"),
+    prune: str = typer.Option(DEFAULTS.prune, help="structured | unstructured"),
+    keep: float = typer.Option(DEFAULTS.keep, help="fraction of channels (structured) or weights (unstructured) kept"),
     keep_file: Path | None = typer.Option(None, help="YAML mapping layer-name pattern -> keep ratio"),
-    include_linear: bool = typer.Option(False, help="also prune / re-fit Linear layers"),
-    skip_unsupported: bool = typer.Option(False, help="leave layers that cannot be compressed untouched"),
-    solver: str = typer.Option("lstsq", help="lstsq (exact) | adam (official schedule)"),
-    iterations: int = typer.Option(3000, help="adam: iterations per layer"),
-    lr: float = typer.Option(5e-4, help="adam: learning rate"),
-    recalibrate_bn: bool = typer.Option(False, help="re-estimate BN statistics on the few images"),
+    include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
+    skip_unsupported: bool = typer.Option(
+        DEFAULTS.skip_unsupported, help="leave layers that cannot be compressed untouched"
+    ),
+    solver: str = typer.Option(DEFAULTS.solver, help="lstsq (exact) | adam (official schedule)"),
+    iterations: int = typer.Option(DEFAULTS.iterations, help="adam: iterations per layer"),
+    lr: float = typer.Option(DEFAULTS.lr, help="adam: learning rate"),
+    recalibrate_bn: bool = typer.Option(DEFAULTS.recalibrate_bn, help="re-estimate BN statistics on the few images"),
     include: list[str] | None = typer.Option(None, help="only layers matching these name patterns"),
     exclude: list[str] | None = typer.Option(None, help="leave layers matching these name patterns"),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    device: str = typer.Option(DEFAULTS.device, help="cpu | cuda | auto"),
     out: Path = typer.Option(Path("runs/student"), help="output folder"),
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
     latency: bool = typer.Option(True, help="measure CPU latency at batch 1 and 64"),
@@ -169,8 +173,8 @@ def compress(
     [--weights W] --images DIR (your model and your images).
     """
     from .checkpoint import load_checkpoint
-    from .compress import CompressConfig, official_mu
     from .data import load_few_shot
+    from .models import official_mu
     from .evaluate import evaluate as eval_model
     from .plan import load_keep_file
     from .student import save_student
@@ -179,7 +183,9 @@ def compress(
         if (teacher is None) == (model_file is None):
             raise UserError("give either --teacher CKPT or --model-file FILE.py:FUNCTION (with --images DIR)")
         if model_file is not None:
-            from .usermodel import accuracy, images_from_folder, load_model_file, load_weights
+            from .evaluate import accuracy
+            from .models import load_model_file
+            from .usermodel import images_from_folder, load_weights
 
             if images is None:
                 raise UserError("--model-file needs --images DIR: a folder of images the model takes")
@@ -229,7 +235,7 @@ def compress(
                "images": str(images) if images else None,
                "evaluation": {n: r.to_dict() for n, r in reports.items()}}  # fmt: skip
         extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
-        paths = save_student(student, out, meta, rep, x, extra)
+        paths = save_student(student, out, meta, rep, x, **extra)
         console.print(f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
                       f"student written to {paths['weights'].parent}/ "
                       f"({', '.join(p.name for p in paths.values())})")  # fmt: skip
@@ -242,15 +248,15 @@ def demo(
     teacher: Path = typer.Option(DEMO_TEACHER, help="shipped teacher to compress"),
     k: int = typer.Option(5, help="images per class"),
     seed: int = typer.Option(0),
-    keep: float = typer.Option(0.5),
+    keep: float = typer.Option(DEFAULTS.keep),
     out: Path = typer.Option(Path("runs/demo"), help="output folder (student, report, plot)"),
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
 ) -> None:
     """Compress a shipped teacher with NC, Ours and Ours-S (K=5, structured, keep 0.5) and compare them."""
     from .capture import forward_order
     from .checkpoint import load_checkpoint
-    from .compress import CompressConfig, official_mu
     from .data import dataset_info, load_dataset, load_few_shot, normalize
+    from .models import official_mu
     from .diagnostics import layer_output_errors, plot_layer_errors
     from .evaluate import evaluate as eval_model
     from .student import save_student

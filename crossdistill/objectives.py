@@ -1,4 +1,4 @@
-"""The layer-wise objectives of cross distillation (Bai et al. 2020, METHOD.md).
+"""The layer-wise objectives of cross distillation (Bai et al. 2020; docs/method.md).
 
 Notation: ``W^T``/``W^S`` teacher/student weights of one layer, ``h^T``/``h^S``
 the layer's input inside the teacher/student on the few-shot batch, ``W * h``
@@ -72,7 +72,7 @@ def refits_unpruned_layer(terms: list[Term]) -> bool:
 
     With W^S = W^T each term's residual is W^T*((p-r) h^T + (q-s) h^S); for the
     mu-mix every term has p = r and q = s, so the layer is already optimal and
-    re-fitting it is a no-op (METHOD.md, "a property worth knowing"). Compared with a
+    re-fitting it is a no-op (docs/method.md, "Objectives"). Compared with a
     tolerance: ``ours-s`` with alpha + beta = 1 in floating point (0.3, 0.7) gives
     r = 1 - 0.7 = 0.30000000000000004, which is still p = r.
     """

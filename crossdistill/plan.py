@@ -1,6 +1,6 @@
 """Which layers are re-fitted and how much of each is kept: one default rule for any CNN.
 
-Structured (METHOD.md): every Conv2d but the first (and, with
+Structured (docs/method.md): every Conv2d but the first (and, with
 ``include_linear``, every Linear) is re-fitted, pruned or not. A layer's
 *input channels* are pruned where they can be removed together with the
 output channels of the one layer producing them and nothing else

@@ -60,15 +60,18 @@ def save_student(
     teacher_meta: dict[str, Any],
     report: dict[str, Any],
     example: torch.Tensor,
-    extra_meta: dict[str, Any] | None = None,
+    *,
     onnx: bool | None = None,
+    **extra_meta: Any,
 ) -> dict[str, Path]:
     """Write the student (safetensors + JSON, torch.export, ONNX) and its report into ``out_dir``.
 
     ``teacher_meta`` names the architecture: ``model`` (a registry name, with ``num_classes`` and
     ``in_channels``) or ``model_file`` (``path.py:function`` building the user's model). ``onnx``:
-    write ``student.onnx`` (None: when the onnx package is installed).
+    write ``student.onnx`` (None: when the onnx package is installed). Further keywords
+    (``method=``, ``k=``, ``seed=``; or a dict as ``extra_meta=``, the older spelling) go into student.json.
     """
+    extra_meta = {**(extra_meta.pop("extra_meta", None) or {}), **extra_meta}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     student = student.cpu().eval()
@@ -80,7 +83,7 @@ def save_student(
         "teacher_sha256": teacher_meta.get("sha256"),
         "input_shape": list(example.shape[1:]),
         "widths": layer_widths(student),
-        **(extra_meta or {}),
+        **extra_meta,
     }
     if teacher_meta.get("model_file"):
         path, _, fn = str(teacher_meta["model_file"]).rpartition(":")

@@ -210,7 +210,7 @@ def test_every_method_and_solver_compresses_resnet20(method, solver) -> None:
 
 
 def test_soft_with_alpha_plus_beta_one_skips_unpruned_layers() -> None:
-    # 1 - 0.7 is 0.30000000000000004 in floating point: still the no-op case of METHOD.md
+    # 1 - 0.7 is 0.30000000000000004 in floating point: still the no-op case of docs/method.md
     _, report = compress(_resnet20(), _images(), method="ours-s", alpha=0.3, beta=0.7, keep=0.5)
     assert {r.name for r in report.layers if r.skipped} == {f"{n}.conv1" for n, _ in _blocks(_resnet20())}
 

@@ -1,4 +1,4 @@
-"""The objectives of METHOD.md: named formulas, their term lists, and the special cases the spec lists."""
+"""The objectives of docs/method.md: named formulas, their term lists, and the special cases the spec lists."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_mu_mix_is_zero_at_the_teacher_for_every_mu(case) -> None:
 
 
 def test_all_variants_coincide_when_student_input_equals_teacher_input(case) -> None:
-    """The first pruned layer has h^S = h^T, so every objective is the same loss there (METHOD.md)."""
+    """The first pruned layer has h^S = h^T, so every objective is the same loss there (docs/method.md)."""
     fn, wT, wS, hT, _ = case
     ref = terms_loss(objective_terms("nc"), fn, wT, wS, hT, hT)
     for method in METHODS:

@@ -59,10 +59,16 @@ class CPConfig:
     search_steps: int = 40  # bisection steps on log(lambda)
 
 
-def lasso(G: torch.Tensor, b: torch.Tensor, lam: float, beta: torch.Tensor, iterations: int, tol: float, L: float):
-    """FISTA for ``min 1/2 beta'G beta - b'beta + lam ||beta||_1`` from ``beta``."""
+def lasso(G: torch.Tensor, b: torch.Tensor, lam: float, beta: torch.Tensor, L: float, hp: CPConfig | None = None):
+    """FISTA for ``min 1/2 beta'G beta - b'beta + lam ||beta||_1`` from ``beta``; step ``1/L``.
+
+    Stops after ``hp.lasso_iterations`` steps, or once the largest change of
+    beta is below ``hp.lasso_tol`` relative to its largest entry.
+    """
+    hp = hp or CPConfig()
+    tol = hp.lasso_tol
     z, t = beta.clone(), 1.0
-    for _ in range(iterations):
+    for _ in range(hp.lasso_iterations):
         step = z - (G @ z - b) / L
         new = step.sign() * (step.abs() - lam / L).clamp_min(0)
         t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
@@ -75,9 +81,13 @@ def lasso(G: torch.Tensor, b: torch.Tensor, lam: float, beta: torch.Tensor, iter
 
 
 def lasso_select(
-    G: torch.Tensor, b: torch.Tensor, n_keep: int, iterations: int = 500, tol: float = 1e-7, steps: int = 40
+    G: torch.Tensor, b: torch.Tensor, n_keep: int, hp: CPConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept channel indices (exactly ``n_keep``, sorted) and the LASSO coefficients that chose them."""
+    """Kept channel indices (exactly ``n_keep``, sorted) and the LASSO coefficients that chose them.
+
+    ``hp.search_steps`` bisection steps on log(lambda); FISTA settings from ``hp`` too.
+    """
+    hp = hp or CPConfig()
     c = len(G)
     if n_keep >= c:
         return torch.arange(c, device=G.device), torch.ones(c, dtype=G.dtype, device=G.device)
@@ -85,11 +95,11 @@ def lasso_select(
     lam_max = float(b.abs().max().clamp_min(1e-30))
     lo, hi = math.log(1e-6 * lam_max), math.log(lam_max)
     beta = torch.ones(c, dtype=G.dtype, device=G.device)
-    best = lasso(G, b, math.exp(lo), beta, iterations, tol, L)  # weakest penalty: the most channels
+    best = lasso(G, b, math.exp(lo), beta, L, hp)  # weakest penalty: the most channels
     beta = best
-    for _ in range(steps):
+    for _ in range(hp.search_steps):
         mid = (lo + hi) / 2
-        beta = lasso(G, b, math.exp(mid), beta, iterations, tol, L)
+        beta = lasso(G, b, math.exp(mid), beta, L, hp)
         count = int((beta != 0).sum())
         if count == n_keep:
             best = beta
@@ -116,7 +126,7 @@ def channel_pruning(
 
     def select(system: LeastSquares, w0: torch.Tensor, n_keep: int):
         G, b = contribution_gram(system, w0)  # b = <Z_c, W^T * h^T>
-        kept, _beta = lasso_select(G, b, n_keep, hp.lasso_iterations, hp.lasso_tol, hp.search_steps)
+        kept, _beta = lasso_select(G, b, n_keep, hp)
         W = torch.zeros_like(w0, dtype=torch.float64).flatten(1)
         cols = kept_columns(kept, w0)
         W[:, cols] = system.solve(cols, w0.double().flatten(1), hp.ridge).T
