@@ -20,8 +20,8 @@ from crossdistill.baselines import BASELINES
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
-from crossdistill.methods import run_method
 from crossdistill.evaluate import accuracy
+from crossdistill.methods import run_method
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ def one_run(model: str, dataset: str, k: int, seed: int, solver: str, iterations
     from crossdistill.checkpoint import load_checkpoint
     from crossdistill.compress import CompressConfig, compress
     from crossdistill.data import dataset_info, load_dataset, load_few_shot
-    from crossdistill.measure import count_flops, measure_latency_pair
-    from crossdistill.inference import optimize_for_inference
     from crossdistill.evaluate import accuracy
+    from crossdistill.inference import optimize_for_inference
+    from crossdistill.measure import count_flops, measure_latency_pair
 
     info = dataset_info(dataset)
     teacher, meta = load_checkpoint(teacher_path(model, info.name))

@@ -20,7 +20,21 @@ from .student import save_student
 
 __version__ = "0.1.0"
 __all__ = [
-    "ALL_METHODS", "CompressConfig", "CompressReport", "UserError", "compress", "evaluate", "get_model",
-    "list_models", "load_checkpoint", "load_dataset", "load_few_shot", "load_image_folder", "optimize_for_inference",
-    "run_method", "save_checkpoint", "save_student", "__version__",
-]  # fmt: skip
+    "ALL_METHODS",
+    "CompressConfig",
+    "CompressReport",
+    "UserError",
+    "compress",
+    "evaluate",
+    "get_model",
+    "list_models",
+    "load_checkpoint",
+    "load_dataset",
+    "load_few_shot",
+    "load_image_folder",
+    "optimize_for_inference",
+    "run_method",
+    "save_checkpoint",
+    "save_student",
+    "__version__",
+]

@@ -24,7 +24,15 @@ from .models import get_model, load_model_file
 from .structure import apply_widths
 
 # atomic_write and file_digest live in files.py; re-exported for old import paths
-__all__ = ["atomic_write", "file_digest", "load_checkpoint", "read_meta", "save_checkpoint", "sha256_file", "storage_state"]
+__all__ = [
+    "atomic_write",
+    "file_digest",
+    "load_checkpoint",
+    "read_meta",
+    "save_checkpoint",
+    "sha256_file",
+    "storage_state",
+]
 
 
 def sha256_file(path: str | Path) -> str:

@@ -57,8 +57,9 @@ def train_teacher_cmd(
     from .train import TrainConfig, train_teacher
 
     def go():
-        cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                          fp16_storage=fp16)  # fmt: skip
+        cfg = TrainConfig(
+            model=model, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, fp16_storage=fp16
+        )
         path = out or Path("teachers") / f"{model}_{dataset}.safetensors"
         meta = train_teacher(cfg, path, data_dir)
         console.print(f"saved {path}: test accuracy {meta['test_accuracy']:.4f}, {meta['train_time_s']:.0f} s")
@@ -76,12 +77,11 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="also write the numbers as JSON"),
 ) -> None:
     """Accuracy on the test split, parameters, FLOPs, size on disk and latency of a checkpoint."""
-    from .files import atomic_write
     from .evaluate import evaluate_checkpoint
+    from .files import atomic_write
 
     def go():
-        report, meta = evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, limit=limit,
-                                           latency=latency)  # fmt: skip
+        report, meta = evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, limit=limit, latency=latency)
         Console().print(render_table({checkpoint.stem: report}, title=f"{meta['model']} on {meta['dataset']}"))
         if "test_accuracy" in meta and limit is None:
             console.print(f"stored accuracy {meta['test_accuracy']:.4f}, measured {report.accuracy:.4f}")
@@ -174,8 +174,8 @@ def compress(
     """
     from .checkpoint import load_checkpoint
     from .data import load_few_shot
-    from .models import official_mu
     from .evaluate import evaluate as eval_model
+    from .models import official_mu
     from .plan import load_keep_file
     from .student import save_student
 
@@ -196,8 +196,13 @@ def compress(
             channels = _first_conv_channels(model)
             x, labels, m, s, _ = images_from_folder(images, channels, size, _floats(mean), _floats(std))
             labels = labels if bool((labels >= 0).all()) else None
-            meta = {"model_file": model_file, "in_channels": channels, "mean": m, "std": s,
-                    "weights": str(weights) if weights else None}  # fmt: skip
+            meta = {
+                "model_file": model_file,
+                "in_channels": channels,
+                "mean": m,
+                "std": s,
+                "weights": str(weights) if weights else None,
+            }
             ds, title = None, f"{Path(model_file.rpartition(':')[0]).name}, {len(x)} images from {images}"
         else:
             if images is not None:
@@ -207,20 +212,33 @@ def compress(
             x, labels = load_few_shot(ds, k, seed, data_dir)
             title = f"{meta['model']}, K={k}, seed {seed}"
         cfg = CompressConfig(
-            method=method, mu=official_mu(model) if mu is None else mu, alpha=alpha, beta=beta, prune=prune,
-            keep=keep, solver=solver, iterations=iterations, lr=lr, recalibrate_bn=recalibrate_bn,
-            include=include or None, exclude=exclude or None, device=device, include_linear=include_linear,
-            skip_unsupported=skip_unsupported, keep_overrides=load_keep_file(keep_file) if keep_file else {},
-        )  # fmt: skip
+            method=method,
+            mu=official_mu(model) if mu is None else mu,
+            alpha=alpha,
+            beta=beta,
+            prune=prune,
+            keep=keep,
+            solver=solver,
+            iterations=iterations,
+            lr=lr,
+            recalibrate_bn=recalibrate_bn,
+            include=include or None,
+            exclude=exclude or None,
+            device=device,
+            include_linear=include_linear,
+            skip_unsupported=skip_unsupported,
+            keep_overrides=load_keep_file(keep_file) if keep_file else {},
+        )
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
         if model_file is not None:  # accuracy only on a given labelled test folder
             shape = tuple(x.shape[1:])
-            reports = {"teacher": eval_model(model, input_shape=shape, latency=latency),
-                       f"student ({method})": eval_model(student, input_shape=shape, latency=latency)}  # fmt: skip
+            reports = {
+                "teacher": eval_model(model, input_shape=shape, latency=latency),
+                f"student ({method})": eval_model(student, input_shape=shape, latency=latency),
+            }
             if test_images is not None:
-                tx, tl, *_ = images_from_folder(test_images, x.shape[1], size or x.shape[-1], meta["mean"],
-                                                meta["std"])  # fmt: skip
+                tx, tl, *_ = images_from_folder(test_images, x.shape[1], size or x.shape[-1], meta["mean"], meta["std"])
                 if test_limit is not None:
                     tx, tl = tx[:test_limit], tl[:test_limit]
                 for name, net in (("teacher", model), (f"student ({method})", student)):
@@ -231,14 +249,21 @@ def compress(
                 f"student ({method})": eval_model(student, ds, data_dir=data_dir, limit=test_limit, latency=latency),
             }
         Console().print(render_table(reports, title=f"{title}: {prune} keep {keep}"))
-        rep = {**report.to_dict(), "k": k if model_file is None else None, "seed": seed, "dataset": ds,
-               "images": str(images) if images else None,
-               "evaluation": {n: r.to_dict() for n, r in reports.items()}}  # fmt: skip
+        rep = {
+            **report.to_dict(),
+            "k": k if model_file is None else None,
+            "seed": seed,
+            "dataset": ds,
+            "images": str(images) if images else None,
+            "evaluation": {n: r.to_dict() for n, r in reports.items()},
+        }
         extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
         paths = save_student(student, out, meta, rep, x, **extra)
-        console.print(f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
-                      f"student written to {paths['weights'].parent}/ "
-                      f"({', '.join(p.name for p in paths.values())})")  # fmt: skip
+        console.print(
+            f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
+            f"student written to {paths['weights'].parent}/ "
+            f"({', '.join(p.name for p in paths.values())})"
+        )
 
     _run(go)
 
@@ -256,9 +281,9 @@ def demo(
     from .capture import forward_order
     from .checkpoint import load_checkpoint
     from .data import dataset_info, load_dataset, load_few_shot, normalize
-    from .models import official_mu
     from .diagnostics import layer_output_errors, plot_layer_errors
     from .evaluate import evaluate as eval_model
+    from .models import official_mu
     from .student import save_student
 
     def go():
@@ -281,8 +306,12 @@ def demo(
         held_out = normalize(test.images[:500], dataset_info(ds))
         pretty = {"nc": "NC", "ours": "Ours", "ours-s": "Ours-S"}
         curves = {pretty[m]: layer_output_errors(model, s, names, held_out) for m, s in students.items()}
-        plot = plot_layer_errors(curves, names, out / "layer_errors.png",
-                                 f"{meta['model']}: output error per layer on 500 test images (K={k})")  # fmt: skip
+        plot = plot_layer_errors(
+            curves,
+            names,
+            out / "layer_errors.png",
+            f"{meta['model']}: output error per layer on 500 test images (K={k})",
+        )
         console.print(f"plot: {plot}; students under {out}/; total {time.perf_counter() - t0:.0f} s")
 
     _run(go)

@@ -38,8 +38,15 @@ from .run import (
     refit_layers,
     start,
 )
-from .solvers import AdamOptions, LstsqOptions, SolveResult, adam_solve, solve_grouped, solve_structured
-from .solvers import solve_unstructured
+from .solvers import (
+    AdamOptions,
+    LstsqOptions,
+    SolveResult,
+    adam_solve,
+    solve_grouped,
+    solve_structured,
+    solve_unstructured,
+)
 
 __all__ = [
     "official_mu",

@@ -29,14 +29,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write, file_digest
 from .errors import UserError
+from .files import atomic_write, file_digest
 
 __all__ = [
-    "Split", "DatasetInfo", "DATASETS", "load_dataset", "load_idx", "load_cifar",
-    "load_image_folder", "few_shot", "normalize", "normalize_with", "augment", "default_cache_dir", "dataset_info",
-    "download", "verify_checksum", "load_few_shot",
-]  # fmt: skip
+    "Split",
+    "DatasetInfo",
+    "DATASETS",
+    "load_dataset",
+    "load_idx",
+    "load_cifar",
+    "load_image_folder",
+    "few_shot",
+    "normalize",
+    "normalize_with",
+    "augment",
+    "default_cache_dir",
+    "dataset_info",
+    "download",
+    "verify_checksum",
+    "load_few_shot",
+]
 
 
 @dataclass(frozen=True)

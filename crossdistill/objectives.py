@@ -23,9 +23,16 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "Term", "objective_terms", "METHODS", "reconstruction_loss", "correction_loss",
-    "imitation_loss", "cross_loss", "soft_inputs", "soft_loss",
-]  # fmt: skip
+    "Term",
+    "objective_terms",
+    "METHODS",
+    "reconstruction_loss",
+    "correction_loss",
+    "imitation_loss",
+    "cross_loss",
+    "soft_inputs",
+    "soft_loss",
+]
 
 METHODS = ("nc", "ours", "ours-s", "correction", "imitation")
 

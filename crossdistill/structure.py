@@ -39,9 +39,16 @@ def apply_widths(model: nn.Module, widths: dict[str, dict[str, Any]]) -> nn.Modu
         m = model.get_submodule(name)
         if isinstance(m, nn.Conv2d) and (m.in_channels, m.out_channels, m.groups) != (w["in"], w["out"], w["groups"]):
             new = nn.Conv2d(
-                w["in"], w["out"], m.kernel_size, m.stride, m.padding, m.dilation, w["groups"],
-                m.bias is not None, m.padding_mode,
-            )  # fmt: skip
+                w["in"],
+                w["out"],
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                w["groups"],
+                m.bias is not None,
+                m.padding_mode,
+            )
             _replace(model, name, new)
         elif isinstance(m, nn.Linear) and (m.in_features, m.out_features) != (w["in"], w["out"]):
             _replace(model, name, nn.Linear(w["in"], w["out"], m.bias is not None))

@@ -43,8 +43,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Pa
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
-            kwargs = dict(input_names=["images"], output_names=["output"], opset_version=17,
-                          dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+            kwargs = dict(
+                input_names=["images"],
+                output_names=["output"],
+                opset_version=17,
+                dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+            )
             try:
                 torch.onnx.export(model, (x,), tmp, dynamo=False, **kwargs)
             except TypeError:  # torch < 2.5 has no dynamo= argument
@@ -91,8 +95,7 @@ def save_student(
     for key in ("mean", "std"):
         if key in teacher_meta:
             meta[key] = teacher_meta[key]
-    paths = {"weights": out / "student.safetensors", "program": out / "student.pt2",
-             "report": out / "report.json"}  # fmt: skip
+    paths = {"weights": out / "student.safetensors", "program": out / "student.pt2", "report": out / "report.json"}
     save_checkpoint(student, paths["weights"], meta)
     x = example.cpu()[:2]
     program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))

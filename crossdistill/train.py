@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .checkpoint import save_checkpoint
-from .files import atomic_write
 from .data import augment, dataset_info, load_dataset, normalize
 from .evaluate import accuracy
+from .files import atomic_write
 from .models import get_model
 from .progress import progress
 
@@ -54,8 +53,10 @@ def train_teacher(cfg: TrainConfig, out: str | Path, data_dir: str | Path | None
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-    )  # fmt: skip
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
     steps_per_epoch = len(train) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup_frac
@@ -92,16 +93,28 @@ def train_teacher(cfg: TrainConfig, out: str | Path, data_dir: str | Path | None
                 bar.update(task, advance=1, description=desc)
         elapsed += time.time() - t0
         print(f"epoch {epoch + 1}: mean loss {total_loss / steps_per_epoch:.4f}, {elapsed:.0f}s so far", flush=True)
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "gen": gen.get_state(), "epoch": epoch + 1, "elapsed": elapsed}  # fmt: skip
+        state = {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "gen": gen.get_state(),
+            "epoch": epoch + 1,
+            "elapsed": elapsed,
+        }
         atomic_write(resume, lambda tmp, state=state: torch.save(state, tmp))
     model = model.to(memory_format=torch.contiguous_format)
     acc = accuracy(model, test.images, test.labels, info)
     meta = {
-        "model": cfg.model, "dataset": info.name, "num_classes": info.num_classes,
-        "in_channels": info.in_channels, "test_accuracy": acc, "train_time_s": round(elapsed, 1),
-        "recipe": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }  # fmt: skip
+        "model": cfg.model,
+        "dataset": info.name,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "test_accuracy": acc,
+        "train_time_s": round(elapsed, 1),
+        "recipe": asdict(cfg),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     meta = save_checkpoint(model, out, meta, dtype=torch.float16 if cfg.fp16_storage else None)
     resume.unlink(missing_ok=True)
     return meta

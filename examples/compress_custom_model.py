@@ -74,8 +74,7 @@ def main() -> None:
     from crossdistill import compress, save_student
     from crossdistill.data import load_dataset
     from crossdistill.errors import UserError
-    from crossdistill.evaluate import evaluate
-    from crossdistill.evaluate import accuracy
+    from crossdistill.evaluate import accuracy, evaluate
     from crossdistill.usermodel import images_from_folder, normalise_with
 
     # 1-2. the user's model, trained briefly (or random weights when Fashion-MNIST is unavailable)

@@ -8,9 +8,8 @@ from torch import nn
 
 from crossdistill.compress import compress
 from crossdistill.errors import UserError
-from crossdistill.evaluate import evaluate
+from crossdistill.evaluate import accuracy, evaluate
 from crossdistill.models import get_model
-from crossdistill.evaluate import accuracy
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

@@ -119,21 +119,21 @@ def _is_cli_command(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     return False
 
 
+def _walk(module: str, node: ast.AST, prefix: str, in_class: bool):
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield module, f"{prefix}{child.name}", child, in_class
+            yield from _walk(module, child, f"{prefix}{child.name}.", False)
+        elif isinstance(child, ast.ClassDef):
+            yield from _walk(module, child, f"{prefix}{child.name}.", True)
+        else:
+            yield from _walk(module, child, prefix, in_class)
+
+
 def _functions():
     """(module, qualified name, node, is_method) for every function of the package."""
     for name, tree in _modules().items():
-
-        def walk(node, prefix: str, in_class: bool):
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    yield name, f"{prefix}{child.name}", child, in_class
-                    yield from walk(child, f"{prefix}{child.name}.", False)
-                elif isinstance(child, ast.ClassDef):
-                    yield from walk(child, f"{prefix}{child.name}.", True)
-                else:
-                    yield from walk(child, prefix, in_class)
-
-        yield from walk(tree, "", False)
+        yield from _walk(name, tree, "", False)
 
 
 def test_the_parameter_counter_counts_what_it_should() -> None:

@@ -220,7 +220,9 @@ def test_solve_structured_with_each_criterion_beats_masking_by_norm(criterion) -
     layer, wT, hT, hS = gram_case(seed=1)
     n_keep = 3
     res = solve_structured(
-        _stats(layer, hT, hS), LayerProblem(_terms("ours"), wT, wT.clone(), n_keep), LstsqOptions(channel_criterion=criterion)
+        _stats(layer, hT, hS),
+        LayerProblem(_terms("ours"), wT, wT.clone(), n_keep),
+        LstsqOptions(channel_criterion=criterion),
     )
     assert len(res.kept) == n_keep
     top_norm = wT.pow(2).sum((0, 2, 3)).topk(n_keep).indices

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..config import CompressConfig
-from ..run import CompressReport
 from ..errors import UserError
+from ..run import CompressReport
 from .bp import BPConfig, l1_bp
 from .cp import CPConfig, channel_pruning
 from .fitnet import FitNetConfig, fitnet
@@ -42,9 +42,16 @@ from .l1 import L1Config, l1_prune
 from .thinet import ThiNetConfig, thinet
 
 __all__ = [
-    "Baseline", "BASELINES", "run_baseline", "L1Config", "BPConfig", "FitNetConfig", "FSKDConfig",
-    "ThiNetConfig", "CPConfig",
-]  # fmt: skip
+    "Baseline",
+    "BASELINES",
+    "run_baseline",
+    "L1Config",
+    "BPConfig",
+    "FitNetConfig",
+    "FSKDConfig",
+    "ThiNetConfig",
+    "CPConfig",
+]
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from ..config import CompressConfig
-from ..run import CompressReport
 from ..objectives import Term
+from ..run import CompressReport
 from ..solvers import LeastSquares, kept_columns
 from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start
 

@@ -50,8 +50,8 @@ from torch import nn
 
 from ..capture import layer_outputs
 from ..config import CompressConfig
-from ..run import CompressReport
 from ..errors import UserError
+from ..run import CompressReport
 from .common import (
     Needs,
     check_train_params,
@@ -134,8 +134,12 @@ def make_regressor(fs: torch.Tensor, ft: torch.Tensor, ridge: float) -> nn.Modul
 
 def kd_loss(s_logits, t_logits, labels, temperature: float, alpha: float) -> torch.Tensor:
     """Hinton KD: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)."""
-    kl = F.kl_div(F.log_softmax(s_logits / temperature, 1), F.log_softmax(t_logits / temperature, 1),
-                  reduction="batchmean", log_target=True)  # fmt: skip
+    kl = F.kl_div(
+        F.log_softmax(s_logits / temperature, 1),
+        F.log_softmax(t_logits / temperature, 1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s_logits, labels)
 
 

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..config import CompressConfig
-from ..run import CompressReport, LayerRecord
 from ..plan import keep_count
 from ..pruning import apply_mask
+from ..run import CompressReport, LayerRecord
 from ..solvers import weight_mask
 from .common import Run, finish, resolve_configs, start
 

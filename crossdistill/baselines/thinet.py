@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from ..config import CompressConfig
-from ..run import CompressReport
 from ..errors import UserError
 from ..objectives import Term
+from ..run import CompressReport
 from ..solvers import LeastSquares, kept_columns, ridge_solve
 from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start
 
