@@ -33,9 +33,11 @@ from .run import (
     LayerStep,
     check_images,
     finish,
+    measure_peak_memory_mb,
     plan_layers,
     recalibrate_bn,
     refit_layers,
+    resolve_device,
     start,
 )
 from .solvers import (
@@ -56,6 +58,9 @@ __all__ = [
     "compress",
     "check_images",
     "recalibrate_bn",
+    # moved to run.py; re-exported for the old import path
+    "resolve_device",
+    "measure_peak_memory_mb",
 ]
 
 

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..objectives import Term
 from ..run import LayerRecord, LayerStep, Needs, Run, finish, plan_layers, refit_layers
 from ..run import start as start_run
-from ..solvers import GramSystem, LeastSquares, RowSystem, SolveResult, ridge_solve
+from ..solvers import GramSystem, LeastSquares, RowSystem, SolveResult, kept_columns, ridge_solve
 
 __all__ = [
     "Run",
@@ -49,6 +49,7 @@ __all__ = [
     "normal_equations",
     "contribution_gram",
     "layerwise",
+    "kept_columns",  # lives in solvers.py; re-exported for the old import path
 ]
 
 
