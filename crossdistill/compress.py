@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .capture import capture_input, capture_inputs
+from .checks import check_compress_options, check_model, check_model_output, check_patterns_match
 from .errors import UserError
 from .evaluate import count_flops
 from .objectives import METHODS, objective_terms, refits_unpruned_layer
@@ -92,6 +93,7 @@ class CompressConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{name} must lie in [0, 1], got {v}")
+        check_compress_options(self)
 
 
 @dataclass
@@ -151,14 +153,15 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
             f"images have {images.shape[1]} channels but the model's first conv takes {first.in_channels}; "
             "convert them (grayscale vs RGB)"
         )
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise UserError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt")
+    check_model(model, "the teacher")
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(images[:1])
+            check_model_output(model.eval()(images[:1]), "the teacher")
     except RuntimeError as e:
         raise UserError(f"the model cannot run on images of shape {tuple(images.shape[1:])}: {e}") from e
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -219,9 +222,8 @@ def compress(
     images = images.to(device)
     check_images(teacher, images)
     student = copy.deepcopy(teacher)
-    if cfg.bn_mode == "train":
-        teacher.train()
-        student.train()
+    for patterns, flag in ((cfg.include, "--include"), (cfg.exclude, "--exclude"), (cfg.keep_overrides, "--keep-file")):
+        check_patterns_match(teacher, patterns, flag)
     terms = objective_terms(cfg.method, cfg.mu, cfg.alpha, cfg.beta)
     example = images[:1]
     params_before = sum(p.numel() for p in student.parameters())
@@ -241,6 +243,12 @@ def compress(
     names = [p.name for p in plan]
     one = capture_inputs(teacher, names, images[:1])
     cache_mb = len(images) * sum(t.numel() * t.element_size() for t in one.values()) / 2**20
+    if cfg.bn_mode == "train":  # batch statistics after the eval-mode planning passes above (one image each)
+        if len(images) < 2:
+            raise UserError("bn_mode='train' needs at least 2 images (batch statistics); add images or use eval")
+        cfg.batch_size = max(cfg.batch_size, len(images))  # full batch, as the official runs: no 1-image tail
+        teacher.train()
+        student.train()
     hT_all = capture_inputs(teacher, names, images, cfg.batch_size) if cache_mb <= cfg.teacher_cache_mb else None
     # Unpruned layers: the mu-mix leaves them as they are (W^S = W^T is optimal); "nc" re-fits them
     # with L^r to absorb the error accumulated before them (METHOD.md: "a question to measure").

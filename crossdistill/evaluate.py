@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import load_checkpoint
+from .checks import check_model
 from .data import Split, dataset_info, load_dataset
 from .errors import UserError
 from .train import accuracy as _accuracy
@@ -277,6 +278,7 @@ def evaluate(
     else that of the split's images, else the data set's (1x28x28 for
     Fashion-MNIST). ``size_bytes`` defaults to the state dict's safetensors size.
     """
+    check_model(model)  # NaN/inf in weights or BN statistics would be measured as a model
     info = dataset_info(dataset) if dataset is not None else None
     if split is not None and info is None:
         raise UserError("evaluate() needs dataset= to normalise the split with its mean/std")
@@ -341,13 +343,16 @@ def evaluate_checkpoint(
     latency: bool = True,
     repeats: int = 20,
     verify: bool = True,
+    model_file: str | None = None,
+    trust_model_file: bool = False,
 ) -> tuple[EvalReport, dict[str, Any]]:
     """Load a checkpoint (sha256-verified) and :func:`evaluate` it; size is the weights file on disk.
 
     ``dataset`` defaults to the one recorded in the checkpoint's metadata.
+    ``model_file`` / ``trust_model_file``: see :func:`load_checkpoint` (a user's model file).
     Returns ``(report, meta)``.
     """
-    model, meta = load_checkpoint(path, verify=verify)
+    model, meta = load_checkpoint(path, verify=verify, model_file=model_file, trust_model_file=trust_model_file)
     report = evaluate(
         model, dataset or meta.get("dataset"), split, data_dir, limit,
         latency=latency, repeats=repeats, size_bytes=checkpoint_size(path),

@@ -10,7 +10,8 @@
   the same network for onnxruntime and other ONNX runtimes; input ``images``,
   output ``output``, dynamic batch size.
 - ``report.json``: the compression report and the resolved config.
-Every file is written to a temporary name and renamed.
+The files are built in a temporary folder next to ``out_dir`` and swapped in as
+one unit (``outdir.write_folder``): a crash leaves the previous set or the new one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write, save_checkpoint
+from .errors import UserError
+from .outdir import kill_point, write_folder
 from .structure import layer_widths
 
 __all__ = ["save_student", "export_onnx", "onnx_available"]
@@ -37,7 +40,7 @@ def onnx_available() -> bool:
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
     """Write ``model`` as ONNX (opset 17, dynamic batch) with the TorchScript-based exporter."""
     model = model.cpu().eval()
-    x = example.cpu()[:2]
+    x = _two(example)
 
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
@@ -61,15 +64,16 @@ def save_student(
     example: torch.Tensor,
     extra_meta: dict[str, Any] | None = None,
     onnx: bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write the student (safetensors + JSON, torch.export, ONNX) and its report into ``out_dir``.
 
     ``teacher_meta`` names the architecture: ``model`` (a registry name, with ``num_classes`` and
     ``in_channels``) or ``model_file`` (``path.py:function`` building the user's model). ``onnx``:
-    write ``student.onnx`` (None: when the onnx package is installed).
+    write ``student.onnx`` (None: when the onnx package is installed). A non-empty ``out_dir`` is
+    refused unless ``overwrite``; the files appear together or not at all.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     student = student.cpu().eval()
     meta = {
         "model": teacher_meta.get("model"),
@@ -87,14 +91,30 @@ def save_student(
     for key in ("mean", "std"):
         if key in teacher_meta:
             meta[key] = teacher_meta[key]
-    paths = {"weights": out / "student.safetensors", "program": out / "student.pt2",
-             "report": out / "report.json"}  # fmt: skip
-    save_checkpoint(student, paths["weights"], meta)
-    x = example.cpu()[:2]
-    program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    atomic_write(paths["program"], lambda tmp: torch.export.save(program, tmp))
+    names = {"weights": "student.safetensors", "program": "student.pt2", "report": "report.json"}
     if onnx or (onnx is None and onnx_available()):
-        paths["onnx"] = export_onnx(student, out / "student.onnx", x)
+        names["onnx"] = "student.onnx"
     text = json.dumps(report, indent=2, default=str) + "\n"
-    atomic_write(paths["report"], lambda tmp: Path(tmp).write_text(text))
-    return paths
+
+    def write(folder: Path) -> None:
+        save_checkpoint(student, folder / names["weights"], meta)
+        kill_point("student-weights-written")
+        x = _two(example)
+        try:
+            program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        except Exception as e:  # noqa: BLE001 - any export failure: nothing is written to out_dir
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"torch.export cannot export the student ({first}); nothing was written to {out}") from e
+        atomic_write(folder / names["program"], lambda tmp: torch.export.save(program, tmp))
+        if "onnx" in names:
+            export_onnx(student, folder / names["onnx"], x)
+        atomic_write(folder / names["report"], lambda tmp: Path(tmp).write_text(text))
+
+    write_folder(out, write, overwrite)
+    return {key: out / name for key, name in names.items()}
+
+
+def _two(example: torch.Tensor) -> torch.Tensor:
+    """Two example images: with one, torch.export would specialise the batch dimension to 1."""
+    x = example.cpu()[:2]
+    return torch.cat([x, x]) if len(x) == 1 else x
