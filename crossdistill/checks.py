@@ -103,6 +103,9 @@ def check_compress_options(cfg: object) -> None:
     ridge = getattr(cfg, "ridge", 0.0)
     if not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
         raise UserError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    prune = getattr(cfg, "prune", "structured")
+    if prune not in ("structured", "unstructured"):
+        raise UserError(f"prune must be 'structured' or 'unstructured', got {prune!r}")
     check_device(getattr(cfg, "device", "cpu"))
 
 

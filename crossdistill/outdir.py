@@ -37,11 +37,13 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.crossdistill-(?P<kind>tmp|old)-(?P<pid
 
 
 def kill_point(name: str) -> None:
-    """Test hook: ``CROSSDISTILL_KILL_AT=<name>`` kills this process with SIGKILL at the named point,
+    """Test hook: ``CROSSDISTILL_KILL_AT=<name>`` kills this process with SIGKILL (or SIGTERM with
+    ``CROSSDISTILL_KILL_SIGNAL=TERM``) at the named point,
     so tests can interrupt a run deterministically where it matters (between two files, between
     two renames, after an epoch)."""
     if os.environ.get("CROSSDISTILL_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = os.environ.get("CROSSDISTILL_KILL_SIGNAL", "KILL")  # KILL or TERM
+        os.kill(os.getpid(), signal.SIGTERM if sig == "TERM" else signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

@@ -88,7 +88,7 @@ def save_student(
     if teacher_meta.get("model_file"):
         path, _, fn = str(teacher_meta["model_file"]).rpartition(":")
         meta["model_file"] = f"{Path(path).resolve()}:{fn}"
-    for key in ("mean", "std"):
+    for key in ("mean", "std", "classes"):
         if key in teacher_meta:
             meta[key] = teacher_meta[key]
     names = {"weights": "student.safetensors", "program": "student.pt2", "report": "report.json"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,17 @@ def check_train_config(cfg: TrainConfig) -> None:
     for flag, v, integer in (("--epochs", cfg.epochs, True), ("--batch-size", cfg.batch_size, True),
                              ("--lr", cfg.lr, False)):  # fmt: skip
         check_positive(flag, v, integer=integer, allow_none=False)
-    get_model(cfg.model, 10, 1)  # an unknown model name fails here, before the data set is loaded
+    try:
+        get_model(cfg.model, 10, 1)  # an unknown model name fails here, before the data set is loaded
+    except ValueError as e:
+        raise UserError(f"--model: {e}") from e
 
 
 def _load_resume(resume: Path, cfg: TrainConfig) -> dict[str, Any]:
     try:
-        st = torch.load(resume, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol": noise, weights_only is safe either way
+            warnings.simplefilter("ignore")
+            st = torch.load(resume, map_location="cpu", weights_only=True)
         recipe = st["recipe"]
         _ = st["model"], st["opt"], st["sched"], st["gen"], st["epoch"], st["elapsed"]
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, planted or foreign: never run, never crash

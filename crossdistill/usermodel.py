@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": noise, the load is safe either way
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read weights {path} ({type(e).__name__}: {e}); save a state_dict") from e
     for key in ("state_dict", "model"):
