@@ -228,14 +228,20 @@ def _check_compress_args(out, overwrite, teacher, weights, images, test_images, 
     check_device(device)
 
 
-def _check_classes_fit(model, x, classes: list[str]) -> None:
-    """A test folder with more classes than the model has outputs cannot be scored."""
+def _check_classes_fit(model, x, classes: list[str], flag: str) -> None:
+    """A folder with more classes than the model has outputs cannot be labelled or scored."""
     import torch
 
-    with torch.no_grad():
-        n_out = model.eval()(x[:1]).shape[-1]
-    if len(classes) > n_out:
-        raise UserError(f"--test-images has {len(classes)} classes but the model has {n_out} outputs; "
+    from .checks import check_model_output
+
+    try:
+        with torch.no_grad():
+            out = model.eval()(x[:1])
+    except RuntimeError as e:
+        raise UserError(f"the model cannot run on images of shape {tuple(x.shape[1:])}: {e}") from e
+    check_model_output(out, "the model")
+    if len(classes) > out.shape[-1]:
+        raise UserError(f"{flag} has {len(classes)} classes but the model has {out.shape[-1]} outputs; "
                         "use the class folders the model was trained on")  # fmt: skip
 
 
@@ -300,6 +306,7 @@ def compress(
         _check_compress_args(out, overwrite, teacher, weights, images, test_images, keep_file, size, k, device,
                              iterations, lr, test_limit)  # fmt: skip
         if model_file is not None:
+            from .checks import check_model
             from .usermodel import accuracy, images_from_folder, load_model_file, load_weights
 
             if images is None:
@@ -308,12 +315,21 @@ def compress(
             if weights is not None:
                 load_weights(model, weights)
             model.eval()
+            check_model(model)
             channels = _first_conv_channels(model)
             x, labels, m, s, classes = images_from_folder(images, channels, size, _floats(mean), _floats(std))
             labels = labels if bool((labels >= 0).all()) else None
             meta = {"model_file": model_file, "in_channels": channels, "mean": m, "std": s,
                     "weights": str(weights) if weights else None, "classes": classes or None}  # fmt: skip
             ds, title = None, f"{Path(model_file.rpartition(':')[0]).name}, {len(x)} images from {images}"
+            _check_classes_fit(model, x, classes, "--images")
+            test = None
+            if test_images is not None:  # read before the work; labelled by class *name* in the images' classes
+                tx, tl, _, _, tclasses = images_from_folder(
+                    test_images, channels, size or x.shape[-1], m, s, classes=classes or None
+                )
+                _check_classes_fit(model, x, tclasses, "--test-images")
+                test = (tx[:test_limit], tl[:test_limit]) if test_limit is not None else (tx, tl)
         else:
             if images is not None:
                 raise UserError("--images goes with --model-file; with --teacher the few-shot set is drawn by --k")
@@ -335,16 +351,9 @@ def compress(
             shape = tuple(x.shape[1:])
             reports = {"teacher": eval_model(model, input_shape=shape, latency=latency),
                        f"student ({method})": eval_model(student, input_shape=shape, latency=latency)}  # fmt: skip
-            if test_images is not None:
-                # labelled by class *name* in the compression images' class list
-                tx, tl, _, _, tclasses = images_from_folder(
-                    test_images, x.shape[1], size or x.shape[-1], meta["mean"], meta["std"], classes=classes or None
-                )
-                _check_classes_fit(model, x, tclasses)
-                if test_limit is not None:
-                    tx, tl = tx[:test_limit], tl[:test_limit]
+            if test is not None:
                 for name, net in (("teacher", model), (f"student ({method})", student)):
-                    reports[name].accuracy, reports[name].test_images = accuracy(net, tx, tl)
+                    reports[name].accuracy, reports[name].test_images = accuracy(net, *test)
         else:
             reports = {
                 "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),

@@ -357,7 +357,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "expect"), CASES, ids=[f"{i:02d}-{' '.join(a[:3])}" for i, (a, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("argv", "expect"), CASES, ids=[f"{i:02d}-{' '.join(a[:3])}" for i, (a, _) in enumerate(CASES)]
+)
 def test_cli_refuses_with_one_line_and_touches_nothing(argv, expect, user, capsys) -> None:
     argv = [a.format(root=user["root"]) for a in argv]
     before, teachers = _snapshot(user["root"]), _snapshot(REPO / "teachers")
@@ -458,7 +460,17 @@ def test_two_and_four_channel_first_convs_compress(fn, user, capsys, tmp_path) -
 
 def test_train_teacher_defaults_to_runs_and_refuses_an_existing_out(user, capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["train-teacher", "--model", "lenet5", "--epochs", "1", "--batch-size", "32", "--data-dir", str(user["data"])]
+    args = [
+        "train-teacher",
+        "--model",
+        "lenet5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--data-dir",
+        str(user["data"]),
+    ]
     code, err = run_cli(args, capsys)
     assert code == 0, err
     out = tmp_path / "runs" / "lenet5_fashion-mnist.safetensors"
@@ -636,7 +648,9 @@ def _subprocess(argv: list[str], kill_at: str | None = None, sig: str = "KILL") 
     env.pop("CROSSDISTILL_KILL_AT", None)
     if kill_at:
         env["CROSSDISTILL_KILL_AT"], env["CROSSDISTILL_KILL_SIGNAL"] = kill_at, sig
-    code = "import sys, torch; torch.set_num_threads(1); from crossdistill.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys, torch; torch.set_num_threads(1); from crossdistill.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     return subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120)
 
 
