@@ -356,6 +356,7 @@ def evaluate_checkpoint(
     report = evaluate(
         model, dataset or meta.get("dataset"), split, data_dir, limit,
         latency=latency, repeats=repeats, size_bytes=checkpoint_size(path),
+        input_shape=meta.get("input_shape"),  # a student of a user's model has no data set, but this
     )  # fmt: skip
     return report, meta
 

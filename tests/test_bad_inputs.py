@@ -91,6 +91,14 @@ def integer():
     return m
 
 
+def always_dog():  # a model that is right on every 'dog' image: must never be scored 0 % on dogs
+    m = Tiny()
+    with torch.no_grad():
+        m.fc.weight.zero_()
+        m.fc.bias.copy_(torch.tensor([0.0, 10.0]))
+    return m
+
+
 def not_a_module():
     return 42
 
@@ -440,14 +448,23 @@ def test_compress_refuses_a_non_empty_out_then_replaces_it_with_overwrite(user, 
 
 
 def test_test_images_are_labelled_by_class_name(user, capsys, tmp_path) -> None:
-    """test/ holds only 'dog' (index 1 among cat, dog): scored as class 1, not as class 0."""
-    code, err = run_cli(["compress", "--model-file", f"{user['model']}:build", "--images", str(user["root"] / "images"),
-                         "--test-images", str(user["root"] / "test"), "--out", str(tmp_path / "o"), "--no-latency",
-                         "--keep", "1.0"], capsys)  # fmt: skip
+    """test/ holds only 'dog' (index 1 among cat, dog): scored as class 1, not as class 0, so a
+    model that always answers 'dog' is right on all of it."""
+    code, err = run_cli(["compress", "--model-file", f"{user['model']}:always_dog", "--images",
+                         str(user["root"] / "images"), "--test-images", str(user["root"] / "test"),
+                         "--out", str(tmp_path / "o"), "--no-latency"], capsys)  # fmt: skip
     assert code == 0, err
+    evaluation = json.loads((tmp_path / "o" / "report.json").read_text())["evaluation"]
+    assert evaluation["teacher"]["accuracy"] == 1.0 and evaluation["teacher"]["test_images"] == 1
     _, labels, *_rest, classes = images_from_folder(user["root"] / "test", 3, classes=["cat", "dog"])
     assert labels.tolist() == [1] and classes == ["cat", "dog"]
     assert json.loads((tmp_path / "o" / "student.json").read_text())["classes"] == ["cat", "dog"]
+    # the student names its model file; evaluate imports it only when told to
+    student = str(tmp_path / "o" / "student.safetensors")
+    code, err = run_cli(["evaluate", student, "--no-latency"], capsys)
+    assert_refused(code, err, "--trust-model-file")
+    code, err = run_cli(["evaluate", student, "--no-latency", "--model-file", f"{user['model']}:always_dog"], capsys)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("fn", ["four", "two"])
