@@ -62,14 +62,15 @@ def check_model(model: nn.Module, what: str = "the model") -> None:
     check_model_finite(model, what)
 
 
-def check_model_output(out: object, what: str = "the model") -> None:
-    """Compression and accuracy need one logits tensor (N, classes) per batch, not a tuple or dict."""
+def check_model_output(out: object, what: str = "the model", logits: bool = False) -> None:
+    """Compression needs one output tensor per batch, not a tuple or dict; accuracy (``logits``)
+    needs it shaped (N, classes)."""
     if not isinstance(out, torch.Tensor):
         raise UserError(
             f"{what} returns a {type(out).__name__}, not a tensor; make forward() return the logits tensor "
             "(e.g. wrap the model and return output[0])"
         )
-    if out.dim() != 2:
+    if logits and out.dim() != 2:
         raise UserError(f"{what} returns shape {tuple(out.shape)}; forward() must return logits (N, classes)")
 
 
@@ -182,6 +183,9 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
     empty (or absent) unless ``overwrite``."""
     path = Path(path)
     _writable_parent(path, flag)
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise UserError(f"{flag} {path} is the current folder (or holds it); choose a new sub-folder")
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file, but a folder is needed; choose another {flag}")
     if _shipped(path) and not overwrite:

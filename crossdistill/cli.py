@@ -239,7 +239,7 @@ def _check_classes_fit(model, x, classes: list[str], flag: str) -> None:
             out = model.eval()(x[:1])
     except RuntimeError as e:
         raise UserError(f"the model cannot run on images of shape {tuple(x.shape[1:])}: {e}") from e
-    check_model_output(out, "the model")
+    check_model_output(out, "the model", logits=bool(classes))
     if len(classes) > out.shape[-1]:
         raise UserError(f"{flag} has {len(classes)} classes but the model has {out.shape[-1]} outputs; "
                         "use the class folders the model was trained on")  # fmt: skip

@@ -60,7 +60,7 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(out: str | Path) -> None:
     """Remove temporary folders of dead runs next to ``out``; restore an old folder left aside."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "runs/x/" and "x" alike: the siblings are named after the last part
     if not out.parent.is_dir():
         return
     for entry in out.parent.iterdir():
@@ -101,7 +101,7 @@ def _keep_foreign(old: Path, new: Path) -> None:
 def write_folder(out: str | Path, write: Callable[[Path], object], overwrite: bool = False) -> Path:
     """Call ``write(tmp_folder)`` and swap the folder in as ``out``. Refuses a non-empty ``out``
     unless ``overwrite`` (checked before ``write`` runs). Returns ``out``."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     clean_stale(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,8 @@ def train_teacher(
         lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
     )  # fmt: skip
     steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)")
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup_frac
     )

@@ -310,6 +310,8 @@ CASES = [
     (["compress", "--teacher", CK, "--out", "{root}/a_file.txt/sub", *T], "is a file, not a folder"),
     (["compress", "--teacher", CK, "--out", "/proc/crossdistill", *T], "system folder"),
     (["compress", "--teacher", CK, "--out", str(REPO / "teachers"), *T], "shipped teachers"),
+    (["compress", "--teacher", CK, "--out", ".", "--overwrite", *T], "current folder"),
+    (["compress", "--teacher", CK, "--out", "/", "--overwrite", *T], "current folder"),
     (["demo", "--out", "{root}/full"], "--overwrite"),
     (["demo", "--out", "{root}/a_file.txt"], "a folder is needed"),
     # the user's model file
@@ -362,6 +364,10 @@ CASES = [
     (["train-teacher", "--out", "{root}/full"], "a file is needed"),
     (["train-teacher", "--out", str(TEACHER)], "shipped teacher"),
     (["train-teacher", "--out", "/proc/t.safetensors"], "system folder"),
+    (
+        ["train-teacher", "--batch-size", "1000", "--data-dir", "{root}/data", "--out", "{root}/t.safetensors"],
+        "larger than the training set",
+    ),
 ]
 
 
