@@ -736,3 +736,17 @@ def reference_teacher(user, tmp_path_factory) -> bytes:
     out = tmp_path_factory.mktemp("ref") / "t.safetensors"
     assert cli.main(_train_args(user, out, epochs=2)) == 0
     return out.read_bytes()
+
+
+def test_without_an_atomic_exchange_the_folder_is_renamed_aside_and_user_files_kept(tmp_path, monkeypatch) -> None:
+    import crossdistill.outdir as outdir
+
+    monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)  # filesystems without renameat2
+    out = tmp_path / "out"
+    write_folder(out, lambda tmp: (tmp / "report.json").write_text("1"))
+    (out / "mine.txt").write_text("user's")
+    with pytest.raises(UserError, match="--overwrite"):
+        write_folder(out, lambda tmp: (tmp / "report.json").write_text("2"))
+    write_folder(out, lambda tmp: (tmp / "report.json").write_text("2"), overwrite=True)
+    assert _snapshot(out) == {"report.json": b"2", "mine.txt": b"user's"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
