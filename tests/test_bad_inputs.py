@@ -374,7 +374,8 @@ CASES = [
 @pytest.mark.parametrize(
     ("argv", "expect"), CASES, ids=[f"{i:02d}-{' '.join(a[:3])}" for i, (a, _) in enumerate(CASES)]
 )
-def test_cli_refuses_with_one_line_and_touches_nothing(argv, expect, user, capsys) -> None:
+def test_cli_refuses_with_one_line_and_touches_nothing(argv, expect, user, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where default outputs (runs/...) would land
     argv = [a.format(root=user["root"]) for a in argv]
     before, teachers = _snapshot(user["root"]), _snapshot(REPO / "teachers")
     code, err = run_cli(argv, capsys)
@@ -382,7 +383,7 @@ def test_cli_refuses_with_one_line_and_touches_nothing(argv, expect, user, capsy
     assert _snapshot(user["root"]) == before, "a user file changed"
     assert _snapshot(REPO / "teachers") == teachers
     assert not user["marker"].exists(), "code from a data file ran"
-    assert not Path("runs/student").exists() or "runs/student" not in " ".join(argv)
+    assert list(tmp_path.iterdir()) == [], "a refused command wrote output"
 
 
 def test_unreadable_class_folder_is_one_line(user, capsys, monkeypatch, tmp_path) -> None:
