@@ -23,7 +23,7 @@ data:
 	    echo "note: could not install dataset-fashion-mnist; files will be downloaded on first use" )
 
 demo: setup data
-	$(BIN)/crossdistill demo
+	$(BIN)/crossdistill demo --overwrite
 
 test: setup data
 	$(BIN)/python -m pytest

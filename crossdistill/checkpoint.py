@@ -10,6 +10,7 @@ the registry (or, for compressed students, from the stored channel widths).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checks import check_model
 from .errors import UserError
 from .files import atomic_write, file_digest
 from .models import get_model, load_model_file
@@ -95,13 +97,20 @@ def load_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model named in the sidecar and load its weights. Returns ``(model, meta)``."""
+def load_checkpoint(
+    path: str | Path, verify: bool = True, model_file: str | None = None, trust_model_file: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model named in the sidecar and load its weights. Returns ``(model, meta)``.
+
+    A sidecar naming a ``model_file`` (a user's model) is data, and importing that file runs its
+    code: it is imported only when the caller passes ``model_file`` explicitly (the file to build
+    the model from) or opts in with ``trust_model_file=True`` (a warning names the file).
+    """
     meta = read_meta(path)
     state = load_state(path, verify)
     try:
-        if meta.get("model_file"):  # a user's model (crossdistill compress --model-file): rebuild from the file
-            model = load_model_file(meta["model_file"])
+        if meta.get("model_file") or model_file:  # a user's model (compress --model-file): rebuild from the file
+            model = load_model_file(_model_file_to_import(path, meta, model_file, trust_model_file))
         else:
             model = get_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])
     except KeyError as e:
@@ -119,4 +128,18 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[nn.Module, d
             f"({' '.join(first)}); "
             "the checkpoint belongs to another model"
         ) from e
+    check_model(model, f"checkpoint {path}")
     return model.eval(), meta
+
+
+def _model_file_to_import(path: str | Path, meta: dict[str, Any], given: str | None, trust: bool) -> str:
+    if given:
+        return given
+    named = str(meta["model_file"])
+    if not trust:
+        raise UserError(
+            f"checkpoint {path} names the model file {named}; importing it runs its code, so pass "
+            f"--model-file {named} yourself (or --trust-model-file)"
+        )
+    warnings.warn(f"importing {named}, named by {path} (trust_model_file): its code runs now", stacklevel=3)
+    return named

@@ -1,12 +1,19 @@
 """Command-line interface: a thin typer layer over the library.
 
-User errors (:class:`UserError`) print one line and exit with status 2; no traceback.
+User errors (:class:`UserError`, bad options, bad paths) print one line and exit with status 2;
+an unexpected internal error prints one line saying so (exit 1) and writes the traceback to a file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,15 +37,87 @@ DEMO_TEACHER = REPO / "teachers" / "resnet20_fashion-mnist.safetensors"
 DEFAULTS = CompressConfig()  # option defaults of `compress` and `demo` come from the library's dataclass
 
 
+# --------------------------------------------------------------------------- errors: one line, always
+
+# the library names its keywords; on the command line the fix is spelled as an option
+_CLI_SPELLING = [
+    (r"skip_unsupported=True", "--skip-unsupported"),
+    (r"\bpass size= to", "pass --size to"),
+    (r"^keep must", "--keep must"),
+    (r"^keep for", "--keep-file ratio for"),
+    (r"^k must", "--k must"),
+    (r"^limit must", "--limit / --test-limit must"),
+    (r"^(mu|alpha|beta) must", r"--\1 must"),
+    (r"^unknown method", "unknown --method"),
+    (r"^unknown solver", "unknown --solver"),
+    (r"^prune must", "--prune must"),
+    (r"^batch_size must", "--batch-size must"),
+    (r"\bbn_mode='train'", "bn_mode train"),
+]
+
+
+def _cli_spelling(message: str) -> str:
+    for pattern, repl in _CLI_SPELLING:
+        message = re.sub(pattern, repl, message)
+    return message
+
+
+def _line(text: str) -> None:
+    """Write one line to stderr (newlines inside a message are folded; rich would wrap it)."""
+    sys.stderr.write(" ".join(str(text).split()) + "\n")
+    sys.stderr.flush()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    _line(f"warning: {message}")
+
+
+def _crash_file() -> Path:
+    """Where the traceback of an internal error goes: the per-user cache, else the temp folder."""
+    from .data import default_cache_dir
+
+    text = traceback.format_exc()
+    for folder in (default_cache_dir() / "crashes", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=folder, prefix=time.strftime("crossdistill-crash-%Y%m%d-%H%M%S-"),
+                                        suffix=".txt")  # fmt: skip
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return Path("(could not be written)")
+
+
 def _run(fn):
-    try:
-        return fn()
-    except UserError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
-    except FileNotFoundError as e:
-        console.print(f"[bold red]error:[/] {e.filename or e}: no such file; check the path")
-        raise typer.Exit(2) from None
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # a warning is one line too
+        try:
+            return fn()
+        except UserError as e:
+            _line(f"error: {_cli_spelling(str(e))}")
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if e.filename is None:  # not about a path the user gave: ours
+                raise _internal(e) from None
+            _line(f"error: {e.filename}: {e.strerror or e}; check the path and its permissions")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _line("error: interrupted; outputs are swapped in only when complete, so --out is as it was")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else is a bug of ours, said as such
+            raise _internal(e) from None
+
+
+def _internal(e: BaseException) -> typer.Exit:
+    where = _crash_file()
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    _line(f"internal error ({type(e).__name__}: {first}); not a problem with your input: the full traceback "
+          f"is in {where}, please report it")  # fmt: skip
+    return typer.Exit(1)
 
 
 @app.command("train-teacher")
@@ -50,8 +129,9 @@ def train_teacher_cmd(
     batch_size: int = typer.Option(128),
     seed: int = typer.Option(0),
     fp16: bool = typer.Option(False, help="store weights as float16"),
-    out: Path | None = typer.Option(None, help="output .safetensors (default teachers/<model>_<dataset>.safetensors)"),
+    out: Path | None = typer.Option(None, help="output .safetensors (default runs/<model>_<dataset>.safetensors)"),
     data_dir: Path | None = typer.Option(None, help="folder holding the data set files"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
 ) -> None:
     """Train a teacher (resumable: rerun the same command to continue after an interruption)."""
     from .train import TrainConfig, train_teacher
@@ -60,8 +140,8 @@ def train_teacher_cmd(
         cfg = TrainConfig(
             model=model, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, fp16_storage=fp16
         )
-        path = out or Path("teachers") / f"{model}_{dataset}.safetensors"
-        meta = train_teacher(cfg, path, data_dir)
+        path = out or Path("runs") / f"{model}_{dataset}.safetensors"  # never teachers/: those ship
+        meta = train_teacher(cfg, path, data_dir, overwrite=overwrite)
         console.print(f"saved {path}: test accuracy {meta['test_accuracy']:.4f}, {meta['train_time_s']:.0f} s")
 
     _run(go)
@@ -75,13 +155,28 @@ def evaluate(
     latency: bool = typer.Option(True, help="measure CPU latency at batch 1 and 64"),
     data_dir: Path | None = typer.Option(None),
     json_out: Path | None = typer.Option(None, "--json", help="also write the numbers as JSON"),
+    model_file: str | None = typer.Option(None, help="a student of your model: the file.py:function building it"),
+    trust_model_file: bool = typer.Option(False, help="import the model file named in the checkpoint (runs its code)"),
 ) -> None:
     """Accuracy on the test split, parameters, FLOPs, size on disk and latency of a checkpoint."""
+    from .checks import check_input_file, check_output_file, check_positive
     from .evaluate import evaluate_checkpoint
     from .files import atomic_write
 
     def go():
-        report, meta = evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, limit=limit, latency=latency)
+        check_input_file(checkpoint, "checkpoint")
+        check_positive("--limit", limit, integer=True)
+        if json_out is not None:
+            check_output_file(json_out, overwrite=True, flag="--json")
+        report, meta = evaluate_checkpoint(
+            checkpoint,
+            dataset=dataset,
+            model_file=model_file,
+            trust_model_file=trust_model_file,
+            data_dir=data_dir,
+            limit=limit,
+            latency=latency,
+        )
         Console().print(render_table({checkpoint.stem: report}, title=f"{meta['model']} on {meta['dataset']}"))
         if "test_accuracy" in meta and limit is None:
             console.print(f"stored accuracy {meta['test_accuracy']:.4f}, measured {report.accuracy:.4f}")
@@ -125,6 +220,55 @@ def _first_conv_channels(model) -> int:
     return first.in_channels
 
 
+# --------------------------------------------------------------------------- checks before the work
+
+
+def _check_compress_args(
+    out: Path,
+    overwrite: bool,
+    device: str,
+    files: dict[str, Path | None],
+    folders: dict[str, Path | None],
+    numbers: dict[str, float | None],
+) -> None:
+    """Everything checkable from the command line alone, before a model is loaded or an image read.
+
+    ``files`` / ``folders`` / ``numbers`` map an option's CLI spelling to its value; numbers are
+    positive, and whole except ``--lr``.
+    """
+    from .checks import check_device, check_input_dir, check_input_file, check_output_dir, check_positive
+    from .outdir import clean_stale
+
+    clean_stale(out)
+    check_output_dir(out, overwrite)
+    for flag, path in files.items():
+        if path is not None:
+            check_input_file(path, flag)
+    for flag, path in folders.items():
+        if path is not None:
+            check_input_dir(path, flag)
+    for flag, value in numbers.items():
+        check_positive(flag, value, integer=flag != "--lr")
+    check_device(device)
+
+
+def _check_classes_fit(model, x, classes: list[str], flag: str) -> None:
+    """A folder with more classes than the model has outputs cannot be labelled or scored."""
+    import torch
+
+    from .checks import check_model_output
+
+    try:
+        with torch.no_grad():
+            out = model.eval()(x[:1])
+    except RuntimeError as e:
+        raise UserError(f"the model cannot run on images of shape {tuple(x.shape[1:])}: {e}") from e
+    check_model_output(out, "the model", logits=bool(classes))
+    if len(classes) > out.shape[-1]:
+        raise UserError(f"{flag} has {len(classes)} classes but the model has {out.shape[-1]} outputs; "
+                        "use the class folders the model was trained on")  # fmt: skip
+
+
 @app.command()
 def compress(
     teacher: Path | None = typer.Option(None, help="teacher checkpoint (.safetensors + .json) of our registry"),
@@ -166,6 +310,8 @@ def compress(
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
     latency: bool = typer.Option(True, help="measure CPU latency at batch 1 and 64"),
     data_dir: Path | None = typer.Option(None),
+    overwrite: bool = typer.Option(False, help="replace the files of a non-empty --out folder"),
+    trust_model_file: bool = typer.Option(False, help="--teacher of your model: import the file it names"),
 ) -> None:
     """Compress a teacher with a few images; save the student and print a before/after table.
 
@@ -182,7 +328,16 @@ def compress(
     def go():
         if (teacher is None) == (model_file is None):
             raise UserError("give either --teacher CKPT or --model-file FILE.py:FUNCTION (with --images DIR)")
+        _check_compress_args(
+            out,
+            overwrite,
+            device,
+            files={"--teacher": teacher, "--weights": weights, "--keep-file": keep_file},
+            folders={"--images": images, "--test-images": test_images},
+            numbers={"--size": size, "--k": k, "--iterations": iterations, "--test-limit": test_limit, "--lr": lr},
+        )
         if model_file is not None:
+            from .checks import check_model
             from .evaluate import accuracy
             from .models import load_model_file
             from .usermodel import images_from_folder, load_weights
@@ -193,8 +348,9 @@ def compress(
             if weights is not None:
                 load_weights(model, weights)
             model.eval()
+            check_model(model)
             channels = _first_conv_channels(model)
-            x, labels, m, s, _ = images_from_folder(images, channels, size, _floats(mean), _floats(std))
+            x, labels, m, s, classes = images_from_folder(images, channels, size, _floats(mean), _floats(std))
             labels = labels if bool((labels >= 0).all()) else None
             meta = {
                 "model_file": model_file,
@@ -202,12 +358,23 @@ def compress(
                 "mean": m,
                 "std": s,
                 "weights": str(weights) if weights else None,
+                "classes": classes or None,
             }
             ds, title = None, f"{Path(model_file.rpartition(':')[0]).name}, {len(x)} images from {images}"
+            _check_classes_fit(model, x, classes, "--images")
+            test = None
+            if test_images is not None:  # read before the work; labelled by class *name* in the images' classes
+                tx, tl, _, _, tclasses = images_from_folder(
+                    test_images, channels, size or x.shape[-1], m, s, classes=classes or None
+                )
+                _check_classes_fit(model, x, tclasses, "--test-images")
+                test = (tx[:test_limit], tl[:test_limit]) if test_limit is not None else (tx, tl)
         else:
             if images is not None:
                 raise UserError("--images goes with --model-file; with --teacher the few-shot set is drawn by --k")
-            model, meta = load_checkpoint(teacher)
+            model, meta = load_checkpoint(teacher, trust_model_file=trust_model_file)
+            if meta.get("model_file"):
+                raise UserError(f"{teacher} is a student of your own model; compress with --model-file and --images")
             ds = dataset or meta["dataset"]
             x, labels = load_few_shot(ds, k, seed, data_dir)
             title = f"{meta['model']}, K={k}, seed {seed}"
@@ -237,12 +404,9 @@ def compress(
                 "teacher": eval_model(model, input_shape=shape, latency=latency),
                 f"student ({method})": eval_model(student, input_shape=shape, latency=latency),
             }
-            if test_images is not None:
-                tx, tl, *_ = images_from_folder(test_images, x.shape[1], size or x.shape[-1], meta["mean"], meta["std"])
-                if test_limit is not None:
-                    tx, tl = tx[:test_limit], tl[:test_limit]
+            if test is not None:
                 for name, net in (("teacher", model), (f"student ({method})", student)):
-                    reports[name].accuracy, reports[name].test_images = accuracy(net, tx, tl), int((tl >= 0).sum())
+                    reports[name].accuracy, reports[name].test_images = accuracy(net, *test), int((test[1] >= 0).sum())
         else:
             reports = {
                 "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),
@@ -258,7 +422,7 @@ def compress(
             "evaluation": {n: r.to_dict() for n, r in reports.items()},
         }
         extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
-        paths = save_student(student, out, meta, rep, x, **extra)
+        paths = save_student(student, out, meta, rep, x, overwrite=overwrite, **extra)
         console.print(
             f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
             f"student written to {paths['weights'].parent}/ "
@@ -276,6 +440,7 @@ def demo(
     keep: float = typer.Option(DEFAULTS.keep),
     out: Path = typer.Option(Path("runs/demo"), help="output folder (student, report, plot)"),
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
+    overwrite: bool = typer.Option(False, help="replace the results of an earlier demo in --out"),
 ) -> None:
     """Compress a shipped teacher with NC, Ours and Ours-S (K=5, structured, keep 0.5) and compare them."""
     from .capture import forward_order
@@ -287,7 +452,10 @@ def demo(
     from .student import save_student
 
     def go():
+        from .checks import check_output_dir
+
         t0 = time.perf_counter()
+        check_output_dir(out, overwrite)
         model, meta = load_checkpoint(teacher)
         ds = meta["dataset"]
         images, _ = load_few_shot(ds, k, seed)
@@ -297,7 +465,8 @@ def demo(
             cfg = CompressConfig(method=method, keep=keep, mu=official_mu(model))
             students[method], rep = _compress_one(model, images, cfg, f"{method}")
             reports[f"{method} ({rep.seconds:.1f} s)"] = eval_model(students[method], ds, limit=test_limit)
-            save_student(students[method], out / method, meta, {**rep.to_dict(), "k": k, "seed": seed}, images)
+            save_student(students[method], out / method, meta, {**rep.to_dict(), "k": k, "seed": seed}, images,
+                         overwrite=overwrite)  # fmt: skip
         Console().print(render_table(reports, title=f"{meta['model']} on {ds}: structured keep {keep}, K={k}"))
         # layers whose output width is unchanged: there teacher and student outputs are comparable
         width = lambda m, n: m.get_submodule(n).weight.shape[0]  # noqa: E731
@@ -375,9 +544,22 @@ def render_table(reports: dict[str, EvalReport], title: str | None = None) -> Ta
     return table
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The ``crossdistill`` command: option parsing errors are one line too (exit 2)."""
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="crossdistill", standalone_mode=False)
+    except ClickException as e:
+        _line(f"error: {e.format_message()} (see crossdistill --help)")
+        return e.exit_code
+    except Abort:
+        _line("error: aborted")
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

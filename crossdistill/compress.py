@@ -109,14 +109,19 @@ def compress(
     if cfg.method not in METHODS:
         raise UserError(f"compress() runs {', '.join(METHODS)}; use run_method() for {cfg.method!r}")
 
-    # setup: copies of the teacher on the device, checked images; BN mode for the whole run
+    # setup: copies of the teacher on the device, checked images
     run = start(cfg.method, teacher, images, None, cfg)
+
+    # plan: layers in forward order with their keep ratios (traced in eval mode, one image)
+    plan_layers(run)
+
+    # BN mode for the capture: train mode uses batch statistics, so the whole few-shot set goes in one batch
     if cfg.bn_mode == "train":
+        if len(run.images) < 2:
+            raise UserError("bn_mode='train' needs at least 2 images (batch statistics); add images or use eval")
+        cfg.batch_size = max(cfg.batch_size, len(run.images))  # as the official runs: no 1-image tail batch
         run.teacher.train()
         run.student.train()
-
-    # plan: layers in forward order with their keep ratios
-    plan_layers(run)
 
     # objectives: unpruned layers are left as they are by the mu-mix (W^S = W^T is optimal); "nc"
     # re-fits them with L^r to absorb the error accumulated before them (docs/method.md)

@@ -60,3 +60,6 @@ class CompressConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{name} must lie in [0, 1], got {v}")
+        from .checks import check_compress_options  # late: this module stays free of torch for the CLI
+
+        check_compress_options(self)

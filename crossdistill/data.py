@@ -287,40 +287,95 @@ def load_cifar(name: str, split: str, data_dir: str | Path | None = None, downlo
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_image_folder(root: str | Path, size: int | None = None, channels: int = 3) -> tuple[Split, list[str]]:
-    """One sub-folder per class (sorted names = class indices), or a flat folder of unlabelled images
-    (labels are then -1). Images are converted to ``channels`` (1 or 3) and resized to ``size``."""
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # channels of the model's first conv -> PIL mode
+
+
+def _visible(p: Path) -> bool:
+    # hidden folders and files (.git, .ipynb_checkpoints, ._x from macOS) and zip-tool debris are not data
+    return not p.name.startswith(".") and p.name != "__MACOSX"
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if _visible(p))
+    except OSError as e:
+        raise UserError(f"cannot list folder {folder} ({e.strerror or e}); fix its permissions or remove it") from e
+
+
+def _open_image(p: Path, mode: str, size: int | None) -> np.ndarray:
+    """One image as uint8 (H, W[, C]): 16-bit images scaled by their full range (never clipped);
+    decompression bombs (a small file claiming a huge image) refused."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist; pass a folder with one sub-folder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    entries: list[tuple[Path, int]] = []
-    if classes:
-        for i, c in enumerate(classes):
-            entries += [(p, i) for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTS]
-    else:
-        entries = [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
-    if not entries:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {root}")
-    mode = {1: "L", 3: "RGB"}[channels]
-    arrays, labels = [], []
-    for p, label in entries:
-        try:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
+                if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                    a16 = np.asarray(im)
+                    if a16.min() < 0 or a16.max() > 65535:
+                        raise UserError(f"image {p} holds values outside 0..65535; convert it to 8 or 16 bit")
+                    # 0..65535 -> 0..255 by the type's range: scaled, not clipped at 255
+                    im = Image.fromarray(np.round(a16.astype(np.float64) / 257.0).astype(np.uint8), "L")
+                elif im.mode == "F":
+                    raise UserError(f"image {p} is a floating-point image; save it as 8 or 16 bit")
                 im = im.convert(mode)
                 if size is not None and im.size != (size, size):
                     im = im.resize((size, size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {p} ({e}); remove or replace it") from e
+                return np.asarray(im, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"image {p} claims a huge size ({e}); remove it (decompression bomb?)") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"cannot read image {p} ({e}); remove or replace it") from e
+
+
+def load_image_folder(
+    root: str | Path, size: int | None = None, channels: int = 3, classes: list[str] | None = None
+) -> tuple[Split, list[str]]:
+    """One sub-folder per class (sorted names = class indices), or a flat folder of unlabelled images
+    (labels are then -1). Images are converted to ``channels`` (1, 2, 3 or 4) and resized to ``size``.
+
+    ``classes``: the class list of the model (e.g. of the compression images): sub-folders are
+    labelled by their *name*'s index in it, and a sub-folder not in it is an error. Hidden entries
+    (``.*``, ``__MACOSX``) are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise UserError(f"image folder {root} {what}; pass a folder with one sub-folder per class")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise UserError(f"--size must be a whole number >= 1, got {size!r}")
+    if channels not in _MODES:
+        raise UserError(f"the model's first conv takes {channels} channels; image folders give 1, 2, 3 or 4")
+    found = [d.name for d in _listdir(root) if d.is_dir()]
+    index = {c: i for i, c in enumerate(classes if classes is not None else found)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise UserError(
+            f"class folder {unknown[0]!r} in {root} is not a class of the model ({', '.join(list(index)[:5])}...); "
+            "remove it or use the same class folder names"
+        )
+    entries: list[tuple[Path, int]] = []
+    if found:
+        for c in found:
+            entries += [(p, index[c]) for p in _listdir(root / c) if p.suffix.lower() in IMAGE_EXTS]
+    else:
+        entries = [(p, -1) for p in _listdir(root) if p.suffix.lower() in IMAGE_EXTS]
+    if not entries:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {root}")
+    arrays, labels = [], []
+    for p, label in entries:
+        a = _open_image(p, _MODES[channels], size)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         labels.append(label)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise UserError(f"images in {root} have different sizes {sorted(shapes)[:3]}; pass size= to resize them")
-    return Split(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)), classes
+    return Split(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)), list(index)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .checks import check_model
 from .data import DatasetInfo, Split, dataset_info, load_dataset, normalize
 from .errors import UserError
 from .measure import (
@@ -137,6 +138,7 @@ def evaluate(
     Keywords (``limit=``, ``latency=``, ``data_dir=`` ...) set :class:`EvalOptions` fields.
     """
     opts = _options(options, settings)
+    check_model(model)  # NaN/inf in weights or BN statistics would be measured as a model
     info = dataset_info(dataset) if dataset is not None else None
     if split is not None and info is None:
         raise UserError("evaluate() needs dataset= to normalise the split with its mean/std")
@@ -196,14 +198,19 @@ def evaluate_checkpoint(
     dataset: str | None = None,
     split: Split | None = None,
     verify: bool = True,
+    model_file: str | None = None,
     **settings: Any,
 ) -> tuple[EvalReport, dict[str, Any]]:
     """Load a checkpoint (sha256-verified) and :func:`evaluate` it; size is the weights file on disk.
 
     ``dataset`` defaults to the one recorded in the checkpoint's metadata;
-    keywords set :class:`EvalOptions` fields. Returns ``(report, meta)``.
+    ``model_file`` / ``trust_model_file=True``: see :func:`load_checkpoint` (a user's model file);
+    other keywords set :class:`EvalOptions` fields. Returns ``(report, meta)``.
     """
-    model, meta = load_checkpoint(path, verify=verify)
+    trust = bool(settings.pop("trust_model_file", False))
+    model, meta = load_checkpoint(path, verify=verify, model_file=model_file, trust_model_file=trust)
     opts = _options(None, settings)
     opts.size_bytes = checkpoint_size(path)
+    if opts.input_shape is None and meta.get("input_shape"):  # a user model's student has no data set
+        opts.input_shape = meta["input_shape"]
     return evaluate(model, dataset or meta.get("dataset"), split, opts), meta

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .capture import capture_input, capture_inputs
+from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .errors import UserError
 from .measure import count_flops, count_params
@@ -111,14 +112,15 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
             f"images have {images.shape[1]} channels but the model's first conv takes {first.in_channels}; "
             "convert them (grayscale vs RGB)"
         )
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise UserError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt")
+    check_model(model, "the teacher")
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(images[:1])
+            check_model_output(model.eval()(images[:1]), "the teacher")
     except RuntimeError as e:
         raise UserError(f"the model cannot run on images of shape {tuple(images.shape[1:])}: {e}") from e
+    finally:
+        model.train(was_training)
 
 
 def check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
@@ -224,6 +226,8 @@ def start(
         p.requires_grad_(False)
     images = images.to(device)
     check_images(teacher, images)
+    for patterns, flag in ((cfg.include, "--include"), (cfg.exclude, "--exclude"), (cfg.keep_overrides, "--keep-file")):
+        check_patterns_match(teacher, patterns, flag)
     if labels is not None:
         with torch.no_grad():
             num_classes = teacher(images[:1]).shape[-1]

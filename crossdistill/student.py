@@ -10,7 +10,8 @@
   the same network for onnxruntime and other ONNX runtimes; input ``images``,
   output ``output``, dynamic batch size.
 - ``report.json``: the compression report and the resolved config.
-Every file is written to a temporary name and renamed.
+The files are built in a temporary folder next to ``out_dir`` and swapped in as
+one unit (``outdir.write_folder``): a crash leaves the previous set or the new one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 from torch import nn
 
 from .checkpoint import save_checkpoint
+from .errors import UserError
 from .files import atomic_write
+from .outdir import kill_point, write_folder
 from .structure import layer_widths
 
 __all__ = ["save_student", "export_onnx", "onnx_available"]
@@ -38,17 +41,13 @@ def onnx_available() -> bool:
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
     """Write ``model`` as ONNX (opset 17, dynamic batch) with the TorchScript-based exporter."""
     model = model.cpu().eval()
-    x = example.cpu()[:2]
+    x = _two(example)
 
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
-            kwargs = dict(
-                input_names=["images"],
-                output_names=["output"],
-                opset_version=17,
-                dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
-            )
+            kwargs = dict(input_names=["images"], output_names=["output"], opset_version=17,
+                          dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
             try:
                 torch.onnx.export(model, (x,), tmp, dynamo=False, **kwargs)
             except TypeError:  # torch < 2.5 has no dynamo= argument
@@ -65,19 +64,20 @@ def save_student(
     report: dict[str, Any],
     example: torch.Tensor,
     *,
-    onnx: bool | None = None,
+    overwrite: bool = False,
     **extra_meta: Any,
 ) -> dict[str, Path]:
     """Write the student (safetensors + JSON, torch.export, ONNX) and its report into ``out_dir``.
 
     ``teacher_meta`` names the architecture: ``model`` (a registry name, with ``num_classes`` and
-    ``in_channels``) or ``model_file`` (``path.py:function`` building the user's model). ``onnx``:
-    write ``student.onnx`` (None: when the onnx package is installed). Further keywords
+    ``in_channels``) or ``model_file`` (``path.py:function`` building the user's model). ``onnx=``:
+    write ``student.onnx`` (None, the default: when the onnx package is installed). Further keywords
     (``method=``, ``k=``, ``seed=``; or a dict as ``extra_meta=``, the older spelling) go into student.json.
+    A non-empty ``out_dir`` is refused unless ``overwrite``; the files appear together or not at all.
     """
+    onnx = extra_meta.pop("onnx", None)
     extra_meta = {**(extra_meta.pop("extra_meta", None) or {}), **extra_meta}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     student = student.cpu().eval()
     meta = {
         "model": teacher_meta.get("model"),
@@ -87,21 +87,38 @@ def save_student(
         "teacher_sha256": teacher_meta.get("sha256"),
         "input_shape": list(example.shape[1:]),
         "widths": layer_widths(student),
-        **extra_meta,
+        **(extra_meta or {}),
     }
     if teacher_meta.get("model_file"):
         path, _, fn = str(teacher_meta["model_file"]).rpartition(":")
         meta["model_file"] = f"{Path(path).resolve()}:{fn}"
-    for key in ("mean", "std"):
+    for key in ("mean", "std", "classes"):
         if key in teacher_meta:
             meta[key] = teacher_meta[key]
-    paths = {"weights": out / "student.safetensors", "program": out / "student.pt2", "report": out / "report.json"}
-    save_checkpoint(student, paths["weights"], meta)
-    x = example.cpu()[:2]
-    program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    atomic_write(paths["program"], lambda tmp: torch.export.save(program, tmp))
+    names = {"weights": "student.safetensors", "program": "student.pt2", "report": "report.json"}
     if onnx or (onnx is None and onnx_available()):
-        paths["onnx"] = export_onnx(student, out / "student.onnx", x)
+        names["onnx"] = "student.onnx"
     text = json.dumps(report, indent=2, default=str) + "\n"
-    atomic_write(paths["report"], lambda tmp: Path(tmp).write_text(text))
-    return paths
+
+    def write(folder: Path) -> None:
+        save_checkpoint(student, folder / names["weights"], meta)
+        kill_point("student-weights-written")
+        x = _two(example)
+        try:
+            program = torch.export.export(student, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        except Exception as e:  # noqa: BLE001 - any export failure: nothing is written to out_dir
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"torch.export cannot export the student ({first}); nothing was written to {out}") from e
+        atomic_write(folder / names["program"], lambda tmp: torch.export.save(program, tmp))
+        if "onnx" in names:
+            export_onnx(student, folder / names["onnx"], x)
+        atomic_write(folder / names["report"], lambda tmp: Path(tmp).write_text(text))
+
+    write_folder(out, write, overwrite)
+    return {key: out / name for key, name in names.items()}
+
+
+def _two(example: torch.Tensor) -> torch.Tensor:
+    """Two example images: with one, torch.export would specialise the batch dimension to 1."""
+    x = example.cpu()[:2]
+    return torch.cat([x, x]) if len(x) == 1 else x

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checks import check_input_file
+from .checks import check_input_file
 from .data import Split, load_image_folder
 from .data import normalize_with as normalise_with  # old spelling, kept for users' scripts
 from .errors import UserError
@@ -28,16 +31,16 @@ __all__ = ["load_model_file", "load_weights", "images_from_folder", "channel_sta
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict (safetensors, or torch.save'd .pt/.pth) into ``model``; strict key/shape match."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist; check the path")
+    path = check_input_file(path, "--weights")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": noise, the load is safe either way
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read weights {path} ({type(e).__name__}: {e}); save a state_dict") from e
     for key in ("state_dict", "model"):
@@ -66,14 +69,16 @@ def images_from_folder(
     size: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    classes: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float], list[str]]:
     """Normalised images of a folder (one sub-folder per class, or flat and unlabelled: labels -1).
 
     Returns ``(images, labels, mean, std, classes)``; mean/std are the ones used (computed from the
-    images in [0, 1] when not given).
+    images in [0, 1] when not given). ``classes``: label sub-folders by these names (a test folder
+    takes the class list of the compression images), see :func:`load_image_folder`.
     """
     split: Split
-    split, classes = load_image_folder(root, size=size, channels=channels)
+    split, classes = load_image_folder(root, size=size, channels=channels, classes=classes)
     if mean is None or std is None:
         m, s = channel_stats(split.images.float().div(255))
         mean, std = mean or m, std or s

@@ -130,7 +130,7 @@ def main() -> None:
 
     # 5. save: safetensors + JSON (rebuilds through this file's build()), torch.export, ONNX
     meta = {"model_file": f"{Path(__file__).resolve()}:build", "in_channels": 1, "mean": mean, "std": std}
-    paths = save_student(student, out / "student", meta, report.to_dict(), images)
+    paths = save_student(student, out / "student", meta, report.to_dict(), images, overwrite=True)  # rerun: replace
     print("written:", ", ".join(str(p) for p in paths.values()))
     if "onnx" in paths:
         try:

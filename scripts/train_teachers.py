@@ -23,5 +23,5 @@ if __name__ == "__main__":
         if out.exists():
             print(f"{out} exists; skipping")
             continue
-        meta = train_teacher(RECIPES[name], out)
+        meta = train_teacher(RECIPES[name], out, overwrite=True)  # absent (checked above); teachers/ is its job
         print(f"{name}: test accuracy {meta['test_accuracy']:.4f} in {meta['train_time_s']:.0f}s", flush=True)

@@ -56,7 +56,7 @@ def test_evaluate_prints_a_table(fashion_dir) -> None:
         (["compress", "--teacher", "missing.safetensors"], "does not exist"),
         (["compress", "--teacher", str(DEMO_TEACHER), "--k", "100000"], "lower --k"),
         (["compress", "--teacher", str(DEMO_TEACHER), "--keep", "0"], "keep must lie in (0, 1]"),
-        (["compress", "--teacher", str(DEMO_TEACHER), "--method", "magic"], "unknown method"),
+        (["compress", "--teacher", str(DEMO_TEACHER), "--method", "magic"], "unknown --method"),
         (["evaluate", "missing.safetensors"], "does not exist"),
     ],
 )

@@ -29,7 +29,7 @@ def test_compress_custom_model_example_runs_and_exports(tmp_path: Path) -> None:
     else:
         assert "onnxruntime output matches PyTorch" in res.stdout
     # the student rebuilds from the example's build() plus the recorded widths, and equals the export
-    student, meta = load_checkpoint(student_dir / "student.safetensors")
+    student, meta = load_checkpoint(student_dir / "student.safetensors", model_file=f"{EXAMPLE}:build")
     assert meta["model_file"].endswith("compress_custom_model.py:build")
     program = torch.export.load(str(student_dir / "student.pt2")).module()
     x = torch.randn(3, 1, 28, 28)
