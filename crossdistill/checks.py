@@ -20,10 +20,20 @@ from torch import nn
 from .errors import UserError
 
 __all__ = [
-    "check_model_finite", "check_float_weights", "check_model", "check_model_output", "check_device",
-    "check_positive", "check_compress_options", "check_patterns_match", "check_input_file",
-    "check_input_dir", "check_output_dir", "check_output_file", "SHIPPED_TEACHERS",
-]  # fmt: skip
+    "check_model_finite",
+    "check_float_weights",
+    "check_model",
+    "check_model_output",
+    "check_device",
+    "check_positive",
+    "check_compress_options",
+    "check_patterns_match",
+    "check_input_file",
+    "check_input_dir",
+    "check_output_dir",
+    "check_output_file",
+    "SHIPPED_TEACHERS",
+]
 
 # the folder of the teachers shipped with the package: never written to without --overwrite
 SHIPPED_TEACHERS = (Path(__file__).resolve().parent.parent / "teachers").resolve()

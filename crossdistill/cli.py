@@ -80,8 +80,9 @@ def _crash_file() -> Path:
     for folder in (default_cache_dir() / "crashes", Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=folder, prefix=time.strftime("crossdistill-crash-%Y%m%d-%H%M%S-"),
-                                        suffix=".txt")  # fmt: skip
+            fd, name = tempfile.mkstemp(
+                dir=folder, prefix=time.strftime("crossdistill-crash-%Y%m%d-%H%M%S-"), suffix=".txt"
+            )
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             return Path(name)
@@ -115,8 +116,10 @@ def _run(fn):
 def _internal(e: BaseException) -> typer.Exit:
     where = _crash_file()
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    _line(f"internal error ({type(e).__name__}: {first}); not a problem with your input: the full traceback "
-          f"is in {where}, please report it")  # fmt: skip
+    _line(
+        f"internal error ({type(e).__name__}: {first}); not a problem with your input: the full traceback "
+        f"is in {where}, please report it"
+    )
     return typer.Exit(1)
 
 
@@ -265,8 +268,10 @@ def _check_classes_fit(model, x, classes: list[str], flag: str) -> None:
         raise UserError(f"the model cannot run on images of shape {tuple(x.shape[1:])}: {e}") from e
     check_model_output(out, "the model", logits=bool(classes))
     if len(classes) > out.shape[-1]:
-        raise UserError(f"{flag} has {len(classes)} classes but the model has {out.shape[-1]} outputs; "
-                        "use the class folders the model was trained on")  # fmt: skip
+        raise UserError(
+            f"{flag} has {len(classes)} classes but the model has {out.shape[-1]} outputs; "
+            "use the class folders the model was trained on"
+        )
 
 
 @app.command()
@@ -465,8 +470,14 @@ def demo(
             cfg = CompressConfig(method=method, keep=keep, mu=official_mu(model))
             students[method], rep = _compress_one(model, images, cfg, f"{method}")
             reports[f"{method} ({rep.seconds:.1f} s)"] = eval_model(students[method], ds, limit=test_limit)
-            save_student(students[method], out / method, meta, {**rep.to_dict(), "k": k, "seed": seed}, images,
-                         overwrite=overwrite)  # fmt: skip
+            save_student(
+                students[method],
+                out / method,
+                meta,
+                {**rep.to_dict(), "k": k, "seed": seed},
+                images,
+                overwrite=overwrite,
+            )
         Console().print(render_table(reports, title=f"{meta['model']} on {ds}: structured keep {keep}, K={k}"))
         # layers whose output width is unchanged: there teacher and student outputs are comparable
         width = lambda m, n: m.get_submodule(n).weight.shape[0]  # noqa: E731

@@ -46,8 +46,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Pa
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
-            kwargs = dict(input_names=["images"], output_names=["output"], opset_version=17,
-                          dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+            kwargs = dict(
+                input_names=["images"],
+                output_names=["output"],
+                opset_version=17,
+                dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+            )
             try:
                 torch.onnx.export(model, (x,), tmp, dynamo=False, **kwargs)
             except TypeError:  # torch < 2.5 has no dynamo= argument

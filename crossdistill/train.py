@@ -50,14 +50,27 @@ class TrainConfig:
 
 
 # recipe fields a resume file must share with the command that continues it
-_RESUME_KEYS = ("model", "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-                "warmup_frac", "seed")  # fmt: skip
+_RESUME_KEYS = (
+    "model",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "label_smoothing",
+    "warmup_frac",
+    "seed",
+)
 
 
 def check_train_config(cfg: TrainConfig) -> None:
     """Option ranges, checked before any data is read (CLI spellings in the messages)."""
-    for flag, v, integer in (("--epochs", cfg.epochs, True), ("--batch-size", cfg.batch_size, True),
-                             ("--lr", cfg.lr, False)):  # fmt: skip
+    for flag, v, integer in (
+        ("--epochs", cfg.epochs, True),
+        ("--batch-size", cfg.batch_size, True),
+        ("--lr", cfg.lr, False),
+    ):
         check_positive(flag, v, integer=integer, allow_none=False)
     try:
         get_model(cfg.model, 10, 1)  # an unknown model name fails here, before the data set is loaded

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .checks import check_input_file
-from .checks import check_input_file
 from .data import Split, load_image_folder
 from .data import normalize_with as normalise_with  # old spelling, kept for users' scripts
 from .errors import UserError
