@@ -73,6 +73,12 @@ class CompressConfig:
     batch_size: int = 128  # images per forward while capturing
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
+    # --- budget (crossdistill.target): per-layer keeps allocated from the few images instead of one keep
+    target: dict[str, float] | None = None  # {"flops"|"params"|"latency": fraction of the teacher's}
+    signal: str = "recon"  # recon (layer reconstruction error) | penultimate (error at the penultimate features)
+    depth: str = "channels"  # channels | blocks (drop residual blocks) | mixed (blocks and channels)
+    target_tolerance: float = 0.01  # relative: FLOPs/params of the student within 1 % of the target
+    latency_batch: int = 64  # batch size at which a latency target is measured
 
     def validate(self) -> None:
         from .baselines import BASELINES  # late: the baselines build on this module
@@ -92,6 +98,10 @@ class CompressConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{name} must lie in [0, 1], got {v}")
+        if self.target is not None:
+            from .target import check_target_config
+
+            check_target_config(self)
 
 
 @dataclass
@@ -117,6 +127,7 @@ class CompressReport:
     sparsity: float  # fraction of zero weights in the processed layers
     seconds: float
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
+    allocation: dict[str, Any] | None = None  # target runs: target asked/achieved, kept fraction per layer, blocks
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +230,12 @@ def compress(
     images = images.to(device)
     check_images(teacher, images)
     student = copy.deepcopy(teacher)
+    # budget: the target becomes per-layer keeps (and dropped blocks), then the run goes on as usual
+    allocation = None
+    if cfg.target is not None:
+        from .target import apply_target
+
+        student, allocation = apply_target(teacher, student, images, cfg)
     if cfg.bn_mode == "train":
         teacher.train()
         student.train()
@@ -319,6 +336,7 @@ def compress(
         sparsity=sparsity(student, [p.name for p in plan]),
         seconds=time.perf_counter() - t_start,
         peak_memory_mb=measure_peak_memory_mb(device),
+        allocation=allocation.to_dict() if allocation is not None else None,
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
