@@ -79,6 +79,9 @@ class CompressConfig:
     depth: str = "channels"  # channels | blocks (drop residual blocks) | mixed (blocks and channels)
     target_tolerance: float = 0.01  # relative: FLOPs/params of the student within 1 % of the target
     latency_batch: int = 64  # batch size at which a latency target is measured
+    # structured: layer -> the teacher's input channels to keep, chosen elsewhere (e.g. Torch-Pruning's
+    # global pruning); the layer must be in the plan (keep < 1 for it), the solver then only re-fits
+    kept_channels: dict[str, list[int]] = field(default_factory=dict)
 
     def validate(self) -> None:
         from .baselines import BASELINES  # late: the baselines build on this module
@@ -284,6 +287,9 @@ def compress(
             pinned = torch.ones(total, dtype=torch.bool, device=device)
             pinned[torch.tensor(p.channels, device=device)] = False
             fixed = pinned.nonzero().flatten()
+        if structured and p.keep is not None and p.name in cfg.kept_channels:  # channels chosen elsewhere
+            fixed = torch.tensor(sorted(cfg.kept_channels[p.name]), device=device)
+            n_keep = len(fixed)
         grouped = getattr(layer, "groups", 1) != 1  # grouped / depthwise conv: solved group by group
 
         # student input with the producer still at full width (METHOD.md, "a subtlety")
