@@ -117,6 +117,16 @@ def _first_conv_channels(model) -> int:
     return first.in_channels
 
 
+def _check_target(teacher, student, x, cfg) -> dict:
+    """The target measured on the real student: FLOPs / params counted, latency timed against the teacher."""
+    from .target import check_achieved
+
+    check = check_achieved(teacher, student, tuple(x.shape[1:]), cfg)
+    console.print(f"target {check['kind']} {check['asked']}: achieved {check['achieved']:.3f}" +
+                  (f" (timing noise ±{check['noise']:.3f})" if "noise" in check else ""))  # fmt: skip
+    return check
+
+
 @app.command()
 def compress(
     teacher: Path | None = typer.Option(None, help="teacher checkpoint (.safetensors + .json) of our registry"),
@@ -156,6 +166,15 @@ def compress(
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
     latency: bool = typer.Option(True, help="measure CPU latency at batch 1 and 64"),
     data_dir: Path | None = typer.Option(None),
+    # --- budget (crossdistill.target): give one target instead of --keep
+    target_flops: float | None = typer.Option(None, help="student FLOPs as a fraction of the teacher's, e.g. 0.5"),
+    target_params: float | None = typer.Option(None, help="student parameters as a fraction of the teacher's"),
+    target_latency: float | None = typer.Option(
+        None, help="student latency on this device (at --latency-batch) as a fraction of the teacher's"
+    ),
+    latency_batch: int = typer.Option(64, help="batch size of a latency target"),
+    signal: str = typer.Option("recon", help="target: sensitivity signal, recon | penultimate"),
+    depth: str = typer.Option("channels", help="target: channels | blocks (drop residual blocks) | mixed"),
 ) -> None:
     """Compress a teacher with a few images; save the student and print a before/after table.
 
@@ -201,6 +220,13 @@ def compress(
             include=include or None, exclude=exclude or None, device=device, include_linear=include_linear,
             skip_unsupported=skip_unsupported, keep_overrides=load_keep_file(keep_file) if keep_file else {},
         )  # fmt: skip
+        targets = {n: v for n, v in (("flops", target_flops), ("params", target_params),
+                                     ("latency", target_latency)) if v is not None}  # fmt: skip
+        if len(targets) > 1:
+            raise UserError("give one of --target-flops, --target-params, --target-latency")
+        if targets:
+            cfg.target, cfg.signal, cfg.depth, cfg.latency_batch = targets, signal, depth, latency_batch
+            cfg.validate()
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
         if model_file is not None:  # accuracy only on a given labelled test folder
@@ -219,12 +245,19 @@ def compress(
                 "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),
                 f"student ({method})": eval_model(student, ds, data_dir=data_dir, limit=test_limit, latency=latency),
             }
-        Console().print(render_table(reports, title=f"{title}: {prune} keep {keep}"))
+        budget = f"target {cfg.target}" if cfg.target else f"keep {keep}"
+        Console().print(render_table(reports, title=f"{title}: {prune} {budget}"))
+        if cfg.target:
+            report.allocation["check"] = _check_target(model, student, x, cfg)
         rep = {**report.to_dict(), "k": k if model_file is None else None, "seed": seed, "dataset": ds,
                "images": str(images) if images else None,
                "evaluation": {n: r.to_dict() for n, r in reports.items()}}  # fmt: skip
         extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
         paths = save_student(student, out, meta, rep, x, extra)
+        if cfg.target:
+            from .target import plot_allocation
+
+            plot_allocation(report.allocation, paths["weights"].parent / "allocation.png")
         console.print(f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
                       f"student written to {paths['weights'].parent}/ "
                       f"({', '.join(p.name for p in paths.values())})")  # fmt: skip

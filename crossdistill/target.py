@@ -195,7 +195,11 @@ def plan_target(
 
 def check_target_config(cfg: Any) -> None:
     """Errors for settings a target cannot be combined with (called from CompressConfig.validate)."""
+    from .objectives import METHODS
+
     parse_target(cfg.target)
+    if cfg.method not in METHODS:
+        raise UserError(f"a target runs with {', '.join(METHODS)}; baseline {cfg.method!r} takes --keep only")
     if cfg.keep != 0.5:
         raise UserError(f"give either keep ({cfg.keep}) or a target ({cfg.target}), not both")
     if cfg.keep_overrides:
@@ -223,3 +227,56 @@ def apply_target(
         student, alloc = plan_blocks(teacher, images, cfg)
     cfg.keep_overrides = dict(alloc.keep_overrides)
     return student, alloc
+
+
+def check_achieved(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...], cfg: Any) -> dict:
+    """The target measured on the real student. FLOPs/params: counted. Latency: teacher and student timed
+    alternately at ``cfg.latency_batch`` (3 rounds); ``noise`` is half the spread of the 3 ratios."""
+    from .evaluate import count_flops, measure_latency_pair
+
+    kind, fraction = parse_target(cfg.target)
+    out: dict[str, Any] = {"kind": kind, "asked": fraction}
+    if kind == "flops":
+        out["achieved"] = count_flops(student, input_shape) / count_flops(teacher, input_shape)
+    elif kind == "params":
+        out["achieved"] = count_params(student) / count_params(teacher)
+    else:
+        teacher, student = teacher.cpu().eval(), student.cpu().eval()
+        ratios = []
+        for _ in range(3):
+            t, s = measure_latency_pair(teacher, student, input_shape, cfg.latency_batch, warmup=3, repeats=10)
+            ratios.append(s / t)
+        out["achieved"] = sorted(ratios)[1]
+        out["noise"] = (max(ratios) - min(ratios)) / 2
+        out["batch"] = cfg.latency_batch
+    return out
+
+
+def plot_allocation(allocation: dict[str, Any], path: Any) -> None:
+    """allocation.png: kept fraction per pruned layer (bars), each layer's share of the teacher's FLOPs (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    names = list(allocation["kept_fraction"])
+    kept = [allocation["kept_fraction"][n] for n in names]
+    share = [allocation["flops_share"].get(n, 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 4))
+    ax.bar(range(len(names)), kept, color="tab:blue", label="kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("kept fraction of prunable channels")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(range(len(names)), share, "o-", color="tab:red", label="share of teacher FLOPs")
+    ax2.set_ylabel("layer's share of the teacher's FLOPs", color="tab:red")
+    ax2.set_ylim(0, max(share + [1e-9]) * 1.15)
+    asked, achieved = allocation["asked"], allocation["achieved"]
+    blocks = allocation.get("dropped_blocks") or []
+    title = f"target {allocation['kind']} {asked} (achieved {achieved:.3f}), signal {allocation['signal']}"
+    ax.set_title(title + (f", {len(blocks)} blocks dropped" if blocks else ""), fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
