@@ -121,9 +121,12 @@ def _search(
     ``tolerance`` (relative) of ``fraction``; returns (counts, achieved fraction, real counts taken)."""
     base = measure(model)
 
+    tried: list[tuple[dict[str, int], float]] = []
+
     def ratio(saving: float) -> tuple[dict[str, int], float]:
         counts = allocate(curves, saving)
-        return counts, measure(prune_to_counts(model, example, plan, counts)) / base
+        tried.append((counts, measure(prune_to_counts(model, example, plan, counts)) / base))
+        return tried[-1]
 
     hi = max_saving(curves)
     counts_hi, r_hi = ratio(hi)
@@ -146,12 +149,47 @@ def _search(
         else:
             hi = saving
         saving = (lo + hi) / 2
+    # coarse layers (a few wide channels) can jump over the window: from the nearest allocation above the
+    # target, remove single channels, least error per cost first, while the count stays inside the window
+    above = [(r, c) for c, r in tried if r > fraction * (1 + tolerance)]
+    if above and abs(best[1] - fraction) > tolerance * fraction:
+        r, counts = min(above, key=lambda rc: rc[0])
+        counts = dict(counts)
+        for _ in range(200):
+            options = sorted(
+                (_marginal(c, counts[c.name]) / c.cost, c.name) for c in curves if c.cost > 0 and counts[c.name] > 1
+            )
+            for _, name in options:
+                trial = {**counts, name: counts[name] - 1}
+                r_trial = measure(prune_to_counts(model, example, plan, trial)) / base
+                if r_trial >= fraction * (1 - tolerance):
+                    counts, r = trial, r_trial
+                    break
+            else:
+                break
+            if abs(r - fraction) < abs(best[1] - fraction):
+                best = (counts, r)
+            if r <= fraction * (1 + tolerance):
+                break
     if abs(best[1] - fraction) > tolerance * fraction:
         raise UserError(
             f"could not meet target {fraction} within {tolerance:.0%} (nearest {best[1]:.4f}); "
             "the layers are too coarse: try a nearby target"
         )
     return best[0], best[1], iterations + 1
+
+
+def _marginal(curve: LayerCurve, count: int) -> float:
+    """Error added by removing one more channel at ``count`` (the curve interpolated linearly)."""
+
+    def err(k: int) -> float:
+        pts = list(zip(curve.counts, curve.errors, strict=True))  # descending counts
+        for (k0, e0), (k1, e1) in zip(pts, pts[1:], strict=False):
+            if k1 <= k <= k0:
+                return e0 + (e1 - e0) * (k0 - k) / max(k0 - k1, 1)
+        return pts[-1][1] + (pts[-1][0] - k)  # below the curve's range: heavily penalised
+
+    return max(err(count - 1) - err(count), 0.0)
 
 
 def plan_target(
