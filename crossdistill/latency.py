@@ -145,7 +145,7 @@ def _fresh(layer: nn.Module) -> nn.Module:
 def latency_measure(
     input_shape: Sequence[int], batch: int = 64, table: LatencyTable | None = None
 ) -> Callable[[nn.Module], float]:
-    """model -> milliseconds in this device's latency table, at ``batch``; for :func:`crossdistill.target.plan_target`."""
+    """model -> milliseconds in this device's latency table at ``batch`` (the cost of a latency target)."""
     table = table or LatencyTable()
     return lambda model: table.model_ms(model, input_shape, batch)
 
