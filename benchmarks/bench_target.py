@@ -41,6 +41,7 @@ from crossdistill.allocate import prune_to_counts
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
+from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
@@ -172,29 +173,26 @@ def run_cells(args) -> None:
                         extra: dict = {}
                         kept_channels: dict[str, list[int]] = {}
                         dropped: list[str] = []
-                        start = teacher
                         if variant == "uniform":
                             keep = uniform_keep(teacher, example, plan, fraction)
                             overrides = {p.name: keep for p in plan}
                             extra["keep"] = keep
-                        elif variant.startswith("alloc-") or variant in ("blocks", "mixed"):
+                        elif variant.startswith("alloc-"):
                             cfg = copy.deepcopy(base_cfg)
                             cfg.target = {"flops": fraction}
-                            cfg.signal = variant.removeprefix("alloc-") if variant.startswith("alloc-") else "recon"
-                            cfg.depth = variant if variant in ("blocks", "mixed") else "channels"
-                            try:
-                                if cfg.depth == "channels":
-                                    alloc = plan_target(teacher, images, cfg)
-                                else:
-                                    from crossdistill.blockdrop import plan_blocks
-
-                                    start, alloc = plan_blocks(teacher, images, cfg)
-                                    dropped = alloc.dropped_blocks
-                            except Exception as e:  # noqa: BLE001 - a variant that cannot run is recorded
-                                print(f"{model_name} {variant}: {e}", flush=True)
-                                continue
+                            cfg.signal = variant.removeprefix("alloc-")
+                            alloc = plan_target(teacher, images, cfg)
                             overrides = alloc.keep_overrides
                             extra["kept_fraction"] = alloc.kept_fraction
+                        elif variant in ("blocks", "mixed"):  # compress() drops the blocks itself
+                            try:
+                                from crossdistill.blockdrop import residual_blocks
+
+                                residual_blocks(teacher)
+                            except UserError as e:
+                                print(f"{model_name} {variant}: {e}", flush=True)
+                                continue
+                            overrides = {}
                         else:
                             kept_channels = tp_allocation(teacher, images, plan, variant.removeprefix("tp-"), fraction)
                             overrides = overrides_for(teacher, plan, kept_channels)
@@ -211,10 +209,15 @@ def run_cells(args) -> None:
                             else:
                                 cfg = copy.deepcopy(base_cfg)
                                 cfg.method = refit
-                                cfg.keep_overrides = overrides
-                                cfg.kept_channels = {n: c for n, c in kept_channels.items() if overrides[n] < 1.0}
-                                cfg.exclude = [n for n, _ in start.named_modules() if n.endswith(".adaptor")] or None
-                                student, _ = _compress_from(start, teacher, images, cfg)
+                                if variant in ("blocks", "mixed"):
+                                    cfg.target, cfg.depth = {"flops": fraction}, variant
+                                else:
+                                    cfg.keep_overrides = overrides
+                                    cfg.kept_channels = {n: c for n, c in kept_channels.items() if overrides[n] < 1}
+                                student, report = compress(teacher, images, cfg)
+                                if report.allocation is not None:
+                                    dropped = report.allocation["dropped_blocks"]
+                                    extra["kept_fraction"] = report.allocation["kept_fraction"]
                             seconds = time.perf_counter() - t1 + alloc_seconds
                             acc = accuracy(student, test.images, test.labels, info)
                             row = {
@@ -228,15 +231,6 @@ def run_cells(args) -> None:
                             append_jsonl(out, row)
                             msg = f"acc {acc:.4f} flops {row['flops_fraction']:.3f} ({seconds:.0f} s)"
                             print(f"{model_name} {fraction} K={k} seed={seed} {variant} {refit} {msg}", flush=True)
-
-
-def _compress_from(start: nn.Module, teacher: nn.Module, images, cfg):
-    """compress() re-fits ``start`` (the teacher, or a block-dropped copy) against ``teacher``."""
-    if start is teacher:
-        return compress(teacher, images, cfg)
-    from crossdistill.blockdrop import compress_dropped
-
-    return compress_dropped(teacher, start, images, cfg)
 
 
 def table(out: Path) -> str:

@@ -51,7 +51,15 @@ from .plan import LayerPlan
 from .pruning import ChannelRemover
 from .solvers import LayerStats, channel_scores
 
-__all__ = ["LayerCurve", "SIGNALS", "sensitivity_curves", "channel_costs", "allocate", "prune_to_counts"]
+__all__ = [
+    "LayerCurve",
+    "SIGNALS",
+    "sensitivity_curves",
+    "channel_costs",
+    "allocate",
+    "hull_segments",
+    "prune_to_counts",
+]
 
 SIGNALS = ("recon", "penultimate")
 
@@ -211,10 +219,9 @@ def _hull(xs: list[float], ys: list[float]) -> list[int]:
     return hull
 
 
-def allocate(curves: list[LayerCurve], saving: float) -> dict[str, int]:
-    """Kept prunable channels per layer that save ``saving`` (in the curves' cost units) at the least summed
-    error: greedy on the steepest-first hull segments, the last one cut at channel granularity."""
-    segments = []  # (error per cost, layer, from count, to count)
+def hull_segments(curves: list[LayerCurve]) -> list[tuple[float, LayerCurve, int, int]]:
+    """(error per cost saved, curve, from count, to count) of every lower-hull segment, flattest first."""
+    segments = []
     for c in curves:
         if c.cost <= 0:
             continue
@@ -225,6 +232,13 @@ def allocate(curves: list[LayerCurve], saving: float) -> dict[str, int]:
             segments.append((max(slope, 0.0), c, c.counts[a], c.counts[b]))
     # hull slopes increase along each curve, so a stable sort by slope keeps each layer's segments in order
     segments.sort(key=lambda s: s[0])
+    return segments
+
+
+def allocate(curves: list[LayerCurve], saving: float) -> dict[str, int]:
+    """Kept prunable channels per layer that save ``saving`` (in the curves' cost units) at the least summed
+    error: greedy on the flattest hull segments first, the last one cut at channel granularity."""
+    segments = hull_segments(curves)
     counts = {c.name: c.prunable for c in curves}
     left = saving
     for _, c, k_from, k_to in segments:

@@ -233,12 +233,6 @@ def compress(
     images = images.to(device)
     check_images(teacher, images)
     student = copy.deepcopy(teacher)
-    # budget: the target becomes per-layer keeps (and dropped blocks), then the run goes on as usual
-    allocation = None
-    if cfg.target is not None:
-        from .target import apply_target
-
-        student, allocation = apply_target(teacher, student, images, cfg)
     if cfg.bn_mode == "train":
         teacher.train()
         student.train()
@@ -246,6 +240,12 @@ def compress(
     example = images[:1]
     params_before = sum(p.numel() for p in student.parameters())
     flops_before = count_flops(student, example.shape[1:])
+    # budget: the target becomes per-layer keeps (and dropped blocks), then the run goes on as usual
+    allocation = None
+    if cfg.target is not None:
+        from .target import apply_target
+
+        student, allocation = apply_target(teacher, student, images, cfg)
 
     # plan: layers in forward order with their keep ratios
     remover = ChannelRemover(student, example) if cfg.prune == "structured" else None

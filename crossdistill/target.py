@@ -308,13 +308,19 @@ def apply_target(
 ) -> tuple[nn.Module, Allocation]:
     """compress()'s budget step: sets ``cfg.keep_overrides`` (and, for depth 'blocks'/'mixed', drops blocks
     of ``student``); returns the student to compress and the allocation for the report."""
+    was_training = teacher.training  # bn_mode='train': the allocation itself runs in eval mode
     if cfg.depth == "channels":
         alloc = plan_target(teacher, images, cfg)
     else:
         from .blockdrop import plan_blocks
 
         student, alloc = plan_blocks(teacher, images, cfg)
-    cfg.keep_overrides = dict(alloc.keep_overrides)
+    teacher.train(was_training)
+    student.train(was_training)
+    if alloc.dropped_blocks:
+        # the adaptors are not in the teacher: fitted already, they are left out of the layer-wise re-fit
+        cfg.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in alloc.dropped_blocks]]
+    cfg.keep_overrides = {"*": 1.0, **alloc.keep_overrides}  # layers the allocation leaves out stay whole
     return student, alloc
 
 
