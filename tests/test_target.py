@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,3 +200,95 @@ def test_unreachable_target_names_the_smallest_reachable() -> None:
 def test_bad_targets_are_clear_errors(target, overrides, message) -> None:
     with pytest.raises(UserError, match=message):
         CompressConfig(target=target, **overrides).validate()
+
+
+# --------------------------------------------------------------------------- depth: dropping blocks
+
+
+def test_block_drop_gives_a_smaller_runnable_student_that_saves_and_loads(tmp_path) -> None:
+    from crossdistill.checkpoint import load_checkpoint
+    from crossdistill.student import save_student
+
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    student, report = compress(model, x, target={"flops": 0.6}, depth="blocks", method="nc")
+    dropped = report.allocation["dropped_blocks"]
+    assert dropped and report.flops_after <= 0.6 * 1.01 * report.flops_before
+    assert report.flops_after > 0.4 * report.flops_before  # stops once the target is reached
+    assert all(type(student.get_submodule(b)).__name__ == "DroppedBlock" for b in dropped)
+    assert torch.isfinite(student(x)).all()
+    meta = {"model": "resnet20", "num_classes": 10, "in_channels": 1}
+    paths = save_student(student, tmp_path, meta, report.to_dict(), x, onnx=False)
+    loaded, _ = load_checkpoint(paths["weights"])
+    torch.testing.assert_close(loaded.eval()(x), student.eval()(x))
+
+
+def test_block_drop_fits_an_adaptor_where_the_shapes_differ() -> None:
+    from crossdistill.blockdrop import drop_blocks
+
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    dropped = drop_blocks(model, ["layer2.0"], x)  # 16 -> 32 channels, stride 2: option-A shortcut
+    adaptor = dropped.get_submodule("layer2.0.adaptor")
+    assert isinstance(adaptor, nn.Conv2d) and adaptor.kernel_size == (1, 1) and adaptor.stride == (2, 2)
+    assert isinstance(drop_blocks(model, ["layer2.1"], x).get_submodule("layer2.1.adaptor"), nn.Identity)
+
+
+@pytest.mark.parametrize("build", [BottleneckResNet])
+def test_mixed_meets_the_target_on_torchvision_style_blocks(build) -> None:
+    x = torch.randn(8, 3, 12, 12)
+    alloc = _check_met(_ready(build(), x), x, "flops", 0.5, depth="mixed")
+    assert alloc["depth"] == "mixed"
+
+
+def test_mixed_meets_the_target_on_a_registry_resnet() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    _check_met(_ready(get_model("resnet20", 10, 1), x), x, "flops", 0.4, depth="mixed")
+
+
+def test_block_drop_on_a_model_without_residual_blocks_names_the_fix() -> None:
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(UserError, match="depth='channels'"):
+        compress(_ready(get_model("vgg16", 10, 1), x), x, target={"flops": 0.5}, depth="blocks", method="nc")
+
+
+# --------------------------------------------------------------------------- latency table
+
+
+def test_latency_table_round_trips_through_its_cache_file(tmp_path, monkeypatch) -> None:
+    from crossdistill.latency import LatencyTable
+
+    conv, shape = nn.Conv2d(8, 16, 3, padding=1), (4, 8, 10, 10)
+    table = LatencyTable(tmp_path / "lat.json")
+    ms = table.lookup(conv, shape, 4)
+    table.save()
+    again = LatencyTable(tmp_path / "lat.json")
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cached entry was measured again")
+
+    monkeypatch.setattr(again, "_time", no_timing)
+    assert again.lookup(conv, shape, 4) == ms and again.measured == 0
+
+
+def test_latency_table_lives_in_the_user_cache_per_device(_isolated_cache) -> None:
+    from crossdistill.latency import LatencyTable, device_key
+
+    x = torch.randn(2, 1, 12, 12)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    table = LatencyTable()
+    assert table.path == _isolated_cache / f"latency-{device_key()}.json"
+    total = table.model_ms(model, (1, 12, 12), 2)
+    assert total > 0 and table.path.exists() and table.measured > 0
+    assert LatencyTable().model_ms(model, (1, 12, 12), 2) == total  # read back, nothing re-measured
+
+
+def test_latency_target_reports_the_timed_ratio_and_its_noise() -> None:
+    x = torch.randn(6, 3, 12, 12)
+    model = _ready(TinySENet(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the timed ratio may miss on a loaded machine: that warning is fine here
+        _, report = compress(model, x, target={"latency": 0.7}, latency_batch=4, method="nc")
+    timing = report.allocation["timing"]
+    assert set(timing) == {"timed_ratio", "noise", "table_ratio"}
+    assert 0 < timing["table_ratio"] < 1 and timing["noise"] >= 0
