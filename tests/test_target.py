@@ -292,3 +292,36 @@ def test_latency_target_reports_the_timed_ratio_and_its_noise() -> None:
     timing = report.allocation["timing"]
     assert set(timing) == {"timed_ratio", "noise", "table_ratio"}
     assert 0 < timing["table_ratio"] < 1 and timing["noise"] >= 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_target_writes_the_allocation_plot_and_report(tmp_path, fashion_dir) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from crossdistill.cli import DEMO_TEACHER, app
+
+    out = tmp_path / "student"
+    args = ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", "nc", "--target-flops", "0.6",
+            "--out", str(out), "--test-limit", "100", "--no-latency", "--data-dir", str(fashion_dir)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "allocation.png").stat().st_size > 0
+    alloc = json.loads((out / "report.json").read_text())["allocation"]
+    assert alloc["asked"] == 0.6 and abs(alloc["check"]["achieved"] - 0.6) <= 0.012
+    assert set(alloc["kept_fraction"]) == set(alloc["flops_share"])
+
+
+def test_cli_rejects_two_targets_and_a_target_with_keep(fashion_dir) -> None:
+    from typer.testing import CliRunner
+
+    from crossdistill.cli import DEMO_TEACHER, app
+
+    base = ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--data-dir", str(fashion_dir)]
+    res = CliRunner().invoke(app, [*base, "--target-flops", "0.5", "--target-params", "0.5"])
+    assert res.exit_code == 2 and "give one of --target-flops" in res.output
+    res = CliRunner().invoke(app, [*base, "--target-flops", "0.5", "--keep", "0.3"])
+    assert res.exit_code == 2 and "either keep" in res.output
