@@ -118,9 +118,11 @@ def _search(
     fraction: float,
     tolerance: float,
     iterations: int = 30,
+    strict: bool = True,
 ) -> tuple[dict[str, int], float, int]:
     """Bisection on the saving asked of the allocator until measure(pruned) / measure(model) is within
-    ``tolerance`` (relative) of ``fraction``; returns (counts, achieved fraction, real counts taken)."""
+    ``tolerance`` (relative) of ``fraction``; returns (counts, achieved fraction, real counts taken).
+    ``strict=False`` (a noisy measure: the latency table) returns the nearest instead of raising."""
     base = measure(model)
 
     tried: list[tuple[dict[str, int], float]] = []
@@ -133,6 +135,8 @@ def _search(
     hi = max_saving(curves)
     counts_hi, r_hi = ratio(hi)
     if r_hi > fraction * (1 + tolerance):
+        if not strict:
+            return counts_hi, r_hi, 1
         raise UserError(
             f"the smallest student reachable by narrowing channels keeps {r_hi:.3f} of the teacher "
             f"(target {fraction}); raise the target, or drop blocks too (depth='mixed')"
@@ -154,7 +158,7 @@ def _search(
     # coarse layers (a few wide channels) can jump over the window: from the nearest allocation above the
     # target, remove single channels, least error per cost first, while the count stays inside the window
     above = [(r, c) for c, r in tried if r > fraction * (1 + tolerance)]
-    if above and abs(best[1] - fraction) > tolerance * fraction:
+    if strict and above and abs(best[1] - fraction) > tolerance * fraction:
         r, counts = min(above, key=lambda rc: rc[0])
         counts = dict(counts)
         for _ in range(200):
@@ -173,7 +177,7 @@ def _search(
                 best = (counts, r)
             if r <= fraction * (1 + tolerance):
                 break
-    if abs(best[1] - fraction) > tolerance * fraction:
+    if strict and abs(best[1] - fraction) > tolerance * fraction:
         raise UserError(
             f"could not meet target {fraction} within {tolerance:.0%} (nearest {best[1]:.4f}); "
             "the layers are too coarse: try a nearby target"
@@ -221,7 +225,9 @@ def _calibrate_latency(
     asked = fraction
     best = None
     for _ in range(rounds):
-        counts, table_ratio, _ = _search(teacher, example, plan, curves, measure, asked, cfg.target_tolerance)
+        counts, table_ratio, _ = _search(
+            teacher, example, plan, curves, measure, asked, cfg.target_tolerance, strict=False
+        )
         probe = prune_to_counts(teacher, example, plan, counts)
         timed, noise = timed_ratio(teacher, probe, example.shape[1:], cfg.latency_batch)
         if best is None or abs(timed - fraction) < abs(best[1] - fraction):
@@ -269,10 +275,12 @@ def plan_target(
         raise UserError("no layer can be narrowed for a target; check --include/--exclude patterns")
     curves = sensitivity_curves(teacher, images, plan, cfg.signal, batch_size=cfg.batch_size)
     channel_costs(teacher, example, curves, plan, measure)
-    counts, achieved, searches = _search(teacher, example, plan, curves, measure, fraction, cfg.target_tolerance)
     timing: dict[str, float] = {}
     if kind == "latency" and not custom:
         counts, achieved, timing = _calibrate_latency(teacher, example, plan, curves, measure, fraction, cfg)
+        searches = 0
+    else:
+        counts, achieved, searches = _search(teacher, example, plan, curves, measure, fraction, cfg.target_tolerance)
     overrides, kept = {}, {}
     for c in curves:
         k = counts[c.name]
