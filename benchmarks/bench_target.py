@@ -16,7 +16,9 @@ Per (model, FLOPs target, K, seed), every variant sees the same few-shot draw:
   Taylor (gradients of the cross-entropy against the teacher's own
   predictions on the few images: label-free); its pruning ratio bisected to
   the FLOPs target. Without re-fit (``refit=none``: channels removed, weights
-  as they are) and with our re-fit of exactly its kept channels.
+  as they are) and with our re-fit of exactly its kept channels;
+- ``tp-magnitude-counts``: Torch-Pruning's per-layer counts, our channel
+  selection and re-fit (separates its allocation from its channel choice).
 
 Each allocation is re-fitted with ``nc`` and ``ours-s``. Accuracy on the full
 test split (or ``--test-limit``). Then ``python benchmarks/bench_target.py --table``
@@ -48,7 +50,10 @@ from crossdistill.pruning import ChannelRemover
 from crossdistill.target import plan_target, pruned_plan
 from crossdistill.train import accuracy
 
-VARIANTS = ["uniform", "alloc-recon", "alloc-penultimate", "blocks", "mixed", "tp-magnitude", "tp-taylor"]
+VARIANTS = [
+    "uniform", "alloc-recon", "alloc-penultimate", "blocks", "mixed", "tp-magnitude", "tp-taylor",
+    "tp-magnitude-counts",
+]  # fmt: skip
 
 
 def flops_fraction(model: nn.Module, shape, base: float) -> float:
@@ -163,7 +168,8 @@ def run_cells(args) -> None:
                     shape = example.shape[1:]
                     base = count_flops(teacher, shape)
                     for variant in args.variants:
-                        refits = ["none", *args.refits] if variant.startswith("tp-") else args.refits
+                        tp_own = variant in ("tp-magnitude", "tp-taylor")  # its own channels: also without re-fit
+                        refits = ["none", *args.refits] if tp_own else args.refits
                         todo = [r for r in refits if (model_name, fraction, k, seed, variant, r) not in done]
                         if not todo:
                             continue
@@ -193,8 +199,9 @@ def run_cells(args) -> None:
                                 print(f"{model_name} {variant}: {e}", flush=True)
                                 continue
                             overrides = {}
-                        else:
-                            kept_channels = tp_allocation(teacher, images, plan, variant.removeprefix("tp-"), fraction)
+                        else:  # tp-*: Torch-Pruning's channels; tp-*-counts: its per-layer counts, our channels
+                            importance = variant.removeprefix("tp-").removesuffix("-counts")
+                            kept_channels = tp_allocation(teacher, images, plan, importance, fraction)
                             overrides = overrides_for(teacher, plan, kept_channels)
                             extra["kept_fraction"] = {
                                 p.name: _n_prunable_kept(teacher, p, kept_channels[p.name])
@@ -213,7 +220,8 @@ def run_cells(args) -> None:
                                     cfg.target, cfg.depth = {"flops": fraction}, variant
                                 else:
                                     cfg.keep_overrides = overrides
-                                    cfg.kept_channels = {n: c for n, c in kept_channels.items() if overrides[n] < 1}
+                                    if tp_own:
+                                        cfg.kept_channels = {n: c for n, c in kept_channels.items() if overrides[n] < 1}
                                 student, report = compress(teacher, images, cfg)
                                 if report.allocation is not None:
                                     dropped = report.allocation["dropped_blocks"]
