@@ -274,6 +274,16 @@ def _check_classes_fit(model, x, classes: list[str], flag: str) -> None:
         )
 
 
+def _check_target(teacher, student, x, cfg) -> dict:
+    """The target measured on the real student: FLOPs / params counted, latency timed against the teacher."""
+    from .target import check_achieved
+
+    check = check_achieved(teacher, student, tuple(x.shape[1:]), cfg)
+    noise = f" (timing noise ±{check['noise']:.3f})" if "noise" in check else ""
+    console.print(f"target {check['kind']} {check['asked']}: achieved {check['achieved']:.3f}{noise}")
+    return check
+
+
 @app.command()
 def compress(
     teacher: Path | None = typer.Option(None, help="teacher checkpoint (.safetensors + .json) of our registry"),
@@ -317,6 +327,15 @@ def compress(
     data_dir: Path | None = typer.Option(None),
     overwrite: bool = typer.Option(False, help="replace the files of a non-empty --out folder"),
     trust_model_file: bool = typer.Option(False, help="--teacher of your model: import the file it names"),
+    # --- budget (crossdistill.target): give one target instead of --keep
+    target_flops: float | None = typer.Option(None, help="student FLOPs as a fraction of the teacher's, e.g. 0.5"),
+    target_params: float | None = typer.Option(None, help="student parameters as a fraction of the teacher's"),
+    target_latency: float | None = typer.Option(
+        None, help="student latency on this device (at --latency-batch) as a fraction of the teacher's"
+    ),
+    latency_batch: int = typer.Option(DEFAULTS.latency_batch, help="batch size of a latency target"),
+    signal: str = typer.Option(DEFAULTS.signal, help="target: sensitivity signal, recon | penultimate"),
+    depth: str = typer.Option(DEFAULTS.depth, help="target: channels | blocks (drop residual blocks) | mixed"),
 ) -> None:
     """Compress a teacher with a few images; save the student and print a before/after table.
 
@@ -401,6 +420,16 @@ def compress(
             skip_unsupported=skip_unsupported,
             keep_overrides=load_keep_file(keep_file) if keep_file else {},
         )
+        targets = {
+            n: v
+            for n, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency))
+            if v is not None
+        }
+        if len(targets) > 1:
+            raise UserError("give one of --target-flops, --target-params, --target-latency")
+        if targets:
+            cfg.target, cfg.signal, cfg.depth, cfg.latency_batch = targets, signal, depth, latency_batch
+            cfg.validate()
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
         if model_file is not None:  # accuracy only on a given labelled test folder
@@ -417,7 +446,14 @@ def compress(
                 "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),
                 f"student ({method})": eval_model(student, ds, data_dir=data_dir, limit=test_limit, latency=latency),
             }
-        Console().print(render_table(reports, title=f"{title}: {prune} keep {keep}"))
+        budget = f"target {cfg.target}" if cfg.target else f"keep {keep}"
+        Console().print(render_table(reports, title=f"{title}: {prune} {budget}"))
+        files = {}
+        if cfg.target:
+            from .target import plot_allocation
+
+            report.allocation["check"] = _check_target(model, student, x, cfg)
+            files["allocation.png"] = lambda path: plot_allocation(report.allocation, path)
         rep = {
             **report.to_dict(),
             "k": k if model_file is None else None,
@@ -427,7 +463,7 @@ def compress(
             "evaluation": {n: r.to_dict() for n, r in reports.items()},
         }
         extra = {"method": method, "k": k, "seed": seed} if model_file is None else {"method": method}
-        paths = save_student(student, out, meta, rep, x, overwrite=overwrite, **extra)
+        paths = save_student(student, out, meta, rep, x, overwrite=overwrite, files=files, **extra)
         console.print(
             f"compressed in {report.seconds:.1f} s (peak memory {report.peak_memory_mb:.0f} MB); "
             f"student written to {paths['weights'].parent}/ "

@@ -112,6 +112,13 @@ def compress(
     # setup: copies of the teacher on the device, checked images
     run = start(cfg.method, teacher, images, None, cfg)
 
+    # budget: a target becomes per-layer keeps (cfg.keep_overrides) and dropped blocks, then the run goes on
+    allocation = None
+    if cfg.target is not None:
+        from .target import apply_target
+
+        run.student, allocation = apply_target(run.teacher, run.student, run.images, cfg)
+
     # plan: layers in forward order with their keep ratios (traced in eval mode, one image)
     plan_layers(run)
 
@@ -136,4 +143,6 @@ def compress(
 
     # one step per layer: capture, solve, write, remove
     refit_layers(run, terms_for, _solver(cfg), on_layer)
-    return finish(run)
+    student, report = finish(run)
+    report.allocation = allocation.to_dict() if allocation is not None else None
+    return student, report

@@ -45,6 +45,15 @@ class CompressConfig:
     batch_size: int = 128  # images per forward while capturing
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
+    # --- budget (crossdistill.target): per-layer keeps allocated from the few images instead of one keep
+    target: dict[str, float] | None = None  # {"flops"|"params"|"latency": fraction of the teacher's}
+    signal: str = "recon"  # recon (layer reconstruction error) | penultimate (error at the penultimate features)
+    depth: str = "channels"  # channels | blocks (drop residual blocks) | mixed (blocks and channels)
+    target_tolerance: float = 0.01  # relative: FLOPs/params of the student within 1 % of the target
+    latency_batch: int = 64  # batch size at which a latency target is measured
+    # structured: layer -> the teacher's input channels to keep, chosen elsewhere (e.g. Torch-Pruning's
+    # global pruning); the layer must be in the plan (keep < 1 for it), the solver then only re-fits
+    kept_channels: dict[str, list[int]] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Check each field's own range; the method name is checked by whoever runs it (methods.py)."""
@@ -63,3 +72,7 @@ class CompressConfig:
         from .checks import check_compress_options  # late: this module stays free of torch for the CLI
 
         check_compress_options(self)
+        if self.target is not None:
+            from .target import check_target_config
+
+            check_target_config(self)

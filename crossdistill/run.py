@@ -82,6 +82,7 @@ class CompressReport:
     sparsity: float  # fraction of zero weights in the processed layers
     seconds: float
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
+    allocation: dict[str, Any] | None = None  # target runs: target asked/achieved, kept fraction per layer, blocks
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -364,6 +365,9 @@ def refit_layers(
             pinned = torch.ones(total, dtype=torch.bool, device=run.device)
             pinned[torch.tensor(p.channels, device=run.device)] = False
             fixed = pinned.nonzero().flatten()
+        if run.structured and p.keep is not None and p.name in cfg.kept_channels:  # channels chosen elsewhere
+            fixed = torch.tensor(sorted(cfg.kept_channels[p.name]), device=run.device)
+            n_keep = len(fixed)
 
         # inputs: the student's with the producer still at full width, the teacher's from the cache
         hS = capture_input(run.student, p.name, run.images, cfg.batch_size)

@@ -16,9 +16,19 @@ __all__ = ["layer_widths", "apply_widths"]
 
 
 def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
+    from .blockdrop import DroppedBlock
+
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, DroppedBlock):  # a residual block replaced by its shortcut (crossdistill.blockdrop)
+            a = m.adaptor
+            out[name] = {
+                "type": "dropped_block",
+                "adaptor": None
+                if isinstance(a, nn.Identity)
+                else {"in": a.in_channels, "out": a.out_channels, "stride": a.stride[0]},
+            }
+        elif isinstance(m, nn.Conv2d):
             out[name] = {"type": "conv2d", "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
         elif isinstance(m, nn.Linear):
             out[name] = {"type": "linear", "in": m.in_features, "out": m.out_features}
@@ -35,7 +45,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_widths(model: nn.Module, widths: dict[str, dict[str, Any]]) -> nn.Module:
     """Resize the layers of ``model`` in place to the recorded ``widths``."""
+    from .blockdrop import DroppedBlock
+
     for name, w in widths.items():
+        if w["type"] == "dropped_block":
+            a = w["adaptor"]
+            _replace(model, name, DroppedBlock(a and nn.Conv2d(a["in"], a["out"], 1, a["stride"], bias=True)))
+            continue
         m = model.get_submodule(name)
         if isinstance(m, nn.Conv2d) and (m.in_channels, m.out_channels, m.groups) != (w["in"], w["out"], w["groups"]):
             new = nn.Conv2d(

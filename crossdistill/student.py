@@ -76,10 +76,12 @@ def save_student(
     ``teacher_meta`` names the architecture: ``model`` (a registry name, with ``num_classes`` and
     ``in_channels``) or ``model_file`` (``path.py:function`` building the user's model). ``onnx=``:
     write ``student.onnx`` (None, the default: when the onnx package is installed). Further keywords
-    (``method=``, ``k=``, ``seed=``; or a dict as ``extra_meta=``, the older spelling) go into student.json.
+    (``method=``, ``k=``, ``seed=``; or a dict as ``extra_meta=``, the older spelling) go into student.json,
+    except ``files=``: ``{file name: write(path)}``, more files of the set (e.g. a plot).
     A non-empty ``out_dir`` is refused unless ``overwrite``; the files appear together or not at all.
     """
     onnx = extra_meta.pop("onnx", None)
+    more_files = extra_meta.pop("files", None) or {}
     extra_meta = {**(extra_meta.pop("extra_meta", None) or {}), **extra_meta}
     out = Path(out_dir)
     student = student.cpu().eval()
@@ -117,9 +119,11 @@ def save_student(
         if "onnx" in names:
             export_onnx(student, folder / names["onnx"], x)
         atomic_write(folder / names["report"], lambda tmp: Path(tmp).write_text(text))
+        for name, write_file in more_files.items():
+            write_file(folder / name)
 
     write_folder(out, write, overwrite)
-    return {key: out / name for key, name in names.items()}
+    return {**{key: out / name for key, name in names.items()}, **{name: out / name for name in more_files}}
 
 
 def _two(example: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,285 @@
+"""Compress to a FLOPs target: uniform vs allocated vs Torch-Pruning's global pruning (resumable JSONL).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_target.py --models resnet56 --targets 0.5 --ks 1 --seeds 0 1 2
+
+Per (model, FLOPs target, K, seed), every variant sees the same few-shot draw:
+
+- ``uniform``: one keep ratio for every pruned layer, the one (on a 1/256 grid)
+  whose FLOPs come nearest the target;
+- ``alloc-recon`` / ``alloc-penultimate``: per-layer keeps from
+  :func:`crossdistill.target.plan_target` with either sensitivity signal;
+- ``blocks`` / ``mixed``: residual blocks dropped (alone / with channels),
+  :mod:`crossdistill.blockdrop` (models with residual blocks only);
+- ``tp-magnitude`` / ``tp-taylor``: Torch-Pruning's MetaPruner with
+  ``global_pruning=True`` over the same coupled groups our plan narrows
+  (every other layer in ``ignored_layers``), importance L2 magnitude or
+  Taylor (gradients of the cross-entropy against the teacher's own
+  predictions on the few images: label-free); its pruning ratio bisected to
+  the FLOPs target. Without re-fit (``refit=none``: channels removed, weights
+  as they are) and with our re-fit of exactly its kept channels;
+- ``tp-magnitude-counts``: Torch-Pruning's per-layer counts, our channel
+  selection and re-fit (separates its allocation from its channel choice).
+
+Each allocation is re-fitted with ``nc`` and ``ours-s``. Accuracy on the full
+test split (or ``--test-limit``). Then ``python benchmarks/bench_target.py --table``
+writes the markdown table next to the JSONL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from torch import nn
+
+from crossdistill.allocate import prune_to_counts
+from crossdistill.checkpoint import load_checkpoint
+from crossdistill.compress import CompressConfig, compress
+from crossdistill.data import dataset_info, load_dataset, load_few_shot
+from crossdistill.errors import UserError
+from crossdistill.evaluate import count_flops
+from crossdistill.plan import keep_count
+from crossdistill.pruning import ChannelRemover
+from crossdistill.target import plan_target, pruned_plan
+from crossdistill.train import accuracy
+
+VARIANTS = [
+    "uniform", "alloc-recon", "alloc-penultimate", "blocks", "mixed", "tp-magnitude", "tp-taylor",
+    "tp-magnitude-counts",
+]  # fmt: skip
+
+
+def flops_fraction(model: nn.Module, shape, base: float) -> float:
+    return count_flops(model, shape) / base
+
+
+def uniform_keep(teacher, example, plan, fraction: float) -> float:
+    """The keep ratio on a 1/256 grid whose uniformly pruned model's FLOPs come nearest ``fraction``."""
+    base = count_flops(teacher, example.shape[1:])
+    best = (float("inf"), 1.0)
+    lo, hi = 1, 256  # FLOPs grow with keep: bisection, then the nearer neighbour
+    while lo < hi:
+        mid = (lo + hi) // 2
+        counts = {p.name: keep_count(len(p.channels or range(teacher.get_submodule(p.name).weight.shape[1])),
+                                     mid / 256) for p in plan}  # fmt: skip
+        r = count_flops(prune_to_counts(teacher, example, plan, counts), example.shape[1:]) / base
+        best = min(best, (abs(r - fraction), mid / 256))
+        if r < fraction:
+            lo = mid + 1
+        else:
+            hi = mid
+    return best[1]
+
+
+def tp_channels(teacher, images, plan, importance: str, ratio: float) -> dict[str, list[int]]:
+    """Input channels of each plan layer that Torch-Pruning's global pruning keeps at ``ratio``."""
+    model = copy.deepcopy(teacher).eval()
+    names = {m: n for n, m in model.named_modules()}
+    plan_names = {p.name for p in plan}
+    remover = ChannelRemover(model, images[:1])
+    producers = {out for p in plan for out in remover.coupled_layers(model.get_submodule(p.name))[1]}
+    ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in producers]
+    if importance == "taylor":
+        imp = tp.importance.TaylorImportance()
+        logits = model(images)
+        F.cross_entropy(logits, logits.argmax(1).detach()).backward()  # label-free: the teacher's own predictions
+    else:
+        imp = tp.importance.MagnitudeImportance(p=2)
+    pruner = tp.pruner.MetaPruner(
+        model, images[:1], imp, global_pruning=True, pruning_ratio=ratio, max_pruning_ratio=0.95,
+        ignored_layers=ignored,
+    )  # fmt: skip
+    dropped: dict[str, set[int]] = {}
+    for group in pruner.step(interactive=True):  # not pruned: only the indices are read
+        for item in group:
+            name = names.get(item.dep.target.module)
+            if name in plan_names and pruner.DG.is_in_channel_pruning_fn(item.dep.handler):
+                dropped.setdefault(name, set()).update(int(i) for i in item.idxs)
+    return {
+        p.name: [j for j in range(teacher.get_submodule(p.name).weight.shape[1]) if j not in dropped.get(p.name, ())]
+        for p in plan
+    }
+
+
+def tp_allocation(teacher, images, plan, importance: str, fraction: float) -> dict[str, list[int]]:
+    """Bisection on Torch-Pruning's global ratio until the FLOPs come within 1 % of ``fraction``."""
+    example = images[:1]
+    base = count_flops(teacher, example.shape[1:])
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(20):
+        ratio = (lo + hi) / 2
+        kept = tp_channels(teacher, images, plan, importance, ratio)
+        counts = {p.name: _n_prunable_kept(teacher, p, kept[p.name]) for p in plan}
+        r = count_flops(prune_to_counts(teacher, example, plan, counts), example.shape[1:]) / base
+        if best is None or abs(r - fraction) < best[0]:
+            best = (abs(r - fraction), kept)
+        if abs(r - fraction) <= 0.01 * fraction:
+            break
+        lo, hi = (ratio, hi) if r > fraction else (lo, ratio)
+    return best[1]
+
+
+def _n_prunable_kept(teacher, p, kept: list[int]) -> int:
+    prunable = set(p.channels) if p.channels is not None else None
+    return len(kept) if prunable is None else len([j for j in kept if j in prunable])
+
+
+def remove_channels(teacher, example, kept: dict[str, list[int]]) -> nn.Module:
+    student = copy.deepcopy(teacher).eval()
+    remover = ChannelRemover(student, example)
+    for name, ch in kept.items():
+        remover.remove_input_channels(name, torch.tensor(ch))
+    return student
+
+
+def overrides_for(teacher, plan, kept: dict[str, list[int]]) -> dict[str, float]:
+    out = {}
+    for p in plan:
+        n = len(p.channels) if p.channels is not None else teacher.get_submodule(p.name).weight.shape[1]
+        k = _n_prunable_kept(teacher, p, kept[p.name])
+        out[p.name] = 1.0 if k >= n else (k + 0.5) / n
+    return out
+
+
+def run_cells(args) -> None:
+    out = Path(args.out)
+    keys = ("model", "target", "k", "seed", "variant", "refit")
+    done = {tuple(r[k] for k in keys) for r in read_jsonl(out)}
+    info = dataset_info(args.dataset)
+    test = load_dataset(info.name, "test")
+    if args.test_limit:
+        test.images, test.labels = test.images[: args.test_limit], test.labels[: args.test_limit]
+    env = {**machine(), "tp": tp.__version__, "note": "shared 2-core machine, loaded by other jobs"}
+    for model_name in args.models:
+        teacher, meta = load_checkpoint(teacher_path(model_name, info.name))
+        teacher.eval()
+        for fraction in args.targets:
+            for k in args.ks:
+                for seed in args.seeds:
+                    images, _ = load_few_shot(info.name, k, seed)
+                    example = images[:1]
+                    shape = example.shape[1:]
+                    base = count_flops(teacher, shape)
+                    for variant in args.variants:
+                        tp_own = variant in ("tp-magnitude", "tp-taylor")  # its own channels: also without re-fit
+                        refits = ["none", *args.refits] if tp_own else args.refits
+                        todo = [r for r in refits if (model_name, fraction, k, seed, variant, r) not in done]
+                        if not todo:
+                            continue
+                        t0 = time.perf_counter()
+                        base_cfg = CompressConfig(mu=official_mu(model_name))
+                        plan = pruned_plan(teacher, example, base_cfg)
+                        extra: dict = {}
+                        kept_channels: dict[str, list[int]] = {}
+                        dropped: list[str] = []
+                        if variant == "uniform":
+                            keep = uniform_keep(teacher, example, plan, fraction)
+                            overrides = {p.name: keep for p in plan}
+                            extra["keep"] = keep
+                        elif variant.startswith("alloc-"):
+                            cfg = copy.deepcopy(base_cfg)
+                            cfg.target = {"flops": fraction}
+                            cfg.signal = variant.removeprefix("alloc-")
+                            alloc = plan_target(teacher, images, cfg)
+                            overrides = alloc.keep_overrides
+                            extra["kept_fraction"] = alloc.kept_fraction
+                        elif variant in ("blocks", "mixed"):  # compress() drops the blocks itself
+                            try:
+                                from crossdistill.blockdrop import residual_blocks
+
+                                residual_blocks(teacher)
+                            except UserError as e:
+                                print(f"{model_name} {variant}: {e}", flush=True)
+                                continue
+                            overrides = {}
+                        else:  # tp-*: Torch-Pruning's channels; tp-*-counts: its per-layer counts, our channels
+                            importance = variant.removeprefix("tp-").removesuffix("-counts")
+                            kept_channels = tp_allocation(teacher, images, plan, importance, fraction)
+                            overrides = overrides_for(teacher, plan, kept_channels)
+                            extra["kept_fraction"] = {
+                                p.name: _n_prunable_kept(teacher, p, kept_channels[p.name])
+                                / (len(p.channels) if p.channels else teacher.get_submodule(p.name).weight.shape[1])
+                                for p in plan
+                            }
+                        alloc_seconds = time.perf_counter() - t0
+                        for refit in todo:
+                            t1 = time.perf_counter()
+                            if refit == "none":
+                                student = remove_channels(teacher, example, kept_channels)
+                            else:
+                                cfg = copy.deepcopy(base_cfg)
+                                cfg.method = refit
+                                if variant in ("blocks", "mixed"):
+                                    cfg.target, cfg.depth = {"flops": fraction}, variant
+                                else:
+                                    cfg.keep_overrides = overrides
+                                    if tp_own:
+                                        cfg.kept_channels = {n: c for n, c in kept_channels.items() if overrides[n] < 1}
+                                student, report = compress(teacher, images, cfg)
+                                if report.allocation is not None:
+                                    dropped = report.allocation["dropped_blocks"]
+                                    extra["kept_fraction"] = report.allocation["kept_fraction"]
+                            seconds = time.perf_counter() - t1 + alloc_seconds
+                            acc = accuracy(student, test.images, test.labels, info)
+                            row = {
+                                "model": model_name, "dataset": info.name, "target": fraction, "k": k,
+                                "seed": seed, "variant": variant, "refit": refit, "accuracy": acc,
+                                "flops_fraction": flops_fraction(student, shape, base),
+                                "params": sum(p.numel() for p in student.parameters()),
+                                "teacher_accuracy": meta["test_accuracy"], "dropped_blocks": dropped,
+                                "test_images": len(test.labels), "seconds": seconds, "machine": env, **extra,
+                            }  # fmt: skip
+                            append_jsonl(out, row)
+                            msg = f"acc {acc:.4f} flops {row['flops_fraction']:.3f} ({seconds:.0f} s)"
+                            print(f"{model_name} {fraction} K={k} seed={seed} {variant} {refit} {msg}", flush=True)
+
+
+def table(out: Path) -> str:
+    rows = read_jsonl(out)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["target"], r["k"], r["variant"], r["refit"]), []).append(r)
+    lines = [
+        "| model | FLOPs target | K | variant | re-fit | accuracy (mean ± std) | seeds | FLOPs achieved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups):
+        g = groups[key]
+        accs = [r["accuracy"] * 100 for r in g]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        fl = statistics.mean(r["flops_fraction"] for r in g)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.mean(accs):.2f} ± "
+                     f"{std:.2f} | {len(g)} | {fl:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--models", nargs="+", default=["resnet56"])
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.5])
+    ap.add_argument("--ks", nargs="+", type=int, default=[1])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
+    ap.add_argument("--refits", nargs="+", default=["nc", "ours-s"])
+    ap.add_argument("--test-limit", type=int, default=0, help="first N test images only (0: all)")
+    ap.add_argument("--out", default=str(RESULTS / "target_fashion-mnist.jsonl"))
+    ap.add_argument("--table", action="store_true", help="only write the markdown table of --out")
+    args = ap.parse_args()
+    if args.table:
+        md = Path(args.out).with_suffix(".md")
+        md.write_text("# Compress to a FLOPs target (bench_target.py)\n\n" + table(Path(args.out)))
+        print(md.read_text())
+        return
+    run_cells(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Depth: drop whole residual blocks, chosen by recoverability per cost saved (PRACTISE, cheap version).
+
+A dropped block is replaced by a :class:`DroppedBlock` holding its shortcut:
+the identity where the block keeps the shape, else a 1x1 ``adaptor`` conv
+(with bias; stride of the block) fitted by ridge least squares on the few
+images to map the teacher's block input to the teacher's block output.
+
+Score of a block (``depth="blocks"`` / ``"mixed"``): drop it alone from the
+teacher (adaptor fitted), measure the relative error at the penultimate
+features on the few images (how much the rest of the network does *not*
+recover), divide by the cost it saves (FLOPs, parameters or table ms);
+PRACTISE's recoverability divided by latency saved, without its adaptation
+training. Blocks are dropped lowest score first.
+
+- ``blocks``: drop blocks until the cost is at or below the target; the
+  target is met to the granularity of one block (reported as achieved).
+- ``mixed``: blocks and channels under one budget: block drops and the
+  channel curves (penultimate signal, so both errors are on one scale) are
+  ranked together by error per cost; the blocks chosen are dropped, then
+  channels are allocated on the shallower model to meet the target exactly
+  (:func:`crossdistill.target.plan_target`).
+
+Supported: the registry ResNets (:class:`crossdistill.models.BasicBlock`,
+option-A shortcuts) and torchvision-style ``BasicBlock`` / ``Bottleneck``
+modules (``conv1`` ... and a ``downsample`` that is None or conv + BN).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import flops_measure
+from .capture import capture_input, forward_order
+from .errors import UserError
+from .measure import count_params
+
+__all__ = ["DroppedBlock", "residual_blocks", "drop_blocks", "block_scores", "plan_blocks"]
+
+
+class DroppedBlock(nn.Module):
+    """What is left of a dropped residual block: its shortcut (identity or a fitted 1x1 adaptor)."""
+
+    def __init__(self, adaptor: nn.Module | None = None):
+        super().__init__()
+        self.adaptor = adaptor if adaptor is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adaptor(x)
+
+
+def _is_block(m: nn.Module) -> bool:
+    from .models import BasicBlock
+
+    if isinstance(m, BasicBlock):
+        return True
+    return type(m).__name__ in ("BasicBlock", "Bottleneck") and hasattr(m, "conv1") and hasattr(m, "downsample")
+
+
+def residual_blocks(model: nn.Module) -> list[str]:
+    """Names of the droppable residual blocks, in forward order; a clear error if there are none."""
+    blocks = [n for n, m in model.named_modules() if _is_block(m)]
+    if not blocks:
+        raise UserError(
+            f"{type(model).__name__} has no residual block crossdistill can drop (ResNet BasicBlock / Bottleneck "
+            "with a shortcut or .downsample); use depth='channels' for this model"
+        )
+    return blocks
+
+
+def _block_io(model: nn.Module, name: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    block = model.get_submodule(name)
+    store: dict[str, torch.Tensor] = {}
+    h = block.register_forward_hook(lambda m, args, out: store.update(x=args[0].detach(), y=out.detach()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        h.remove()
+    return store["x"], store["y"]
+
+
+@torch.no_grad()
+def fit_adaptor(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> nn.Module:
+    """Identity where shapes agree; else a 1x1 conv (+bias, stride H_in/H_out) fitted by ridge least squares
+    so that adaptor(x) ~ y on the few images."""
+    if x.shape[1:] == y.shape[1:]:
+        return nn.Identity()
+    stride = x.shape[-1] // y.shape[-1]
+    xs = x[:, :, ::stride, ::stride][:, :, : y.shape[-2], : y.shape[-1]]
+    U = xs.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()  # (M, C_in)
+    U = torch.cat([U, torch.ones(len(U), 1, dtype=U.dtype, device=U.device)], 1)  # bias column
+    Y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()  # (M, C_out)
+    G = U.T @ U
+    lam = ridge * float(G.diagonal().mean())
+    W = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device), U.T @ Y)  # (C_in+1, C_out)
+    conv = nn.Conv2d(x.shape[1], y.shape[1], 1, stride, bias=True).to(x.device)
+    conv.weight.copy_(W[:-1].T.reshape(conv.weight.shape).float())
+    conv.bias.copy_(W[-1].float())
+    return conv
+
+
+def drop_blocks(model: nn.Module, names: list[str], images: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with the named blocks replaced by :class:`DroppedBlock` (adaptors fitted on the
+    teacher's own block input and output, so each adaptor is fitted as if it were the only drop)."""
+    out = copy.deepcopy(model).eval()
+    for name in names:
+        x, y = _block_io(model.eval(), name, images)
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, DroppedBlock(fit_adaptor(x, y)))
+    return out
+
+
+def _penultimate(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    order = forward_order(model, images[:1])
+    linears = [n for n in order if isinstance(model.get_submodule(n), nn.Linear)]
+    if linears:
+        return capture_input(model, linears[-1], images)
+    with torch.no_grad():
+        return model(images)
+
+
+def block_scores(model: nn.Module, images: torch.Tensor, measure: Callable[[nn.Module], float]) -> list[dict[str, Any]]:
+    """Per block: relative error at the penultimate features when it alone is dropped, cost saved, score."""
+    model = model.eval()
+    ref = _penultimate(model, images).double()
+    energy = float(ref.pow(2).sum()) or 1.0
+    base = measure(model)
+    out = []
+    for name in residual_blocks(model):
+        dropped = drop_blocks(model, [name], images)
+        err = float((_penultimate(dropped, images).double() - ref).pow(2).sum()) / energy
+        saved = base - measure(dropped)
+        out.append({"block": name, "error": err, "saved": saved, "score": err / saved if saved > 0 else float("inf")})
+    return out
+
+
+def _measure_for(kind: str, example: torch.Tensor, cfg: Any) -> Callable[[nn.Module], float]:
+    if kind == "flops":
+        return flops_measure(example.shape[1:])
+    if kind == "params":
+        return lambda m: float(count_params(m))
+    from .latency import latency_measure
+
+    return latency_measure(example.shape[1:], cfg.latency_batch)
+
+
+def plan_blocks(teacher: nn.Module, images: torch.Tensor, cfg: Any) -> tuple[nn.Module, Any]:
+    """depth 'blocks' or 'mixed' (module docstring): the block-dropped student and its allocation."""
+    from .allocate import channel_costs, hull_segments, sensitivity_curves
+    from .target import Allocation, layer_flops_share, parse_target, plan_target, pruned_plan
+
+    kind, fraction = parse_target(cfg.target)
+    example = images[:1]
+    teacher = teacher.eval()
+    measure = _measure_for(kind, example, cfg)
+    base = measure(teacher)
+    scores = block_scores(teacher, images, measure)
+    need = (1 - fraction) * base
+    chosen: list[str] = []
+    if cfg.depth == "blocks":
+        for s in sorted(scores, key=lambda s: s["score"]):
+            if measure(drop_blocks(teacher, chosen, images)) <= base * fraction * (1 + cfg.target_tolerance):
+                break
+            if s["saved"] > 0:
+                chosen.append(s["block"])
+        student = drop_blocks(teacher, chosen, images)
+        achieved = measure(student) / base
+        if achieved > fraction * (1 + cfg.target_tolerance):
+            raise UserError(
+                f"dropping every block keeps {achieved:.3f} of the teacher (target {fraction}); "
+                "use depth='mixed' to narrow channels too"
+            )
+        names = [p.name for p in pruned_plan(teacher, example, cfg)]
+        share = layer_flops_share(teacher, example, names)
+        alloc = Allocation(kind, fraction, achieved, "penultimate", "blocks", {}, {}, share, chosen)
+        return student, alloc
+    # mixed: blocks and channel segments ranked together by error per cost saved (both at the penultimate)
+    plan = pruned_plan(teacher, example, cfg)
+    curves = sensitivity_curves(teacher, images, plan, "penultimate", batch_size=cfg.batch_size)
+    channel_costs(teacher, example, curves, plan, measure)
+    items = [(s["score"], s["saved"], s["block"]) for s in scores if s["saved"] > 0]
+    items += [(slope, (k_from - k_to) * c.cost, None) for slope, c, k_from, k_to in hull_segments(curves)]
+    left = need
+    for _score, saved, block in sorted(items, key=lambda t: t[0]):
+        if left <= 0:
+            break
+        if block is None:
+            left -= saved
+        elif saved <= left:  # never overshoot with a block: channels fill the rest exactly
+            chosen.append(block)
+            left -= saved
+    student = drop_blocks(teacher, chosen, images)
+    rest = base * fraction / measure(student)
+    sub = copy.copy(cfg)
+    sub.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in chosen]]
+    if rest >= 1.0:  # the blocks alone reached the target
+        alloc = Allocation(kind, fraction, measure(student) / base, "penultimate", "mixed", {}, {}, {}, chosen)
+    else:
+        sub.target = {kind: rest}
+        alloc = plan_target(student, images, sub, measure if kind != "latency" else None)
+        alloc.asked, alloc.achieved = fraction, alloc.achieved * measure(student) / base
+        alloc.depth, alloc.dropped_blocks = "mixed", chosen
+    alloc.flops_share = layer_flops_share(teacher, example, list(alloc.kept_fraction) or [p.name for p in plan])
+    return student, alloc

@@ -1,0 +1,379 @@
+"""Compress to a budget: ``target={"flops": 0.5}`` (or ``"params"``, ``"latency"``), fractions of the teacher's.
+
+:func:`parse_target` validates the target; :func:`plan_target` turns it into
+per-layer keep ratios (``keep_overrides``, exact layer names) that
+:func:`crossdistill.compress.compress` then runs as usual:
+
+1. sensitivity curves of every pruned layer on the few images and the cost
+   one channel saves (:mod:`crossdistill.allocate`);
+2. the allocator, given a saving in the cost model, returns kept counts;
+3. the real model pruned to those counts is counted (FLOPs, parameters, or
+   the latency table of :mod:`crossdistill.latency`), and the saving asked
+   of the allocator is bisected until the count lies within ``tolerance``
+   of the target (costs are not additive, so the cost model alone misses).
+
+A FLOPs or params target is thus met on the real student within
+``tolerance`` (1 %, relative); a latency target in the latency model, whose
+error against end-to-end timing is reported by the benchmark.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import (
+    SIGNALS,
+    LayerCurve,
+    allocate,
+    channel_costs,
+    flops_measure,
+    max_saving,
+    prune_to_counts,
+    sensitivity_curves,
+)
+from .errors import UserError
+from .measure import count_params
+from .plan import LayerPlan, make_plan
+
+__all__ = ["TARGET_KINDS", "DEPTHS", "parse_target", "Allocation", "plan_target", "pruned_plan"]
+
+TARGET_KINDS = ("flops", "params", "latency")
+DEPTHS = ("channels", "blocks", "mixed")
+
+
+def parse_target(target: Any) -> tuple[str, float]:
+    """``{"flops": 0.5}`` -> ("flops", 0.5); one key of :data:`TARGET_KINDS`, a fraction in (0, 1)."""
+    if not isinstance(target, dict) or len(target) != 1:
+        raise UserError(f"target must be one of {{'flops': f}}, {{'params': f}}, {{'latency': f}}; got {target!r}")
+    ((kind, value),) = target.items()
+    if kind not in TARGET_KINDS:
+        raise UserError(f"unknown target {kind!r}; choose one of {', '.join(TARGET_KINDS)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise UserError(
+            f"target {kind} must be a fraction of the teacher's in (0, 1), got {value!r}; e.g. 0.5 halves it"
+        )
+    return kind, float(value)
+
+
+@dataclass
+class Allocation:
+    kind: str  # flops | params | latency
+    asked: float  # fraction of the teacher's
+    achieved: float  # fraction counted on the pruned model (latency: in the latency model)
+    signal: str
+    depth: str
+    keep_overrides: dict[str, float]  # exact layer name -> keep ratio, for compress()
+    kept_fraction: dict[str, float]  # layer -> kept fraction of its prunable input channels
+    flops_share: dict[str, float]  # layer -> share of the teacher's FLOPs (the layer itself)
+    dropped_blocks: list[str] = field(default_factory=list)
+    searches: int = 0  # real counts taken by the bisection
+    timing: dict[str, float] = field(default_factory=dict)  # latency: measured ratio, noise, table's ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pruned_plan(model: nn.Module, example: torch.Tensor, cfg: Any) -> list[LayerPlan]:
+    """The layers ``compress`` would narrow at keep < 1 (with their prunable channels), under ``cfg``'s
+    include/exclude. (One call into make_plan, so a change of its signature is changed here only.)"""
+    probe = replace(cfg, prune="structured", keep=0.5, keep_overrides={}, refit_unpruned=False)
+    plan = make_plan(model, example, probe)
+    return [p for p in plan if p.keep is not None]
+
+
+def layer_flops_share(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Share of the model's Conv/Linear FLOPs (2 per MAC) spent in each named layer."""
+    flops: dict[str, float] = {}
+    mods = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+    def hook(m, args, out):
+        w = m.weight
+        flops[mods[m]] = 2.0 * out.numel() * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1))
+
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(flops.values()) or 1.0
+    return {n: flops.get(n, 0.0) / total for n in names}
+
+
+def _search(
+    model: nn.Module,
+    example: torch.Tensor,
+    plan: list[LayerPlan],
+    curves: list[LayerCurve],
+    measure: Callable[[nn.Module], float],
+    fraction: float,
+    tolerance: float,
+    iterations: int = 30,
+    strict: bool = True,
+) -> tuple[dict[str, int], float, int]:
+    """Bisection on the saving asked of the allocator until measure(pruned) / measure(model) is within
+    ``tolerance`` (relative) of ``fraction``; returns (counts, achieved fraction, real counts taken).
+    ``strict=False`` (a noisy measure: the latency table) returns the nearest instead of raising."""
+    base = measure(model)
+
+    tried: list[tuple[dict[str, int], float]] = []
+
+    def ratio(saving: float) -> tuple[dict[str, int], float]:
+        counts = allocate(curves, saving)
+        tried.append((counts, measure(prune_to_counts(model, example, plan, counts)) / base))
+        return tried[-1]
+
+    hi = max_saving(curves)
+    counts_hi, r_hi = ratio(hi)
+    if r_hi > fraction * (1 + tolerance):
+        if not strict:
+            return counts_hi, r_hi, 1
+        raise UserError(
+            f"the smallest student reachable by narrowing channels keeps {r_hi:.3f} of the teacher "
+            f"(target {fraction}); raise the target, or drop blocks too (depth='mixed')"
+        )
+    lo = 0.0
+    best = (counts_hi, r_hi)
+    saving = min((1 - fraction) * base, hi)  # the cost model's own answer: exact if costs were additive
+    for it in range(1, iterations + 1):
+        counts, r = ratio(saving)
+        if abs(r - fraction) < abs(best[1] - fraction):
+            best = (counts, r)
+        if abs(r - fraction) <= tolerance * fraction:
+            return counts, r, it + 1
+        if r > fraction:
+            lo = saving
+        else:
+            hi = saving
+        saving = (lo + hi) / 2
+    # coarse layers (a few wide channels) can jump over the window: from the nearest allocation above the
+    # target, remove single channels, least error per cost first, while the count stays inside the window
+    above = [(r, c) for c, r in tried if r > fraction * (1 + tolerance)]
+    if strict and above and abs(best[1] - fraction) > tolerance * fraction:
+        r, counts = min(above, key=lambda rc: rc[0])
+        counts = dict(counts)
+        for _ in range(200):
+            options = sorted(
+                (_marginal(c, counts[c.name]) / c.cost, c.name) for c in curves if c.cost > 0 and counts[c.name] > 1
+            )
+            for _, name in options:
+                trial = {**counts, name: counts[name] - 1}
+                r_trial = measure(prune_to_counts(model, example, plan, trial)) / base
+                if r_trial >= fraction * (1 - tolerance):
+                    counts, r = trial, r_trial
+                    break
+            else:
+                break
+            if abs(r - fraction) < abs(best[1] - fraction):
+                best = (counts, r)
+            if r <= fraction * (1 + tolerance):
+                break
+    if strict and abs(best[1] - fraction) > tolerance * fraction:
+        raise UserError(
+            f"could not meet target {fraction} within {tolerance:.0%} (nearest {best[1]:.4f}); "
+            "the layers are too coarse: try a nearby target"
+        )
+    return best[0], best[1], iterations + 1
+
+
+def _marginal(curve: LayerCurve, count: int) -> float:
+    """Error added by removing one more channel at ``count`` (the curve interpolated linearly)."""
+
+    def err(k: int) -> float:
+        pts = list(zip(curve.counts, curve.errors, strict=True))  # descending counts
+        for (k0, e0), (k1, e1) in zip(pts, pts[1:], strict=False):
+            if k1 <= k <= k0:
+                return e0 + (e1 - e0) * (k0 - k) / max(k0 - k1, 1)
+        return pts[-1][1] + (pts[-1][0] - k)  # below the curve's range: heavily penalised
+
+    return max(err(count - 1) - err(count), 0.0)
+
+
+def timed_ratio(teacher: nn.Module, student: nn.Module, input_shape: Any, batch: int) -> tuple[float, float]:
+    """Student / teacher latency timed alternately (3 rounds): (median ratio, half the spread = noise)."""
+    from .measure import measure_latency_pair
+
+    ratios = []
+    for _ in range(3):
+        t, s = measure_latency_pair(teacher, student, input_shape, batch, warmup=3, repeats=10)
+        ratios.append(s / t)
+    return sorted(ratios)[1], (max(ratios) - min(ratios)) / 2
+
+
+def _calibrate_latency(
+    teacher: nn.Module,
+    example: torch.Tensor,
+    plan: list[LayerPlan],
+    curves: list[LayerCurve],
+    measure: Callable[[nn.Module], float],
+    fraction: float,
+    cfg: Any,
+    rounds: int = 3,
+) -> tuple[dict[str, int], float, dict[str, float]]:
+    """The table misses what does not shrink with channels (activations, sums, narrow-kernel overheads), so
+    the student is timed end to end against the teacher and the table's target rescaled, up to ``rounds``
+    times, until the timed ratio is within max(2 x noise, 0.02) of ``fraction``."""
+    asked = fraction
+    best = None
+    for _ in range(rounds):
+        counts, table_ratio, _ = _search(
+            teacher, example, plan, curves, measure, asked, cfg.target_tolerance, strict=False
+        )
+        probe = prune_to_counts(teacher, example, plan, counts)
+        timed, noise = timed_ratio(teacher, probe, example.shape[1:], cfg.latency_batch)
+        if best is None or abs(timed - fraction) < abs(best[1] - fraction):
+            best = (counts, timed, {"timed_ratio": timed, "noise": noise, "table_ratio": table_ratio})
+        if abs(timed - fraction) <= max(2 * noise, 0.02):
+            break
+        asked = min(max(asked * fraction / timed, 0.02), 0.98)
+    if abs(best[1] - fraction) > max(2 * best[2]["noise"], 0.02):
+        warnings.warn(
+            f"latency target {fraction}: the nearest student timed at {best[1]:.3f} of the teacher "
+            f"(noise ±{best[2]['noise']:.3f}); what channels cannot shrink (activations, residual sums) bounds "
+            "the speed-up: try depth='mixed' to drop blocks too",
+            stacklevel=3,
+        )
+    return best
+
+
+def plan_target(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    cfg: Any,
+    measure: Callable[[nn.Module], float] | None = None,
+) -> Allocation:
+    """Per-layer keep ratios for ``cfg.target`` from the few ``images`` (module docstring).
+
+    ``cfg``: a :class:`~crossdistill.compress.CompressConfig` (target, signal, include/exclude, ...).
+    ``measure``: model -> the target's quantity; defaults to FLOPs / parameters, and to the latency
+    table of this device for ``latency``.
+    """
+    kind, fraction = parse_target(cfg.target)
+    example = images[:1]
+    teacher = teacher.eval()
+    custom = measure is not None
+    if measure is None:
+        if kind == "flops":
+            measure = flops_measure(example.shape[1:])
+        elif kind == "params":
+            measure = lambda m: float(count_params(m))  # noqa: E731
+        else:
+            from .latency import latency_measure
+
+            measure = latency_measure(example.shape[1:], cfg.latency_batch)
+    plan = pruned_plan(teacher, example, cfg)
+    if not plan:
+        raise UserError("no layer can be narrowed for a target; check --include/--exclude patterns")
+    curves = sensitivity_curves(teacher, images, plan, cfg.signal, batch_size=cfg.batch_size)
+    channel_costs(teacher, example, curves, plan, measure)
+    timing: dict[str, float] = {}
+    if kind == "latency" and not custom:
+        counts, achieved, timing = _calibrate_latency(teacher, example, plan, curves, measure, fraction, cfg)
+        searches = 0
+    else:
+        counts, achieved, searches = _search(teacher, example, plan, curves, measure, fraction, cfg.target_tolerance)
+    overrides, kept = {}, {}
+    for c in curves:
+        k = counts[c.name]
+        kept[c.name] = k / c.prunable
+        overrides[c.name] = 1.0 if k >= c.prunable else (k + 0.5) / c.prunable  # floor(ratio * n) == k
+    share = layer_flops_share(teacher, example, [c.name for c in curves])
+    return Allocation(kind, fraction, achieved, cfg.signal, cfg.depth, overrides, kept, share, [], searches, timing)
+
+
+def check_target_config(cfg: Any) -> None:
+    """Errors for settings a target cannot be combined with (called from CompressConfig.validate)."""
+    from .objectives import METHODS
+
+    parse_target(cfg.target)
+    if cfg.method not in METHODS:
+        raise UserError(f"a target runs with {', '.join(METHODS)}; baseline {cfg.method!r} takes --keep only")
+    if cfg.keep != 0.5:
+        raise UserError(f"give either keep ({cfg.keep}) or a target ({cfg.target}), not both")
+    if cfg.keep_overrides:
+        raise UserError("a target allocates per-layer keeps itself; drop the keep overrides (--keep-file)")
+    if cfg.prune != "structured":
+        raise UserError("a target needs structured pruning (--prune structured): zeroed weights save no FLOPs")
+    if cfg.signal not in SIGNALS:
+        raise UserError(f"unknown allocation signal {cfg.signal!r}; choose one of {', '.join(SIGNALS)}")
+    if cfg.depth not in DEPTHS:
+        raise UserError(f"unknown depth {cfg.depth!r}; choose one of {', '.join(DEPTHS)}")
+    if not 0.0 < cfg.target_tolerance < 0.5:
+        raise UserError(f"target_tolerance must lie in (0, 0.5), got {cfg.target_tolerance}")
+
+
+def apply_target(
+    teacher: nn.Module, student: nn.Module, images: torch.Tensor, cfg: Any
+) -> tuple[nn.Module, Allocation]:
+    """compress()'s budget step: sets ``cfg.keep_overrides`` (and, for depth 'blocks'/'mixed', drops blocks
+    of ``student``); returns the student to compress and the allocation for the report."""
+    was_training = teacher.training  # bn_mode='train': the allocation itself runs in eval mode
+    if cfg.depth == "channels":
+        alloc = plan_target(teacher, images, cfg)
+    else:
+        from .blockdrop import plan_blocks
+
+        student, alloc = plan_blocks(teacher, images, cfg)
+    teacher.train(was_training)
+    student.train(was_training)
+    if alloc.dropped_blocks:
+        # the adaptors are not in the teacher: fitted already, they are left out of the layer-wise re-fit
+        cfg.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in alloc.dropped_blocks]]
+    cfg.keep_overrides = {"*": 1.0, **alloc.keep_overrides}  # layers the allocation leaves out stay whole
+    return student, alloc
+
+
+def check_achieved(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...], cfg: Any) -> dict:
+    """The target measured on the real student. FLOPs/params: counted. Latency: teacher and student timed
+    alternately at ``cfg.latency_batch`` (3 rounds); ``noise`` is half the spread of the 3 ratios."""
+    from .measure import count_flops
+
+    kind, fraction = parse_target(cfg.target)
+    out: dict[str, Any] = {"kind": kind, "asked": fraction}
+    if kind == "flops":
+        out["achieved"] = count_flops(student, input_shape) / count_flops(teacher, input_shape)
+    elif kind == "params":
+        out["achieved"] = count_params(student) / count_params(teacher)
+    else:
+        out["achieved"], out["noise"] = timed_ratio(
+            teacher.cpu().eval(), student.cpu().eval(), input_shape, cfg.latency_batch
+        )
+        out["batch"] = cfg.latency_batch
+    return out
+
+
+def plot_allocation(allocation: dict[str, Any], path: Any) -> None:
+    """allocation.png: kept fraction per pruned layer (bars), each layer's share of the teacher's FLOPs (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write
+
+    names = list(allocation["kept_fraction"])
+    kept = [allocation["kept_fraction"][n] for n in names]
+    share = [allocation["flops_share"].get(n, 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 4))
+    ax.bar(range(len(names)), kept, color="tab:blue", label="kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("kept fraction of prunable channels")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(range(len(names)), share, "o-", color="tab:red", label="share of teacher FLOPs")
+    ax2.set_ylabel("layer's share of the teacher's FLOPs", color="tab:red")
+    ax2.set_ylim(0, max(share + [1e-9]) * 1.15)
+    asked, achieved = allocation["asked"], allocation["achieved"]
+    blocks = allocation.get("dropped_blocks") or []
+    title = f"target {allocation['kind']} {asked} (achieved {achieved:.3f}), signal {allocation['signal']}"
+    ax.set_title(title + (f", {len(blocks)} blocks dropped" if blocks else ""), fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)

@@ -1,0 +1,327 @@
+"""Compress to a target: FLOPs / params met on the real student, bad targets are clear errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossdistill.compress import CompressConfig, compress
+from crossdistill.errors import UserError
+from crossdistill.evaluate import count_flops
+from crossdistill.models import get_model, list_models
+
+# --------------------------------------------------------------------------- torchvision-style tiny models
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1x1 -> 3x3 -> 1x1 (x4), downsample = conv1x1 + BN where shapes differ."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class BottleneckResNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(Bottleneck(16, 8), Bottleneck(32, 8), Bottleneck(32, 8))
+        self.layer2 = nn.Sequential(Bottleneck(32, 16, 2), Bottleneck(64, 16), Bottleneck(64, 16))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, expand: int, stride: int = 1):
+        super().__init__()
+        h = c_in * expand
+        self.expand = nn.Sequential(nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.dw(self.expand(x)))
+        return x + y if self.residual else y
+
+
+class TinyMobileNetV2(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.blocks = nn.Sequential(
+            InvertedResidual(8, 8, 6), InvertedResidual(8, 16, 6, 2), InvertedResidual(16, 16, 6)
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(64, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class SEBlock(nn.Module):
+    """Conv-BN-ReLU x2 with squeeze-excitation on the second output, then a residual sum."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.fc1 = nn.Conv2d(c, c // 4, 1)
+        self.fc2 = nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(out, 1)))))
+        return F.relu(out * scale + x)
+
+
+class TinySENet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.blocks = nn.Sequential(SEBlock(24), SEBlock(24), SEBlock(24))
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def _ready(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random init with BN statistics from ``x`` (a plausible teacher, not an identity-like BN)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    return model.eval()
+
+
+def _check_met(model: nn.Module, x: torch.Tensor, kind: str, fraction: float, **kw) -> dict:
+    student, report = compress(model, x, target={kind: fraction}, method="nc", **kw)
+    shape = tuple(x.shape[1:])
+    if kind == "flops":
+        achieved = count_flops(student, shape) / count_flops(model, shape)
+    else:
+        achieved = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in model.parameters())
+    assert abs(achieved - fraction) <= 0.02 * fraction, f"{kind} {achieved:.4f} vs target {fraction}"
+    assert report.allocation["asked"] == fraction
+    assert report.allocation["achieved"] == pytest.approx(achieved, rel=1e-6)
+    assert torch.isfinite(student(x)).all()
+    return report.allocation
+
+
+# --------------------------------------------------------------------------- targets are met
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_flops_target_is_met_on_every_registry_model(name: str) -> None:
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model(name, 10, 1), x)
+    kw = {"include_linear": True} if name == "lenet5" else {}  # LeNet-5's FLOPs are half in its Linear layers
+    alloc = _check_met(model, x, "flops", 0.5, **kw)
+    assert all(0.0 < f <= 1.0 for f in alloc["kept_fraction"].values())
+
+
+def test_params_target_is_met() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    _check_met(_ready(get_model("resnet20", 10, 1), x), x, "params", 0.6)
+
+
+@pytest.mark.parametrize("build", [BottleneckResNet, TinyMobileNetV2, TinySENet])
+def test_flops_target_is_met_on_torchvision_style_models(build) -> None:
+    x = torch.randn(8, 3, 12, 12)
+    model = _ready(build(), x)
+    _check_met(model, x, "flops", 0.6)
+    _check_met(model, x, "params", 0.7)
+
+
+def test_penultimate_signal_also_meets_the_target() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    alloc = _check_met(_ready(get_model("resnet20", 10, 1), x), x, "flops", 0.4, signal="penultimate")
+    assert alloc["signal"] == "penultimate"
+    assert len(set(alloc["kept_fraction"].values())) > 1  # not uniform
+
+
+def test_unreachable_target_names_the_smallest_reachable() -> None:
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(UserError, match="smallest student reachable"):
+        compress(_ready(get_model("resnet20", 10, 1), x), x, target={"flops": 0.05}, method="nc")
+
+
+# --------------------------------------------------------------------------- bad targets
+
+
+@pytest.mark.parametrize(
+    ("target", "overrides", "message"),
+    [
+        ({"flops": 1.0}, {}, r"in \(0, 1\)"),
+        ({"flops": 1.5}, {}, r"in \(0, 1\)"),
+        ({"params": 0.0}, {}, r"in \(0, 1\)"),
+        ({"latency": -0.5}, {}, r"in \(0, 1\)"),
+        ({"speed": 0.5}, {}, "unknown target 'speed'"),
+        ({"flops": 0.5, "params": 0.5}, {}, "target must be one of"),
+        ({"flops": 0.5}, {"keep": 0.3}, "either keep"),
+        ({"flops": 0.5}, {"prune": "unstructured"}, "structured"),
+        ({"flops": 0.5}, {"signal": "magic"}, "unknown allocation signal"),
+        ({"flops": 0.5}, {"depth": "layers"}, "unknown depth"),
+        ({"flops": 0.5}, {"method": "l1"}, "baseline"),
+    ],
+)
+def test_bad_targets_are_clear_errors(target, overrides, message) -> None:
+    with pytest.raises(UserError, match=message):
+        CompressConfig(target=target, **overrides).validate()
+
+
+# --------------------------------------------------------------------------- depth: dropping blocks
+
+
+def test_block_drop_gives_a_smaller_runnable_student_that_saves_and_loads(tmp_path) -> None:
+    from crossdistill.checkpoint import load_checkpoint
+    from crossdistill.student import save_student
+
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    student, report = compress(model, x, target={"flops": 0.6}, depth="blocks", method="nc")
+    dropped = report.allocation["dropped_blocks"]
+    assert dropped and report.flops_after <= 0.6 * 1.01 * report.flops_before
+    assert report.flops_after > 0.4 * report.flops_before  # stops once the target is reached
+    assert all(type(student.get_submodule(b)).__name__ == "DroppedBlock" for b in dropped)
+    assert torch.isfinite(student(x)).all()
+    meta = {"model": "resnet20", "num_classes": 10, "in_channels": 1}
+    paths = save_student(student, tmp_path, meta, report.to_dict(), x, onnx=False)
+    loaded, _ = load_checkpoint(paths["weights"])
+    torch.testing.assert_close(loaded.eval()(x), student.eval()(x))
+
+
+def test_block_drop_fits_an_adaptor_where_the_shapes_differ() -> None:
+    from crossdistill.blockdrop import drop_blocks
+
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    dropped = drop_blocks(model, ["layer2.0"], x)  # 16 -> 32 channels, stride 2: option-A shortcut
+    adaptor = dropped.get_submodule("layer2.0.adaptor")
+    assert isinstance(adaptor, nn.Conv2d) and adaptor.kernel_size == (1, 1) and adaptor.stride == (2, 2)
+    assert isinstance(drop_blocks(model, ["layer2.1"], x).get_submodule("layer2.1.adaptor"), nn.Identity)
+
+
+@pytest.mark.parametrize("build", [BottleneckResNet])
+def test_mixed_meets_the_target_on_torchvision_style_blocks(build) -> None:
+    x = torch.randn(8, 3, 12, 12)
+    alloc = _check_met(_ready(build(), x), x, "flops", 0.5, depth="mixed")
+    assert alloc["depth"] == "mixed"
+
+
+def test_mixed_meets_the_target_on_a_registry_resnet() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    _check_met(_ready(get_model("resnet20", 10, 1), x), x, "flops", 0.4, depth="mixed")
+
+
+def test_block_drop_on_a_model_without_residual_blocks_names_the_fix() -> None:
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(UserError, match="depth='channels'"):
+        compress(_ready(get_model("vgg16", 10, 1), x), x, target={"flops": 0.5}, depth="blocks", method="nc")
+
+
+# --------------------------------------------------------------------------- latency table
+
+
+def test_latency_table_round_trips_through_its_cache_file(tmp_path, monkeypatch) -> None:
+    from crossdistill.latency import LatencyTable
+
+    conv, shape = nn.Conv2d(8, 16, 3, padding=1), (4, 8, 10, 10)
+    table = LatencyTable(tmp_path / "lat.json")
+    ms = table.lookup(conv, shape, 4)
+    table.save()
+    again = LatencyTable(tmp_path / "lat.json")
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cached entry was measured again")
+
+    monkeypatch.setattr(again, "_time", no_timing)
+    assert again.lookup(conv, shape, 4) == ms and again.measured == 0
+
+
+def test_latency_table_lives_in_the_user_cache_per_device(_isolated_cache) -> None:
+    from crossdistill.latency import LatencyTable, device_key
+
+    x = torch.randn(2, 1, 12, 12)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    table = LatencyTable()
+    assert table.path == _isolated_cache / f"latency-{device_key()}.json"
+    total = table.model_ms(model, (1, 12, 12), 2)
+    assert total > 0 and table.path.exists() and table.measured > 0
+    assert LatencyTable().model_ms(model, (1, 12, 12), 2) == total  # read back, nothing re-measured
+
+
+def test_latency_target_reports_the_timed_ratio_and_its_noise() -> None:
+    x = torch.randn(6, 3, 12, 12)
+    model = _ready(TinySENet(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the timed ratio may miss on a loaded machine: that warning is fine here
+        _, report = compress(model, x, target={"latency": 0.7}, latency_batch=4, method="nc")
+    timing = report.allocation["timing"]
+    assert set(timing) == {"timed_ratio", "noise", "table_ratio"}
+    assert 0 < timing["table_ratio"] < 1 and timing["noise"] >= 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_target_writes_the_allocation_plot_and_report(tmp_path, fashion_dir) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from crossdistill.cli import DEMO_TEACHER, app
+
+    out = tmp_path / "student"
+    args = ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", "nc", "--target-flops", "0.6",
+            "--out", str(out), "--test-limit", "100", "--no-latency", "--data-dir", str(fashion_dir)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "allocation.png").stat().st_size > 0
+    alloc = json.loads((out / "report.json").read_text())["allocation"]
+    assert alloc["asked"] == 0.6 and abs(alloc["check"]["achieved"] - 0.6) <= 0.012
+    assert set(alloc["kept_fraction"]) == set(alloc["flops_share"])
+
+
+def test_cli_rejects_two_targets_and_a_target_with_keep(fashion_dir) -> None:
+    from typer.testing import CliRunner
+
+    from crossdistill.cli import DEMO_TEACHER, app
+
+    base = ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--data-dir", str(fashion_dir)]
+    res = CliRunner().invoke(app, [*base, "--target-flops", "0.5", "--target-params", "0.5"])
+    assert res.exit_code == 2 and "give one of --target-flops" in res.output
+    res = CliRunner().invoke(app, [*base, "--target-flops", "0.5", "--keep", "0.3"])
+    assert res.exit_code == 2 and "either keep" in res.output
