@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .capture import capture_input, capture_inputs, forward_order
+from .config import SIGNALS
 from .errors import UserError
 from .measure import count_flops
 from .objectives import objective_terms
@@ -60,8 +61,6 @@ __all__ = [
     "hull_segments",
     "prune_to_counts",
 ]
-
-SIGNALS = ("recon", "penultimate")
 
 
 @dataclass

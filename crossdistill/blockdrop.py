@@ -38,19 +38,9 @@ from .allocate import flops_measure
 from .capture import capture_input, forward_order
 from .errors import UserError
 from .measure import count_params
+from .structure import DroppedBlock
 
 __all__ = ["DroppedBlock", "residual_blocks", "drop_blocks", "block_scores", "plan_blocks"]
-
-
-class DroppedBlock(nn.Module):
-    """What is left of a dropped residual block: its shortcut (identity or a fitted 1x1 adaptor)."""
-
-    def __init__(self, adaptor: nn.Module | None = None):
-        super().__init__()
-        self.adaptor = adaptor if adaptor is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adaptor(x)
 
 
 def _is_block(m: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from .run import (
     CompressReport,
     LayerRecord,
     LayerStep,
+    Run,
     check_images,
     finish,
     measure_peak_memory_mb,
@@ -49,6 +50,9 @@ from .solvers import (
     solve_structured,
     solve_unstructured,
 )
+
+if TYPE_CHECKING:
+    from .target import Allocation
 
 __all__ = [
     "official_mu",
@@ -85,6 +89,26 @@ def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
     return solve
 
 
+def _apply_target(run: Run, cfg: CompressConfig) -> Allocation:
+    """The budget step: sets ``cfg.keep_overrides`` (exact layer names; every other layer stays whole) and,
+    for depth 'blocks' / 'mixed', replaces ``run.student`` by one with residual blocks dropped."""
+    from .blockdrop import plan_blocks
+    from .target import plan_target
+
+    was_training = run.teacher.training  # bn_mode='train': the allocation itself runs in eval mode
+    if cfg.depth == "channels":
+        alloc = plan_target(run.teacher, run.images, cfg)
+    else:
+        run.student, alloc = plan_blocks(run.teacher, run.images, cfg)
+    run.teacher.train(was_training)
+    run.student.train(was_training)
+    if alloc.dropped_blocks:
+        # the adaptors are not in the teacher: fitted already, they are left out of the layer-wise re-fit
+        cfg.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in alloc.dropped_blocks]]
+    cfg.keep_overrides = {"*": 1.0, **alloc.keep_overrides}
+    return alloc
+
+
 def compress(
     teacher: nn.Module,
     images: torch.Tensor,
@@ -113,11 +137,7 @@ def compress(
     run = start(cfg.method, teacher, images, None, cfg)
 
     # budget: a target becomes per-layer keeps (cfg.keep_overrides) and dropped blocks, then the run goes on
-    allocation = None
-    if cfg.target is not None:
-        from .target import apply_target
-
-        run.student, allocation = apply_target(run.teacher, run.student, run.images, cfg)
+    allocation = _apply_target(run, cfg) if cfg.target is not None else None
 
     # plan: layers in forward order with their keep ratios (traced in eval mode, one image)
     plan_layers(run)

@@ -8,10 +8,15 @@ themselves; which method names exist is :mod:`crossdistill.methods`'s business.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UserError
 
-__all__ = ["CompressConfig"]
+__all__ = ["CompressConfig", "TARGET_KINDS", "SIGNALS", "DEPTHS", "parse_target"]
+
+TARGET_KINDS = ("flops", "params", "latency")  # a target: this measure of the student / the teacher's
+SIGNALS = ("recon", "penultimate")  # how a layer's sensitivity to narrowing is measured (crossdistill.allocate)
+DEPTHS = ("channels", "blocks", "mixed")  # what a target may remove: channels, residual blocks, or both
 
 
 @dataclass
@@ -73,6 +78,34 @@ class CompressConfig:
 
         check_compress_options(self)
         if self.target is not None:
-            from .target import check_target_config
+            self._validate_target()
 
-            check_target_config(self)
+    def _validate_target(self) -> None:
+        """Settings a target cannot be combined with."""
+        parse_target(self.target)
+        if self.keep != type(self).__dataclass_fields__["keep"].default:
+            raise UserError(f"give either keep ({self.keep}) or a target ({self.target}), not both")
+        if self.keep_overrides:
+            raise UserError("a target allocates per-layer keeps itself; drop the keep overrides (--keep-file)")
+        if self.prune != "structured":
+            raise UserError("a target needs structured pruning (--prune structured): zeroed weights save no FLOPs")
+        if self.signal not in SIGNALS:
+            raise UserError(f"unknown allocation signal {self.signal!r}; choose one of {', '.join(SIGNALS)}")
+        if self.depth not in DEPTHS:
+            raise UserError(f"unknown depth {self.depth!r}; choose one of {', '.join(DEPTHS)}")
+        if not 0.0 < self.target_tolerance < 0.5:
+            raise UserError(f"target_tolerance must lie in (0, 0.5), got {self.target_tolerance}")
+
+
+def parse_target(target: Any) -> tuple[str, float]:
+    """``{"flops": 0.5}`` -> ("flops", 0.5); one key of :data:`TARGET_KINDS`, a fraction in (0, 1)."""
+    if not isinstance(target, dict) or len(target) != 1:
+        raise UserError(f"target must be one of {{'flops': f}}, {{'params': f}}, {{'latency': f}}; got {target!r}")
+    ((kind, value),) = target.items()
+    if kind not in TARGET_KINDS:
+        raise UserError(f"unknown target {kind!r}; choose one of {', '.join(TARGET_KINDS)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise UserError(
+            f"target {kind} must be a fraction of the teacher's in (0, 1), got {value!r}; e.g. 0.5 halves it"
+        )
+    return kind, float(value)

@@ -32,6 +32,8 @@ def run_method(
     """``compress`` for nc/ours/ours-s/correction/imitation, ``run_baseline`` for l1, l1+bp, fitnet, fskd,
     thinet, cp. Same plan, same kept counts, same report type."""
     if method in BASELINES:
+        if overrides.get("target") is not None or (config is not None and config.target is not None):
+            raise UserError(f"a target runs with {', '.join(METHODS)}; baseline {method!r} takes --keep only")
         return run_baseline(method, teacher, images, labels, config, **overrides)
     if method in METHODS:
         return compress(teacher, images, config, on_layer=on_layer, method=method, **overrides)

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["layer_widths", "apply_widths"]
+__all__ = ["layer_widths", "apply_widths", "DroppedBlock"]
+
+
+class DroppedBlock(nn.Module):
+    """What is left of a dropped residual block: its shortcut (identity or a fitted 1x1 adaptor)."""
+
+    def __init__(self, adaptor: nn.Module | None = None):
+        super().__init__()
+        self.adaptor = adaptor if adaptor is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adaptor(x)
 
 
 def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
-    from .blockdrop import DroppedBlock
-
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, DroppedBlock):  # a residual block replaced by its shortcut (crossdistill.blockdrop)
@@ -45,8 +55,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_widths(model: nn.Module, widths: dict[str, dict[str, Any]]) -> nn.Module:
     """Resize the layers of ``model`` in place to the recorded ``widths``."""
-    from .blockdrop import DroppedBlock
-
     for name, w in widths.items():
         if w["type"] == "dropped_block":
             a = w["adaptor"]

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from .allocate import (
-    SIGNALS,
     LayerCurve,
     allocate,
     channel_costs,
@@ -37,28 +36,12 @@ from .allocate import (
     prune_to_counts,
     sensitivity_curves,
 )
+from .config import DEPTHS, TARGET_KINDS, parse_target
 from .errors import UserError
 from .measure import count_params
 from .plan import LayerPlan, make_plan
 
 __all__ = ["TARGET_KINDS", "DEPTHS", "parse_target", "Allocation", "plan_target", "pruned_plan"]
-
-TARGET_KINDS = ("flops", "params", "latency")
-DEPTHS = ("channels", "blocks", "mixed")
-
-
-def parse_target(target: Any) -> tuple[str, float]:
-    """``{"flops": 0.5}`` -> ("flops", 0.5); one key of :data:`TARGET_KINDS`, a fraction in (0, 1)."""
-    if not isinstance(target, dict) or len(target) != 1:
-        raise UserError(f"target must be one of {{'flops': f}}, {{'params': f}}, {{'latency': f}}; got {target!r}")
-    ((kind, value),) = target.items()
-    if kind not in TARGET_KINDS:
-        raise UserError(f"unknown target {kind!r}; choose one of {', '.join(TARGET_KINDS)}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise UserError(
-            f"target {kind} must be a fraction of the teacher's in (0, 1), got {value!r}; e.g. 0.5 halves it"
-        )
-    return kind, float(value)
 
 
 @dataclass
@@ -286,48 +269,6 @@ def plan_target(
         overrides[c.name] = 1.0 if k >= c.prunable else (k + 0.5) / c.prunable  # floor(ratio * n) == k
     share = layer_flops_share(teacher, example, [c.name for c in curves])
     return Allocation(kind, fraction, achieved, cfg.signal, cfg.depth, overrides, kept, share, [], searches, timing)
-
-
-def check_target_config(cfg: Any) -> None:
-    """Errors for settings a target cannot be combined with (called from CompressConfig.validate)."""
-    from .objectives import METHODS
-
-    parse_target(cfg.target)
-    if cfg.method not in METHODS:
-        raise UserError(f"a target runs with {', '.join(METHODS)}; baseline {cfg.method!r} takes --keep only")
-    if cfg.keep != 0.5:
-        raise UserError(f"give either keep ({cfg.keep}) or a target ({cfg.target}), not both")
-    if cfg.keep_overrides:
-        raise UserError("a target allocates per-layer keeps itself; drop the keep overrides (--keep-file)")
-    if cfg.prune != "structured":
-        raise UserError("a target needs structured pruning (--prune structured): zeroed weights save no FLOPs")
-    if cfg.signal not in SIGNALS:
-        raise UserError(f"unknown allocation signal {cfg.signal!r}; choose one of {', '.join(SIGNALS)}")
-    if cfg.depth not in DEPTHS:
-        raise UserError(f"unknown depth {cfg.depth!r}; choose one of {', '.join(DEPTHS)}")
-    if not 0.0 < cfg.target_tolerance < 0.5:
-        raise UserError(f"target_tolerance must lie in (0, 0.5), got {cfg.target_tolerance}")
-
-
-def apply_target(
-    teacher: nn.Module, student: nn.Module, images: torch.Tensor, cfg: Any
-) -> tuple[nn.Module, Allocation]:
-    """compress()'s budget step: sets ``cfg.keep_overrides`` (and, for depth 'blocks'/'mixed', drops blocks
-    of ``student``); returns the student to compress and the allocation for the report."""
-    was_training = teacher.training  # bn_mode='train': the allocation itself runs in eval mode
-    if cfg.depth == "channels":
-        alloc = plan_target(teacher, images, cfg)
-    else:
-        from .blockdrop import plan_blocks
-
-        student, alloc = plan_blocks(teacher, images, cfg)
-    teacher.train(was_training)
-    student.train(was_training)
-    if alloc.dropped_blocks:
-        # the adaptors are not in the teacher: fitted already, they are left out of the layer-wise re-fit
-        cfg.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in alloc.dropped_blocks]]
-    cfg.keep_overrides = {"*": 1.0, **alloc.keep_overrides}  # layers the allocation leaves out stay whole
-    return student, alloc
 
 
 def check_achieved(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...], cfg: Any) -> dict:
