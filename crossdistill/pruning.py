@@ -43,10 +43,18 @@ class ChannelRemover:
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.model = model
+        # the graph is traced through autograd: frozen weights (a teacher copy) must take part while it is built
+        frozen = [p for p in model.parameters() if not p.requires_grad]
         try:
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         except Exception as e:  # torch-pruning raises many types while tracing unknown models
             raise UserError(f"could not trace the model to find coupled channels ({e}); check the model runs") from e
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
         self.names = {m: n for n, m in model.named_modules()}
 
     def _group(self, layer: nn.Module, idxs: list[int]):

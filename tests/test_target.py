@@ -194,12 +194,19 @@ def test_unreachable_target_names_the_smallest_reachable() -> None:
         ({"flops": 0.5}, {"prune": "unstructured"}, "structured"),
         ({"flops": 0.5}, {"signal": "magic"}, "unknown allocation signal"),
         ({"flops": 0.5}, {"depth": "layers"}, "unknown depth"),
-        ({"flops": 0.5}, {"method": "l1"}, "baseline"),
     ],
 )
 def test_bad_targets_are_clear_errors(target, overrides, message) -> None:
     with pytest.raises(UserError, match=message):
         CompressConfig(target=target, **overrides).validate()
+
+
+def test_a_baseline_with_a_target_is_a_clear_error() -> None:
+    from crossdistill import run_method
+
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(UserError, match="baseline 'l1' takes --keep only"):
+        run_method("l1", get_model("resnet20", 10, 1), x, target={"flops": 0.5})
 
 
 # --------------------------------------------------------------------------- depth: dropping blocks
