@@ -218,3 +218,8 @@ def test_latency_pair_times_both_models_and_sees_the_bigger_one() -> None:
     assert 0 < t_small < t_big
     with pytest.raises(ValueError, match="repeats"):
         measure_latency_pair(small, big, SHAPE, repeats=0)
+
+
+def test_evaluate_rejects_an_unknown_setting() -> None:
+    with pytest.raises(UserError, match="unknown evaluation setting 'latncy'"):
+        evaluate(tiny(), input_shape=SHAPE, latncy=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossdistill.models import get_model, list_models
+from crossdistill.models import get_model, list_models, official_mu
 
 
 def test_registry_lists_the_paper_models() -> None:
@@ -37,3 +37,12 @@ def test_unknown_model_names_the_choices() -> None:
         get_model("resnet999")
     for name in list_models():
         assert name in str(err.value)
+
+
+def test_official_mu_is_a_class_attribute_with_the_vgg_value_as_default() -> None:
+    assert official_mu(get_model("resnet56", 10, 1)) == 0.9
+    assert official_mu(get_model("resnet20", 10, 1)) == 0.9
+    assert official_mu(get_model("vgg16", 10, 1)) == 0.6
+    assert official_mu(get_model("lenet5", 10, 1)) == 0.6  # no official value: the release's default
+    assert get_model("resnet56", 10, 1).prune_skip == [f"layer{s}.conv2" for s in ("1.7", "2.0", "3.0", "3.8")]
+    assert get_model("resnet20", 10, 1).prune_skip == []

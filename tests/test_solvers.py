@@ -17,6 +17,7 @@ from crossdistill.solvers import (
     RowSystem,
     adam_solve,
     layer_fn,
+    ridge_solve,
     solve_structured,
     solve_unstructured,
     unfold,
@@ -335,3 +336,24 @@ def test_adam_does_not_modify_its_inputs() -> None:
     adam_solve(layer, LayerProblem(_terms("ours"), wT, w0, 3), hT, hS, AdamOptions(5, lr=1e-2))
     for a, b in zip((wT, hT, hS, w0), copies, strict=True):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- the one ridge solve
+
+
+def test_ridge_solve_is_the_closed_form_with_a_relative_ridge_towards_the_prior() -> None:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    G, R, prior = X.T @ X, torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen)
+    lam = 0.1 * float(G.diagonal().mean())
+    expected = torch.linalg.solve(G + lam * torch.eye(6, dtype=torch.float64), R + lam * prior.double())
+    torch.testing.assert_close(ridge_solve(G, R, 0.1, prior), expected)
+
+
+def test_ridge_solve_falls_back_to_the_minimum_norm_solution_when_cholesky_fails() -> None:
+    G = torch.zeros(4, 4, dtype=torch.float64)  # all-zero inputs: singular even with the (relative) ridge
+    R = torch.zeros(4, 2, dtype=torch.float64)
+    R[0] = 1.0
+    out = ridge_solve(G, R, 1e-3)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.linalg.pinv(G) @ R)
