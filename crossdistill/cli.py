@@ -135,7 +135,7 @@ def compress(
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
     method: str = typer.Option(
-        "ours", help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp"
+        "ours", help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp | mir"
     ),  # fmt: skip
     mu: float | None = typer.Option(None, help="ours: weight of L^c (default: 0.9 ResNets, 0.6 others)"),
     alpha: float = typer.Option(0.7, help="ours-s: teacher-side mix"),
@@ -156,6 +156,12 @@ def compress(
     test_limit: int | None = typer.Option(None, help="evaluate on the first N test images only"),
     latency: bool = typer.Option(True, help="measure CPU latency at batch 1 and 64"),
     data_dir: Path | None = typer.Option(None),
+    # --- holistic refinement (crossdistill.mir): --refine mir, and the settings of --method mir ---
+    refine: str | None = typer.Option(None, help="mir: then train end to end to the teacher's pre-pool features"),
+    mir_steps: int = typer.Option(300, help="mir: training steps (with --mir-holdout-folds: the most tried)"),
+    mir_lr: float = typer.Option(1e-4, help="mir: Adam learning rate"),
+    mir_holdout_folds: int = typer.Option(0, help="mir: >= 2 chooses the steps on held-out images (K >= 2)"),
+    mir_feature_layer: str | None = typer.Option(None, help="mir: module whose input is mimicked"),
 ) -> None:
     """Compress a teacher with a few images; save the student and print a before/after table.
 
@@ -201,6 +207,13 @@ def compress(
             include=include or None, exclude=exclude or None, device=device, include_linear=include_linear,
             skip_unsupported=skip_unsupported, keep_overrides=load_keep_file(keep_file) if keep_file else {},
         )  # fmt: skip
+        # --- holistic refinement settings (crossdistill.mir) ---
+        from .mir import MirConfig
+
+        cfg.refine = refine
+        cfg.mir = MirConfig(steps=mir_steps, lr=mir_lr, holdout_folds=mir_holdout_folds,
+                            feature_layer=mir_feature_layer)  # fmt: skip
+        cfg.validate()
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
         if model_file is not None:  # accuracy only on a given labelled test folder

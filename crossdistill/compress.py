@@ -25,6 +25,7 @@ from torch import nn
 from .capture import capture_input, capture_inputs
 from .errors import UserError
 from .evaluate import count_flops
+from .mir import MirConfig, mir_refine, zero_masks
 from .objectives import METHODS, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
@@ -73,6 +74,8 @@ class CompressConfig:
     batch_size: int = 128  # images per forward while capturing
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
+    refine: str | None = None  # None | "mir": holistic feature mimicking after the method (crossdistill.mir)
+    mir: MirConfig | None = None  # settings of refine="mir" and of method "mir" (None: MirConfig defaults)
 
     def validate(self) -> None:
         from .baselines import BASELINES  # late: the baselines build on this module
@@ -88,6 +91,10 @@ class CompressConfig:
             raise UserError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
         if not 0.0 < self.keep <= 1.0:
             raise UserError(f"keep must lie in (0, 1], got {self.keep}; e.g. 0.5 keeps half the channels")
+        if self.refine not in (None, "mir"):
+            raise UserError(f"refine must be None or 'mir', got {self.refine!r}")
+        if self.mir is not None:
+            self.mir.validate()
         for name in ("mu", "alpha", "beta"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -117,6 +124,7 @@ class CompressReport:
     sparsity: float  # fraction of zero weights in the processed layers
     seconds: float
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
+    refine: dict[str, Any] | None = None  # refine="mir" / method mir: mir_refine's info (steps, losses)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,6 +316,10 @@ def compress(
 
     if cfg.recalibrate_bn:
         recalibrate_bn(student, images, cfg.batch_size)
+    refined = None
+    if cfg.refine == "mir":  # holistic refinement from the layer-wise solution (crossdistill.mir)
+        masks = None if cfg.prune == "structured" else zero_masks(student, [p.name for p in plan])
+        student, refined = mir_refine(student, teacher.eval(), images, cfg.mir, masks=masks)
     student.eval()
     report = CompressReport(
         config=asdict(cfg),
@@ -319,6 +331,7 @@ def compress(
         sparsity=sparsity(student, [p.name for p in plan]),
         seconds=time.perf_counter() - t_start,
         peak_memory_mb=measure_peak_memory_mb(device),
+        refine=refined,
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report

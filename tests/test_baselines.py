@@ -25,7 +25,7 @@ from crossdistill.solvers import LayerStats
 from crossdistill.structure import layer_widths
 
 # few training steps so the file runs in seconds on one core
-FAST = {"l1+bp": {"iterations": 20}, "fitnet": {"hint_iterations": 20, "kd_iterations": 20}}
+FAST = {"l1+bp": {"iterations": 20}, "fitnet": {"hint_iterations": 20, "kd_iterations": 20}, "mir": {"steps": 5}}
 
 
 def _teacher(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_registry_holds_the_papers_baselines():
-    assert set(BASELINES) == {"l1", "l1+bp", "fitnet", "fskd", "thinet", "cp"}
+    assert set(BASELINES) == {"l1", "l1+bp", "fitnet", "fskd", "thinet", "cp", "mir"}
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
