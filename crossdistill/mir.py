@@ -60,6 +60,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -252,9 +253,12 @@ def _train(
     steps: int,
     val_images: torch.Tensor | None,
     masks: dict[str, torch.Tensor] | None,
+    on_eval: Callable[[int, nn.Module], None] | None = None,
 ) -> list[tuple[int, float]]:
     """``steps`` steps of feature mimicking on ``student`` in place; the validation curve [(step, loss)]."""
     curve = [(0, _loss(student, teacher, name, val_images, cfg.batch_size))] if val_images is not None else []
+    if on_eval is not None:
+        on_eval(0, student)
     best = (curve[0][1], copy.deepcopy(student.state_dict())) if curve and cfg.restore_best else None
     if steps == 0:
         return curve
@@ -300,6 +304,10 @@ def _train(
                 curve.append((step, _loss(student, teacher, name, val_images, cfg.batch_size)))
                 if best is not None and curve[-1][1] < best[0]:
                     best = (curve[-1][1], copy.deepcopy(student.state_dict()))
+            if on_eval is not None and (step % cfg.eval_every == 0 or step == steps):
+                student.eval()
+                on_eval(step, student)
+                student.train(cfg.bn_mode == "train")
     finally:
         student.eval()
     if best is not None:
@@ -316,6 +324,7 @@ def mir_refine(
     labels: torch.Tensor | None = None,
     val_images: torch.Tensor | None = None,
     masks: dict[str, torch.Tensor] | None = None,
+    on_eval: Callable[[int, nn.Module], None] | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a copy of the pruned ``student`` end to end so its features match ``teacher``'s.
@@ -324,7 +333,9 @@ def mir_refine(
     (``labels`` only group images by class for ``holdout_folds``).
     ``val_images``: optional held-out images for early stopping.
     ``masks``: layer name -> boolean weight mask kept during training
-    (unstructured students; see :func:`zero_masks`). Keyword ``overrides``
+    (unstructured students; see :func:`zero_masks`). ``on_eval(step, student)``
+    is called at step 0 and every ``eval_every`` steps of the final training
+    (student in eval mode; e.g. to record a validation accuracy). Keyword ``overrides``
     set :class:`MirConfig` fields. Only the student's parameters before the
     feature point train; the teacher and the input student are left untouched.
 
@@ -370,7 +381,7 @@ def mir_refine(
             mean = [(s, sum(c[i][1] for c in curves) / len(curves)) for i, (s, _) in enumerate(curves[0])]
             steps = min(mean, key=lambda sl: sl[1])[0]
             info["holdout"] = {"folds": len(curves), "curve": mean, "steps_chosen": steps}
-        curve = _train(student, teacher, name, images, cfg, steps, val_images, masks)
+        curve = _train(student, teacher, name, images, cfg, steps, val_images, masks, on_eval)
         if val_images is not None:
             best = min(curve, key=lambda sl: sl[1])
             info["validation"] = {"curve": curve, "best_step": best[0], "best_loss": best[1],

@@ -1,0 +1,166 @@
+"""Hyperparameters by validation: Ours' mu, Ours-S' alpha/beta, MiR refinement lr/steps (resumable).
+
+    OMP_NUM_THREADS=1 python benchmarks/sweep_hparams.py --models resnet20 --ks 1 5 --seeds 0 1 2
+    python benchmarks/sweep_hparams.py --summary     # rebuild the markdown summary only
+
+Validation, never test: every setting is scored by top-1 accuracy on a
+validation split drawn from the TRAIN split (``--val-per-class`` images per
+class, ``crossdistill.data.load_validation``), disjoint from the few-shot
+draw of that (K, seed). The test split is never loaded.
+
+Cells (one JSONL row each, skipped when already in the results file):
+
+- ``nc``; ``ours`` for each mu of ``--mus``; ``ours-s`` for each (alpha, beta) of ``--alpha-betas``;
+- ``refine``: :func:`crossdistill.mir.mir_refine` from the NC student (``start=nc``: NC+MiR) and from
+  the L1-norm student (``start=l1``: the ``mir`` method), for each lr of ``--lrs``, with the
+  validation accuracy every ``--eval-every`` steps up to ``--max-steps`` (constant lr, so the
+  accuracy at step s is that of a run of s steps).
+
+The summary (``results/sweep_hparams_<dataset>.md``) averages over seeds and
+names the best setting per (model, K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+
+from crossdistill.checkpoint import load_checkpoint
+from crossdistill.compress import CompressConfig
+from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
+from crossdistill.methods import run_method
+from crossdistill.mir import MirConfig, mir_refine
+
+KEYS = ("model", "prune", "keep", "k", "seed", "method", "params")
+
+
+@torch.no_grad()
+def val_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum()) for i in range(0, len(y), 500))
+    return correct / len(y)
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    out: list[tuple[str, dict]] = [("nc", {})]
+    out += [("ours", {"mu": mu}) for mu in args.mus]
+    out += [("ours-s", {"alpha": a, "beta": b}) for a, b in (ab.split(",") for ab in args.alpha_betas)]
+    out += [("refine", {"start": s, "lr": lr}) for s in ("nc", "l1") for lr in args.lrs]
+    return [(m, {k: float(v) if k != "start" else v for k, v in p.items()}) for m, p in out]
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
+    done = {tuple(json.dumps(r[k], sort_keys=True) for k in KEYS) for r in read_jsonl(out)}
+    info = dataset_info(args.dataset)
+    train = load_dataset(info.name, "train")
+    env = machine()
+    for seed in args.seeds:
+        for k in args.ks:
+            # the few-shot draw (as load_few_shot) and a validation split that excludes it
+            draw = few_shot_indices(train, k, seed, info.num_classes)
+            images, labels = normalize(train.images[draw], info), train.labels[draw]
+            vx, vy = load_validation(info.name, args.val_per_class, seed=0, exclude=draw)
+            for model_name in args.models:
+                path = teacher_path(model_name, info.name)
+                if not path.exists():
+                    print(f"skip {model_name}: no teacher at {path}")
+                    continue
+                teacher, meta = load_checkpoint(path)
+                starts: dict[str, torch.nn.Module] = {}
+                for method, params in cells(args):
+                    cell = {"model": model_name, "prune": "structured", "keep": args.keep, "k": k, "seed": seed,
+                            "method": method, "params": params}  # fmt: skip
+                    if tuple(json.dumps(cell[key], sort_keys=True) for key in KEYS) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name))
+                    row = {**cell, "dataset": info.name, "val_images": len(vy), "teacher_sha256": meta["sha256"]}
+                    if method != "refine":
+                        student, _ = run_method(method, teacher, images, labels, cfg, **params)
+                        row["val_accuracy"] = val_accuracy(student, vx, vy)
+                    else:
+                        start = params["start"]
+                        if start not in starts:
+                            starts[start], _ = run_method(start, teacher, images, labels, cfg)
+                        curve: list[dict] = []
+
+                        def record(step: int, model: torch.nn.Module, c=curve, x=vx, y=vy) -> None:
+                            c.append({"step": step, "val_accuracy": val_accuracy(model, x, y)})
+
+                        mcfg = MirConfig(steps=args.max_steps, lr=params["lr"], eval_every=args.eval_every)
+                        _, rinfo = mir_refine(starts[start], teacher, images, mcfg, on_eval=record)
+                        row["curve"] = curve
+                        row["loss_before"], row["loss_after"] = rinfo["loss_before"], rinfo["loss_after"]
+                    row["seconds"] = time.perf_counter() - t0
+                    row["machine"] = {**env, "note": "shared 2-core machine, loaded by other jobs"}
+                    append_jsonl(out, row)
+                    acc = row.get("val_accuracy", max((c["val_accuracy"] for c in row.get("curve", [])), default=0))
+                    print(f"{model_name} K={k} seed={seed} {method} {params} val {acc:.4f} ({row['seconds']:.0f} s)",
+                          flush=True)  # fmt: skip
+
+
+def summarize(out: Path, md: Path) -> None:
+    """Mean validation accuracy over seeds per setting; the best per (model, K)."""
+    rows = read_jsonl(out)
+    table: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        group = (r["model"], r["k"])
+        if r["method"] == "refine":
+            for c in r["curve"]:
+                name = f"{r['params']['start']}+mir lr={r['params']['lr']:g} steps={c['step']}"
+                table[group][name].append(c["val_accuracy"])
+        else:
+            p = ", ".join(f"{k}={v:g}" for k, v in r["params"].items())
+            table[group][f"{r['method']} {p}".strip()].append(r["val_accuracy"])
+    lines = [
+        "# Hyperparameters by validation (train split, disjoint from the few-shot draw; never test)",
+        "",
+        f"Raw rows: `{out.name}` ({len(rows)} cells). Mean validation accuracy over the seeds run (n).",
+        "",
+    ]
+    for (model, k), settings in sorted(table.items()):
+        lines += [f"## {model}, K={k}", "", "| setting | val acc (mean) | n |", "|---|---|---|"]
+        best: dict[str, tuple[float, str]] = {}
+        for name, accs in sorted(settings.items()):
+            mean = sum(accs) / len(accs)
+            lines.append(f"| {name} | {100 * mean:.2f} | {len(accs)} |")
+            family = name.split(" ")[0]
+            if family not in best or mean > best[family][0]:
+                best[family] = (mean, name)
+        lines += ["", "Best per family: " + "; ".join(f"**{n}** ({100 * m:.2f})" for m, n in best.values()), ""]
+    md.write_text("\n".join(lines) + "\n")
+    print(f"wrote {md}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--models", nargs="+", default=["resnet20"])
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 5])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--keep", type=float, default=0.5)
+    ap.add_argument("--mus", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    ap.add_argument("--alpha-betas", nargs="+", default=["0.5,0.5", "0.6,0.6", "0.7,0.7", "0.8,0.8", "0.9,0.9",
+                                                         "0.7,0.9", "0.9,0.7"])  # fmt: skip
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3])
+    ap.add_argument("--max-steps", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--val-per-class", type=int, default=100)
+    ap.add_argument("--summary", action="store_true", help="only rebuild the markdown summary")
+    ap.add_argument("--out", default=None, help="results file (default results/sweep_hparams_<dataset>.jsonl)")
+    args = ap.parse_args()
+    out = RESULTS / f"sweep_hparams_{args.dataset}.jsonl" if args.out is None else Path(args.out)
+    if not args.summary:
+        torch.manual_seed(0)
+        run(args, out)
+    summarize(out, out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
