@@ -11,6 +11,8 @@ draw of that (K, seed). The test split is never loaded.
 Cells (one JSONL row each, skipped when already in the results file):
 
 - ``nc``; ``ours`` for each mu of ``--mus``; ``ours-s`` for each (alpha, beta) of ``--alpha-betas``;
+- ``--baselines`` (instead of the above): ``l1+bp`` and ``fitnet`` for BN handling
+  (train / eval / recalibrate) x lr (``--baseline-lrs``);
 - ``refine``: :func:`crossdistill.mir.mir_refine` from the NC student (``start=nc``: NC+MiR) and from
   the L1-norm student (``start=l1``: the ``mir`` method), for each lr of ``--lrs``, with the
   validation accuracy every ``--eval-every`` steps up to ``--max-steps`` (constant lr, so the
@@ -52,7 +54,10 @@ def cells(args: argparse.Namespace) -> list[tuple[str, dict]]:
     out += [("ours", {"mu": mu}) for mu in args.mus]
     out += [("ours-s", {"alpha": a, "beta": b}) for a, b in (ab.split(",") for ab in args.alpha_betas)]
     out += [("refine", {"start": s, "lr": lr}) for s in ("nc", "l1") for lr in args.lrs]
-    return [(m, {k: float(v) if k != "start" else v for k, v in p.items()}) for m, p in out]
+    if args.baselines:  # end-to-end baselines: BN handling x lr (train mode: the old default, one lr)
+        grid = [("train", 0.01)] + [(bn, lr) for bn in ("eval", "recalibrate") for lr in args.baseline_lrs]
+        out = [(b, {"bn_mode": bn, "lr": lr}) for b in ("l1+bp", "fitnet") for bn, lr in grid]
+    return [(m, {k: v if isinstance(v, str) else float(v) for k, v in p.items()}) for m, p in out]
 
 
 def run(args: argparse.Namespace, out: Path) -> None:
@@ -116,7 +121,7 @@ def summarize(out: Path, md: Path) -> None:
                 name = f"{r['params']['start']}+mir lr={r['params']['lr']:g} steps={c['step']}"
                 table[group][name].append(c["val_accuracy"])
         else:
-            p = ", ".join(f"{k}={v:g}" for k, v in r["params"].items())
+            p = ", ".join(f"{k}={v}" for k, v in r["params"].items())
             table[group][f"{r['method']} {p}".strip()].append(r["val_accuracy"])
     lines = [
         "# Hyperparameters by validation (train split, disjoint from the few-shot draw; never test)",
@@ -152,6 +157,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=400)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--val-per-class", type=int, default=100)
+    ap.add_argument("--baselines", action="store_true", help="instead: l1+bp / fitnet BN mode x lr")
+    ap.add_argument("--baseline-lrs", nargs="+", type=float, default=[0.01, 0.001])
     ap.add_argument("--summary", action="store_true", help="only rebuild the markdown summary")
     ap.add_argument("--out", default=None, help="results file (default results/sweep_hparams_<dataset>.jsonl)")
     args = ap.parse_args()

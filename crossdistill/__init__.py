@@ -13,6 +13,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .inference import optimize_for_inference
 from .methods import ALL_METHODS, run_method
+from .mir import MirConfig, mir_refine
 from .models import get_model, list_models
 from .student import save_student
 
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_METHODS", "CompressConfig", "CompressReport", "UserError", "compress", "evaluate", "get_model",
     "list_models", "load_checkpoint", "load_dataset", "load_few_shot", "load_image_folder", "optimize_for_inference",
-    "run_method", "save_checkpoint", "save_student", "__version__",
+    "run_method", "save_checkpoint", "save_student", "__version__", "MirConfig", "mir_refine",
 ]  # fmt: skip
