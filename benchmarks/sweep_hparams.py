@@ -14,7 +14,8 @@ Cells (one JSONL row each, skipped when already in the results file):
 - ``--baselines`` (instead of the above): ``l1+bp`` and ``fitnet`` for BN handling
   (train / eval / recalibrate) x lr (``--baseline-lrs``);
 - ``refine``: :func:`crossdistill.mir.mir_refine` from the NC student (``start=nc``: NC+MiR) and from
-  the L1-norm student (``start=l1``: the ``mir`` method), for each lr of ``--lrs``, with the
+  the L1-norm student (``start=l1``: the ``mir`` method), for each lr of ``--lrs``, and from the L1
+  student with BN statistics re-estimated first (``start=l1-recal``, ``--recal-lrs``), with the
   validation accuracy every ``--eval-every`` steps up to ``--max-steps`` (constant lr, so the
   accuracy at step s is that of a run of s steps).
 
@@ -52,8 +53,9 @@ def val_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
 def cells(args: argparse.Namespace) -> list[tuple[str, dict]]:
     out: list[tuple[str, dict]] = [("nc", {})]
     out += [("ours", {"mu": mu}) for mu in args.mus]
-    out += [("ours-s", {"alpha": a, "beta": b}) for a, b in (ab.split(",") for ab in args.alpha_betas)]
+    out += [("ours-s", {"alpha": float(a), "beta": float(b)}) for a, b in (ab.split(",") for ab in args.alpha_betas)]
     out += [("refine", {"start": s, "lr": lr}) for s in ("nc", "l1") for lr in args.lrs]
+    out += [("refine", {"start": "l1-recal", "lr": lr}) for lr in args.recal_lrs]
     if args.baselines:  # end-to-end baselines: BN handling x lr (train mode: the old default, one lr)
         grid = [("train", 0.01)] + [(bn, lr) for bn in ("eval", "recalibrate") for lr in args.baseline_lrs]
         out = [(b, {"bn_mode": bn, "lr": lr}) for b in ("l1+bp", "fitnet") for bn, lr in grid]
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
                         student, _ = run_method(method, teacher, images, labels, cfg, **params)
                         row["val_accuracy"] = val_accuracy(student, vx, vy)
                     else:
-                        start = params["start"]
+                        start = params["start"].removesuffix("-recal")
                         if start not in starts:
                             starts[start], _ = run_method(start, teacher, images, labels, cfg)
                         curve: list[dict] = []
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace, out: Path) -> None:
                         def record(step: int, model: torch.nn.Module, c=curve, x=vx, y=vy) -> None:
                             c.append({"step": step, "val_accuracy": val_accuracy(model, x, y)})
 
-                        mcfg = MirConfig(steps=args.max_steps, lr=params["lr"], eval_every=args.eval_every)
+                        mcfg = MirConfig(steps=args.max_steps, lr=params["lr"], eval_every=args.eval_every,
+                                         recalibrate_bn=params["start"].endswith("-recal"))  # fmt: skip
                         _, rinfo = mir_refine(starts[start], teacher, images, mcfg, on_eval=record)
                         row["curve"] = curve
                         row["loss_before"], row["loss_after"] = rinfo["loss_before"], rinfo["loss_after"]
@@ -172,6 +175,7 @@ def main() -> None:
     ap.add_argument("--alpha-betas", nargs="+", default=["0.5,0.5", "0.6,0.6", "0.7,0.7", "0.8,0.8", "0.9,0.9",
                                                          "0.7,0.9", "0.9,0.7"])  # fmt: skip
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3])
+    ap.add_argument("--recal-lrs", nargs="+", type=float, default=[1e-3], help="L1 + BN recalibration + MiR")
     ap.add_argument("--max-steps", type=int, default=400)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--val-per-class", type=int, default=100)

@@ -88,6 +88,8 @@ class MirConfig:
     augment: bool = True  # random crop (zero padding) + horizontal flip on every batch
     pad: int | None = None  # crop padding in px; None: 2 up to 28x28 images, 4 above
     bn_mode: str = "eval"  # eval (frozen running statistics, affine parameters train) | train (paper)
+    recalibrate_bn: bool = False  # first re-estimate BN statistics on recal_views augmented views per image
+    recal_views: int = 16  # recalibrate_bn: views per image (the image itself + crops/flips)
     feature_layer: str | None = None  # module whose *input* is mimicked; None: see feature_point()
     eval_every: int = 25  # steps between held-out / validation losses
     holdout_folds: int = 0  # >= 2: choose the number of steps on held-out few-shot images (K >= 2)
@@ -109,6 +111,8 @@ class MirConfig:
             raise UserError("mir batch_size and eval_every must be >= 1")
         if self.holdout_folds == 1 or self.holdout_folds < 0:
             raise UserError(f"mir holdout_folds must be 0 (off) or >= 2, got {self.holdout_folds}")
+        if self.recal_views < 1:
+            raise UserError(f"mir recal_views must be >= 1, got {self.recal_views}")
         if self.pad is not None and self.pad < 0:
             raise UserError(f"mir pad must be >= 0 pixels, got {self.pad}")
 
@@ -244,6 +248,15 @@ def _folds(n: int, cfg: MirConfig, labels: torch.Tensor | None) -> list[tuple]:
 # --------------------------------------------------------------------------- training
 
 
+def _recalibrate(student: nn.Module, images: torch.Tensor, cfg: MirConfig) -> None:
+    from .compress import recalibrate_bn  # late: compress imports this module
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pad = cfg.pad if cfg.pad is not None else (2 if max(images.shape[-2:]) <= 28 else 4)
+    views = [images] + [augment(images, pad, gen) for _ in range(cfg.recal_views - 1)]
+    recalibrate_bn(student, torch.cat(views), cfg.batch_size)
+
+
 def _train(
     student: nn.Module,
     teacher: nn.Module,
@@ -355,6 +368,8 @@ def mir_refine(
     was_teacher = teacher.training
     teacher.eval()
     student = copy.deepcopy(student).eval()
+    if cfg.recalibrate_bn:  # e.g. an L1 start: the teacher's statistics no longer fit the pruned student
+        _recalibrate(student, images, cfg)
     try:
         name = feature_point(teacher, images[:1], cfg.feature_layer)
         with torch.no_grad():
