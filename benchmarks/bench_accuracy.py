@@ -51,9 +51,12 @@ def main() -> None:
     info = dataset_info(args.dataset)
     test = load_dataset(info.name, "test")
     env = machine()
-    mir_cfg = MirConfig()
-    mir_cfg.steps = args.mir_steps if args.mir_steps is not None else mir_cfg.steps
-    mir_cfg.lr = args.mir_lr if args.mir_lr is not None else mir_cfg.lr
+    # MiR settings: MirConfig's (refinement) / method_defaults() (method mir) unless given here
+    mir_cfg = None
+    if args.mir_steps is not None or args.mir_lr is not None:
+        mir_cfg = MirConfig()
+        mir_cfg.steps = args.mir_steps if args.mir_steps is not None else mir_cfg.steps
+        mir_cfg.lr = args.mir_lr if args.mir_lr is not None else mir_cfg.lr
     methods = [m if args.refine is None or m == "mir" else f"{m}+mir" for m in args.methods]
     for model_name in args.models:
         path = teacher_path(model_name, info.name)

@@ -158,8 +158,8 @@ def compress(
     data_dir: Path | None = typer.Option(None),
     # --- holistic refinement (crossdistill.mir): --refine mir, and the settings of --method mir ---
     refine: str | None = typer.Option(None, help="mir: then train end to end to the teacher's pre-pool features"),
-    mir_steps: int = typer.Option(300, help="mir: training steps (with --mir-holdout-folds: the most tried)"),
-    mir_lr: float = typer.Option(1e-4, help="mir: Adam learning rate"),
+    mir_steps: int | None = typer.Option(None, help="mir: training steps (default 300 refine, 400 --method mir)"),
+    mir_lr: float | None = typer.Option(None, help="mir: Adam learning rate (default 1e-4 refine, 1e-3 --method mir)"),
     mir_holdout_folds: int = typer.Option(0, help="mir: >= 2 chooses the steps on held-out images (K >= 2)"),
     mir_feature_layer: str | None = typer.Option(None, help="mir: module whose input is mimicked"),
 ) -> None:
@@ -208,11 +208,13 @@ def compress(
             skip_unsupported=skip_unsupported, keep_overrides=load_keep_file(keep_file) if keep_file else {},
         )  # fmt: skip
         # --- holistic refinement settings (crossdistill.mir) ---
-        from .mir import MirConfig
+        from .mir import MirConfig, method_defaults
 
         cfg.refine = refine
-        cfg.mir = MirConfig(steps=mir_steps, lr=mir_lr, holdout_folds=mir_holdout_folds,
-                            feature_layer=mir_feature_layer)  # fmt: skip
+        cfg.mir = method_defaults() if method == "mir" else MirConfig()
+        cfg.mir.steps = cfg.mir.steps if mir_steps is None else mir_steps
+        cfg.mir.lr = cfg.mir.lr if mir_lr is None else mir_lr
+        cfg.mir.holdout_folds, cfg.mir.feature_layer = mir_holdout_folds, mir_feature_layer
         cfg.validate()
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()

@@ -113,6 +113,19 @@ def test_unstructured_baselines_keep_exact_sparsity(name):
 
 
 @pytest.mark.parametrize("name", ["l1+bp", "fitnet"])
+def test_recalibrate_reestimates_bn_statistics_once_then_trains_with_them_frozen(name):
+    teacher, images, labels = _teacher("resnet20")
+    stats = lambda m: m.get_submodule("layer1.0.bn2").running_mean.clone()  # noqa: E731  (width kept)
+    zero = {"iterations": 0} if name == "l1+bp" else {"hint_iterations": 0, "kd_iterations": 0}
+    frozen, _ = run_baseline(name, teacher, images, labels, bn_mode="eval", **zero)
+    assert torch.equal(stats(frozen), stats(teacher))
+    recal, _ = run_baseline(name, teacher, images, labels, bn_mode="recalibrate", **zero)
+    trained, _ = run_baseline(name, teacher, images, labels, bn_mode="recalibrate", **FAST[name])
+    assert not torch.allclose(stats(recal), stats(teacher))
+    assert torch.equal(stats(trained), stats(recal))  # frozen while training
+
+
+@pytest.mark.parametrize("name", ["l1+bp", "fitnet"])
 def test_training_baselines_lower_their_training_loss(setup, name):
     teacher, images, labels, _ = setup
     _, report = run_baseline(name, teacher, images, labels, **FAST[name])
