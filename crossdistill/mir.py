@@ -25,8 +25,9 @@ feature point        ResNet: before global avg pooling   same; VGG: input of the
 loss                 MSE (mean) on those features        same
 head                 teacher's classifier, frozen        same (never reached by the forward)
 optimizer            SGD, momentum 0.9, wd 1e-4          Adam, no weight decay
-lr / schedule        0.02, x0.1 after 40% of the steps   1e-4, constant
-steps / batch        2000 iterations, batch 64           300 steps, batch 64 (full batch below 64)
+lr / schedule        0.02, x0.1 after 40% of the steps   refine: 1e-4; method mir: 1e-3; constant
+steps / batch        2000 iterations, batch 64           refine: 300; method mir: 400; batch 64
+                                                         (full batch below 64 images)
 augmentation         RandomResizedCrop(224) + flip       random crop (zero pad 2 px up to 28x28,
                                                          4 px above) + horizontal flip
 BN                   train mode (batch statistics)       eval mode (running statistics frozen)
@@ -43,7 +44,10 @@ target features were computed and the student is evaluated; in train mode
 the running statistics would also drift to those few images (momentum 0.1
 over hundreds of steps forgets the teacher's). Eval mode keeps the
 teacher's statistics and still trains the BN affine parameters.
-``bn_mode="train"`` gives the paper's behaviour.
+``bn_mode="train"`` gives the paper's behaviour; ``recalibrate_bn=True``
+re-estimates the statistics once on augmented views of the images first.
+The lr / steps of both uses were chosen on validation images of the
+training split (``benchmarks/sweep_hparams.py``; :func:`method_defaults`).
 
 Validation (never test images): ``holdout_folds >= 2`` chooses the number
 of steps on held-out few-shot images — fold j holds out the j-th image of
