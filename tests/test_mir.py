@@ -181,3 +181,15 @@ def test_validation_draw_is_disjoint_from_the_few_shot_draw():
     val = few_shot_indices(split, 10, seed=2, exclude=draw)
     assert not set(draw.tolist()) & set(val.tolist())
     assert torch.bincount(labels[val]).tolist() == [10] * 5
+
+
+def test_load_validation_draws_from_the_train_split_without_the_few_shot_images(fashion_dir):
+    from crossdistill.data import load_dataset, load_few_shot, load_validation
+
+    train = load_dataset("fashion-mnist", "train", fashion_dir)
+    draw = few_shot_indices(train, 2, seed=0, num_classes=10)
+    few, few_labels = load_few_shot("fashion-mnist", 2, seed=0, data_dir=fashion_dir)
+    vx, vy = load_validation("fashion-mnist", 20, seed=0, exclude=draw, data_dir=fashion_dir)
+    assert torch.equal(train.labels[draw], few_labels)  # the indices are load_few_shot's draw
+    assert vx.shape == (200, 1, 28, 28) and torch.bincount(vy).tolist() == [20] * 10
+    assert not (vx.flatten(1)[:, None] == few.flatten(1)[None]).all(-1).any()  # no few-shot image reused
