@@ -14,6 +14,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .inference import optimize_for_inference
 from .methods import ALL_METHODS, run_method
+from .mir import MirConfig, mir_refine
 from .models import get_model, list_models
 from .run import CompressReport
 from .student import save_student
@@ -37,4 +38,6 @@ __all__ = [
     "save_checkpoint",
     "save_student",
     "__version__",
+    "MirConfig",
+    "mir_refine",
 ]

@@ -302,7 +302,8 @@ def compress(
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
     method: str = typer.Option(
-        DEFAULTS.method, help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp"
+        DEFAULTS.method,
+        help="nc | ours | ours-s | correction | imitation | l1 | l1+bp | fitnet | fskd | thinet | cp | mir",
     ),
     mu: float | None = typer.Option(None, help="ours: weight of L^c (default: 0.9 ResNets, 0.6 others)"),
     alpha: float = typer.Option(DEFAULTS.alpha, help="ours-s: teacher-side mix"),
@@ -336,6 +337,12 @@ def compress(
     latency_batch: int = typer.Option(DEFAULTS.latency_batch, help="batch size of a latency target"),
     signal: str = typer.Option(DEFAULTS.signal, help="target: sensitivity signal, recon | penultimate"),
     depth: str = typer.Option(DEFAULTS.depth, help="target: channels | blocks (drop residual blocks) | mixed"),
+    # --- holistic refinement (crossdistill.mir): --refine mir, and the settings of --method mir ---
+    refine: str | None = typer.Option(None, help="mir: then train end to end to the teacher's pre-pool features"),
+    mir_steps: int | None = typer.Option(None, help="mir: training steps (default 300 refine, 400 --method mir)"),
+    mir_lr: float | None = typer.Option(None, help="mir: Adam learning rate (default 1e-4 refine, 1e-3 --method mir)"),
+    mir_holdout_folds: int = typer.Option(0, help="mir: >= 2 chooses the steps on held-out images (K >= 2)"),
+    mir_feature_layer: str | None = typer.Option(None, help="mir: module whose input is mimicked"),
 ) -> None:
     """Compress a teacher with a few images; save the student and print a before/after table.
 
@@ -429,7 +436,15 @@ def compress(
             raise UserError("give one of --target-flops, --target-params, --target-latency")
         if targets:
             cfg.target, cfg.signal, cfg.depth, cfg.latency_batch = targets, signal, depth, latency_batch
-            cfg.validate()
+        # --- holistic refinement settings (crossdistill.mir) ---
+        from .mir import MirConfig, method_defaults
+
+        cfg.refine = refine
+        cfg.mir = method_defaults() if method == "mir" else MirConfig()
+        cfg.mir.steps = cfg.mir.steps if mir_steps is None else mir_steps
+        cfg.mir.lr = cfg.mir.lr if mir_lr is None else mir_lr
+        cfg.mir.holdout_folds, cfg.mir.feature_layer = mir_holdout_folds, mir_feature_layer
+        cfg.validate()
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
         if model_file is not None:  # accuracy only on a given labelled test folder

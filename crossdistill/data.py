@@ -49,6 +49,8 @@ __all__ = [
     "download",
     "verify_checksum",
     "load_few_shot",
+    "few_shot_indices",
+    "load_validation",
 ]
 
 
@@ -397,21 +399,48 @@ def few_shot(split: Split, k: int, seed: int = 0, num_classes: int | None = None
     Deterministic: the same (split, k, seed) always gives the same images, in
     class order, so every method sees the same draw.
     """
+    sel = few_shot_indices(split, k, seed, num_classes)
+    return Split(split.images[sel], split.labels[sel])
+
+
+def few_shot_indices(
+    split: Split, k: int, seed: int = 0, num_classes: int | None = None, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices into ``split`` of :func:`few_shot`'s draw (class order); ``exclude``: indices never drawn."""
     if k < 1:
         raise UserError(f"k must be at least 1 image per class, got {k}")
     labels = split.labels
     classes = range(num_classes) if num_classes is not None else torch.unique(labels[labels >= 0]).tolist()
     if len(classes) == 0:
         raise UserError("no labelled images to draw a few-shot set from; give one sub-folder per class")
+    allowed = torch.ones(len(labels), dtype=torch.bool)
+    if exclude is not None:
+        allowed[exclude] = False
     g = torch.Generator().manual_seed(seed)
     picks = []
     for c in classes:
-        idx = torch.nonzero(labels == c).flatten()
+        idx = torch.nonzero((labels == c) & allowed).flatten()
         if len(idx) < k:
             raise UserError(f"class {c} has only {len(idx)} images but k={k} were asked; lower --k")
         picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    sel = torch.cat(picks)
-    return Split(split.images[sel], split.labels[sel])
+    return torch.cat(picks)
+
+
+def load_validation(
+    dataset: str,
+    n_per_class: int,
+    seed: int = 0,
+    exclude: torch.Tensor | None = None,
+    data_dir: str | Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation set for choosing hyperparameters: ``n_per_class`` normalised images per class from
+    the TRAIN split (never the test split), none of them in ``exclude`` (train-split indices, e.g.
+    ``few_shot_indices(train, k, seed)``: the few-shot draw). Returns (images, labels)."""
+    info = dataset_info(dataset)
+    train = load_dataset(info.name, "train", data_dir)
+    # a seed of its own: the same validation images for every few-shot draw that does not touch them
+    sel = few_shot_indices(train, n_per_class, 10_000 + seed, info.num_classes, exclude)
+    return normalize(train.images[sel], info), train.labels[sel]
 
 
 def load_few_shot(

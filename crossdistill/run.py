@@ -83,6 +83,7 @@ class CompressReport:
     seconds: float
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
     allocation: dict[str, Any] | None = None  # target runs: target asked/achieved, kept fraction per layer, blocks
+    refine: dict[str, Any] | None = None  # refine="mir" / method mir: mir_refine's info (steps, losses)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,7 @@ from crossdistill.solvers import LayerStats
 from crossdistill.structure import layer_widths
 
 # few training steps so the file runs in seconds on one core
-FAST = {"l1+bp": {"iterations": 20}, "fitnet": {"hint_iterations": 20, "kd_iterations": 20}}
+FAST = {"l1+bp": {"iterations": 20}, "fitnet": {"hint_iterations": 20, "kd_iterations": 20}, "mir": {"steps": 5}}
 
 
 def _teacher(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_registry_holds_the_papers_baselines():
-    assert set(BASELINES) == {"l1", "l1+bp", "fitnet", "fskd", "thinet", "cp"}
+    assert set(BASELINES) == {"l1", "l1+bp", "fitnet", "fskd", "thinet", "cp", "mir"}
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
@@ -110,6 +110,19 @@ def test_unstructured_baselines_keep_exact_sparsity(name):
         zeros, total = zeros + int((w == 0).sum()), total + w.numel()
     assert report.sparsity == pytest.approx(zeros / total)
     assert student.widths == layer_widths(teacher)  # nothing removed physically
+
+
+@pytest.mark.parametrize("name", ["l1+bp", "fitnet"])
+def test_recalibrate_reestimates_bn_statistics_once_then_trains_with_them_frozen(name):
+    teacher, images, labels = _teacher("resnet20")
+    stats = lambda m: m.get_submodule("layer1.0.bn2").running_mean.clone()  # noqa: E731  (width kept)
+    zero = {"iterations": 0} if name == "l1+bp" else {"hint_iterations": 0, "kd_iterations": 0}
+    frozen, _ = run_baseline(name, teacher, images, labels, bn_mode="eval", **zero)
+    assert torch.equal(stats(frozen), stats(teacher))
+    recal, _ = run_baseline(name, teacher, images, labels, bn_mode="recalibrate", **zero)
+    trained, _ = run_baseline(name, teacher, images, labels, bn_mode="recalibrate", **FAST[name])
+    assert not torch.allclose(stats(recal), stats(teacher))
+    assert torch.equal(stats(trained), stats(recal))  # frozen while training
 
 
 @pytest.mark.parametrize("name", ["l1+bp", "fitnet"])

@@ -36,11 +36,24 @@ def test_compress_writes_a_student_that_loads_with_and_without_crossdistill(tmp_
 def test_compress_runs_every_baseline(method: str, tmp_path: Path, fashion_dir) -> None:
     res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", method,
                               "--out", str(tmp_path), "--test-limit", "100", "--no-latency",
-                              "--data-dir", str(fashion_dir)])  # fmt: skip
+                              "--data-dir", str(fashion_dir), "--mir-steps", "5"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "peak memory" in res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["method"] == method and report["flops_after"] < report["flops_before"]
+
+
+def test_refine_mir_runs_after_a_method_and_is_recorded(tmp_path: Path, fashion_dir) -> None:
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", "nc",
+                              "--refine", "mir", "--mir-steps", "3", "--out", str(tmp_path), "--test-limit", "100",
+                              "--no-latency", "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["refine"] == "mir" and report["refine"]["steps_run"] == 3
+    assert report["refine"]["feature_layer"] == "pool"
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--refine", "bp",
+                              "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 2 and "refine must be None or 'mir'" in res.output
 
 
 def test_evaluate_prints_a_table(fashion_dir) -> None:

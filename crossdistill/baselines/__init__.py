@@ -14,7 +14,11 @@ fitnet    L1-norm, then FitNet hints + KD (Romero et al. 2015)        yes      y
 fskd      L1-norm, then FSKD 1x1 least-squares fits (Li et al. 2020)  no       no
 thinet    ThiNet greedy selection + least squares (Luo et al. 2017)   no       no
 cp        CP LASSO selection + least squares (He et al. 2017)         no       no
+mir       L1-norm, then MiR feature mimicking (Wang et al. 2022)      no       yes
 ========  ==========================================================  =======  ============
+
+``mir`` comes after the paper (CVPR 2022); its code and settings live in
+:mod:`crossdistill.mir`.
 
 Example::
 
@@ -33,12 +37,14 @@ from torch import nn
 
 from ..config import CompressConfig
 from ..errors import UserError
+from ..mir import MirConfig
 from ..run import CompressReport
 from .bp import BPConfig, l1_bp
 from .cp import CPConfig, channel_pruning
 from .fitnet import FitNetConfig, fitnet
 from .fskd import FSKDConfig, fskd
 from .l1 import L1Config, l1_prune
+from .mir import mir
 from .thinet import ThiNetConfig, thinet
 
 __all__ = [
@@ -70,6 +76,7 @@ BASELINES: dict[str, Baseline] = {
     "fskd": Baseline(fskd, FSKDConfig, False, False, "L1-norm + FSKD 1x1 least-squares fits (Li et al. 2020)"),
     "thinet": Baseline(thinet, ThiNetConfig, False, False, "ThiNet greedy selection + least squares (Luo 2017)"),
     "cp": Baseline(channel_pruning, CPConfig, False, False, "CP LASSO selection + least squares (He et al. 2017)"),
+    "mir": Baseline(mir, MirConfig, False, True, "L1-norm + MiR label-free feature mimicking (Wang et al. 2022)"),
 }
 
 
