@@ -8,12 +8,9 @@ themselves; which method names exist is :mod:`crossdistill.methods`'s business.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import UserError
-
-if TYPE_CHECKING:  # mir.py imports torch; this module stays free of it
-    from .mir import MirConfig
 
 __all__ = ["CompressConfig", "TARGET_KINDS", "SIGNALS", "DEPTHS", "parse_target"]
 
@@ -55,7 +52,7 @@ class CompressConfig:
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
     refine: str | None = None  # None | "mir": holistic feature mimicking after the method (crossdistill.mir)
-    mir: MirConfig | None = None  # settings of refine="mir" and of method "mir" (None: MirConfig defaults)
+    mir: Any = None  # a crossdistill.mir.MirConfig: settings of refine="mir" and of method "mir" (None: defaults)
     # --- budget (crossdistill.target): per-layer keeps allocated from the few images instead of one keep
     target: dict[str, float] | None = None  # {"flops"|"params"|"latency": fraction of the teacher's}
     signal: str = "recon"  # recon (layer reconstruction error) | penultimate (error at the penultimate features)
