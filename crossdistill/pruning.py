@@ -108,17 +108,43 @@ class ChannelRemover:
         layer = self.model.get_submodule(name)
         return len(self.prunable_channels(name)) == layer.weight.shape[1] > 0
 
-    def remove_input_channels(self, name: str, keep: torch.Tensor) -> None:
-        """Remove every input channel of layer ``name`` not in ``keep``, and the producer's outputs."""
+    def remove_input_channels(self, name: str, keep: torch.Tensor) -> torch.Tensor:
+        """Remove every input channel of layer ``name`` not in ``keep``, and the producer's outputs.
+
+        No layer is left empty: where ``keep`` would remove every output channel
+        of a coupled layer (a SqueezeNet fire module: the next squeeze's inputs
+        are the concat of two expand convs, and one expand's slice may be dropped
+        whole), the first channel of that slice is kept too. Its weight column in
+        ``name`` is what the caller wrote (zero after a structured solve), so the
+        function is that of the requested pruning. Returns the input channels kept."""
         layer = self.model.get_submodule(name)
         c_in = layer.weight.shape[1]
-        drop = sorted(set(range(c_in)) - set(keep.tolist()))
+        keep_set = set(int(k) for k in keep.tolist())
+        drop = sorted(set(range(c_in)) - keep_set)
         if not drop:
-            return
+            return torch.tensor(sorted(keep_set), dtype=torch.long)
         group = self._group(layer, drop)
         if not self.graph.check_pruning_group(group):
-            raise UserError(f"removing {len(drop)} input channels of {name} would leave a layer empty; raise keep")
+            keep_set |= self._rescue(layer, drop)
+            drop = sorted(set(range(c_in)) - keep_set)
+            group = self._group(layer, drop)
+            if not self.graph.check_pruning_group(group):
+                raise UserError(f"removing {len(drop)} input channels of {name} would leave a layer empty; raise keep")
         group.prune()
+        return torch.tensor(sorted(keep_set), dtype=torch.long)
+
+    def _rescue(self, layer: nn.Module, drop: list[int]) -> set[int]:
+        """Input channels of ``layer`` to keep back so that no coupled layer loses every output channel."""
+        back: set[int] = set()
+        for item in self._group(layer, drop):
+            mod, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(mod, _PARAM_LAYERS) or not self.graph.is_out_channel_pruning_fn(handler):
+                continue
+            idxs = [int(i) for i in item.idxs]
+            roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
+            if len(set(idxs)) >= mod.weight.shape[0] and roots:  # every output of ``mod`` would go
+                back.add(min(roots))
+        return back
 
 
 def apply_mask(layer: nn.Module, mask: torch.Tensor) -> None:

@@ -18,7 +18,9 @@ Imports run one way: cli -> methods -> {compress, baselines} -> run ->
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -50,6 +52,8 @@ __all__ = [
     "finish",
     "check_images",
     "check_labels",
+    "split_holdout",
+    "output_error",
     "resolve_device",
     "recalibrate_bn",
     "measure_peak_memory_mb",
@@ -69,6 +73,8 @@ class LayerRecord:
     seconds: float
     skipped: bool = False  # re-fit would be a no-op for this objective
     kept_channels: list[int] | None = None  # structured, pruned layers: the teacher's input channels kept
+    rel_error: float | None = None  # sqrt(loss_after / target energy): the layer's relative output error
+    fell_back: bool = False  # the solve ended above the masked start, which was kept instead (warned)
 
 
 @dataclass
@@ -82,6 +88,10 @@ class CompressReport:
     sparsity: float  # fraction of zero weights in the processed layers
     seconds: float
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
+    # ||F^S(x) - F^T(x)|| / ||F^T(x)|| on the held-out images (config.holdout > 0), else on the fit images
+    output_error: float | None = None
+    output_error_on: str = "fit"  # "held-out" | "fit"
+    capture: str = "per-layer"  # "one-pass" (fx graph, activations reused) | "per-layer" (re-run per layer)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +172,33 @@ def measure_peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, held-out indices) of ``images``: ``floor(fraction * N)`` images held out, at random
+    (seeded), at least one when ``fraction > 0`` and at least one image always left for the fit."""
+    n = len(images)
+    n_hold = min(max(1, math.floor(fraction * n)) if fraction > 0 else 0, n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_hold:].sort().values, order[:n_hold].sort().values
+
+
+@torch.no_grad()
+def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 128) -> float:
+    """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored)."""
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    diff = ref = 0.0
+    try:
+        for i in range(0, len(images), batch_size):
+            yT, yS = teacher(images[i : i + batch_size]), student(images[i : i + batch_size])
+            diff += float((yS - yT).double().pow(2).sum())
+            ref += float(yT.double().pow(2).sum())
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return math.sqrt(diff / ref) if ref > 0 else math.sqrt(diff)
+
+
 # --------------------------------------------------------------------------- run state
 
 
@@ -191,6 +228,8 @@ class Run:
     plan: list[LayerPlan] = field(default_factory=list)  # forward order; set by plan_layers
     remover: ChannelRemover | None = None  # structured only; set by plan_layers
     records: list[LayerRecord] = field(default_factory=list)
+    heldout: torch.Tensor | None = None  # images held out of the fit (config.holdout), for the report's error
+    capture: str = "per-layer"  # how refit_layers captured the student's inputs
 
     @property
     def structured(self) -> bool:
@@ -232,13 +271,21 @@ def start(
         with torch.no_grad():
             num_classes = teacher(images[:1]).shape[-1]
         labels = check_labels(labels, len(images), num_classes).to(device)
+    heldout = None
+    if cfg.holdout > 0 and len(images) >= 2:
+        fit, held = split_holdout(images, cfg.holdout, cfg.holdout_seed)
+        heldout = images[held.to(images.device)]
+        images = images[fit.to(images.device)]
+        labels = labels[fit.to(labels.device)] if labels is not None else None
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
     example = images[:1]
     params_before = count_params(student)
     flops_before = count_flops(student, example.shape[1:])
-    return Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+    run = Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+    run.heldout = heldout
+    return run
 
 
 def plan_layers(run: Run, pruned_only: bool = False) -> None:
@@ -282,6 +329,9 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         sparsity=sparsity(student, [p.name for p in run.plan]),
         seconds=time.perf_counter() - run.t_start,
         peak_memory_mb=measure_peak_memory_mb(run.device),
+        output_error=output_error(student, run.teacher, run.heldout if run.heldout is not None else run.images),
+        output_error_on="held-out" if run.heldout is not None else "fit",
+        capture=run.capture,
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
@@ -383,10 +433,19 @@ def refit_layers(
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
         pruned = run.structured and n_keep < total
         if pruned:
-            run.remover.remove_input_channels(p.name, res.kept)
+            res.kept = run.remover.remove_input_channels(p.name, res.kept)
         elif not run.structured:
             apply_mask(layer, res.kept)
         kept_channels = res.kept.tolist() if pruned else None
+        if res.fell_back:
+            warnings.warn(
+                f"the re-fit of layer {p.name} ended above its masked start (objective {res.loss_masked:.4g}); "
+                "kept the start weights for it",
+                stacklevel=2,
+            )
         seconds = time.perf_counter() - t0
-        record = LayerRecord(p.name, n_keep, total, res.loss_before, res.loss_after, seconds, False, kept_channels)
+        record = LayerRecord(
+            p.name, n_keep, total, res.loss_before, res.loss_after, seconds, False, kept_channels,
+            res.rel_error, res.fell_back,
+        )
         run.records.append(record)
