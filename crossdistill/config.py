@@ -45,6 +45,7 @@ class CompressConfig:
     batch_size: int = 128  # images per forward while capturing
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
+    capture: str = "one-pass"  # one-pass (fx graph, activations reused) | per-layer (a forward pass per layer)
     holdout: float = 0.0  # fraction of the images held out of the fit; the report's output error is on them
     holdout_seed: int = 0  # which images are held out (run.split_holdout)
 
@@ -56,6 +57,8 @@ class CompressConfig:
             raise UserError(f"unpruned_objective must be 'same' or 'nc', got {self.unpruned_objective!r}")
         if self.bn_mode not in ("eval", "train"):
             raise UserError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.capture not in ("one-pass", "per-layer"):
+            raise UserError(f"capture must be 'one-pass' or 'per-layer', got {self.capture!r}")
         if not 0.0 <= self.holdout < 1.0:
             raise UserError(f"holdout must lie in [0, 1), got {self.holdout}; e.g. 0.2 holds out a fifth of the images")
         if not 0.0 < self.keep <= 1.0:

@@ -67,6 +67,18 @@ class ChannelRemover:
                 ins.append(self.names.get(mod, "?"))
         return sorted(set(ins)), sorted(set(outs))
 
+    def touched_modules(self, name: str, channels: list[int] | None = None) -> list[str]:
+        """Names of the modules whose parameters change when input ``channels`` of ``name`` go (all if None):
+        the layer, the producers, and the BN / depthwise layers in between."""
+        layer = self.model.get_submodule(name)
+        idxs = list(range(layer.weight.shape[1])) if channels is None else list(channels)
+        out = {name}
+        for item in self._group(layer, idxs):
+            mod = item.dep.target.module
+            if isinstance(mod, nn.Module) and mod in self.names:
+                out.add(self.names[mod])
+        return sorted(out)
+
     def prunable_channels(self, name: str, frozen: set[str] | frozenset[str] = frozenset()) -> list[int]:
         """Input channels of layer ``name`` that can be removed with their producer alone (module docstring).
 

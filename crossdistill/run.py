@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import capture_input, capture_inputs
+from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .errors import UserError
@@ -373,6 +373,29 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
     return capture_inputs(run.teacher, names, run.images, run.cfg.batch_size)
 
 
+def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
+    """One pass over the student's traced graph for the per-layer inputs, or None (per-layer capture) when
+    fx cannot trace the model or the config asks for it; ``run.capture`` says which."""
+    run.capture = "per-layer"
+    if run.cfg.capture != "one-pass":
+        return None
+    changed = []
+    for p, terms in zip(run.plan, layer_terms, strict=True):
+        layer = run.student.get_submodule(p.name)
+        total = layer.weight.shape[1]
+        if terms is not None and run.structured and p.n_keep(total) < total:
+            changed.append(run.remover.touched_modules(p.name, p.channels))
+        else:
+            changed.append([p.name])
+    try:
+        stream = GraphStream(run.student, [p.name for p in run.plan], changed, run.images, run.cfg.batch_size)
+    except GraphUnsupported as e:
+        warnings.warn(f"capturing each layer's input with a forward pass per layer: {e}", stacklevel=3)
+        return None
+    run.capture = "one-pass"
+    return stream
+
+
 def refit_layers(
     run: Run,
     terms_for: Callable[[LayerPlan], list[Term] | None],
@@ -395,6 +418,7 @@ def refit_layers(
     uses_teacher = any(t.p != 0 or t.r != 0 for terms in layer_terms if terms for t in terms)
     names = [p.name for p in plan]
     cache = _teacher_inputs(run, names) if uses_teacher else None
+    stream = _student_stream(run, layer_terms)
     for i, (p, terms) in enumerate(zip(plan, layer_terms, strict=True)):
         t0 = time.perf_counter()
         if on_layer is not None:
@@ -405,6 +429,8 @@ def refit_layers(
         if terms is None:
             if cache is not None:
                 cache.pop(p.name)
+            if stream is not None:
+                stream.next_input()  # keeps the stream in step; its values are reused by the next layer
             run.records.append(LayerRecord(p.name, total, total, 0.0, 0.0, time.perf_counter() - t0, skipped=True))
             continue
         n_keep = p.n_keep(total)
@@ -416,7 +442,10 @@ def refit_layers(
             fixed = pinned.nonzero().flatten()
 
         # inputs: the student's with the producer still at full width, the teacher's from the cache
-        hS = capture_input(run.student, p.name, run.images, cfg.batch_size)
+        if stream is not None:
+            hS = stream.next_input()
+        else:
+            hS = capture_input(run.student, p.name, run.images, cfg.batch_size)
         if not uses_teacher:
             hT = hS
         elif cache is not None:
