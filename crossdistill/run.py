@@ -474,7 +474,15 @@ def refit_layers(
             )
         seconds = time.perf_counter() - t0
         record = LayerRecord(
-            p.name, n_keep, total, res.loss_before, res.loss_after, seconds, False, kept_channels,
-            res.rel_error, res.fell_back,
+            p.name,
+            n_keep,
+            total,
+            res.loss_before,
+            res.loss_after,
+            seconds,
+            False,
+            kept_channels,
+            res.rel_error,
+            res.fell_back,
         )
         run.records.append(record)

@@ -27,7 +27,7 @@ layer worse than not re-fitting it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -550,9 +550,7 @@ def _solve_groups_batched(
     rel = math.sqrt(float(after.sum()) / energy) if energy > 0 else 0.0
     kept = torch.arange(w0.shape[1], device=w0.device)
     loss_before = float(before.sum()) / norm
-    return SolveResult(
-        W.reshape(w0.shape).float(), kept, loss_before, loss_after, loss_before, rel, bool(worse.any())
-    )
+    return SolveResult(W.reshape(w0.shape).float(), kept, loss_before, loss_after, loss_before, rel, bool(worse.any()))
 
 
 def adam_solve(
