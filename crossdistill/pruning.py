@@ -48,6 +48,8 @@ class ChannelRemover:
         except Exception as e:  # torch-pruning raises many types while tracing unknown models
             raise UserError(f"could not trace the model to find coupled channels ({e}); check the model runs") from e
         self.names = {m: n for n, m in model.named_modules()}
+        self._groups: dict[str, list[int]] = {}
+        self._sources: dict[str, dict[int, tuple[str, int]]] = {}
 
     def _group(self, layer: nn.Module, idxs: list[int]):
         fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
@@ -91,29 +93,60 @@ class ChannelRemover:
         blocked = [False] * c_in
         producer_width = 0
         reshaped = False
+        groups = [-1] * c_in  # group of the grouped producer each channel comes from (-1: not grouped)
+        sources: list[tuple[str, int] | None] = [None] * c_in  # (producer, its output channel)
         for item in self._group(layer, list(range(c_in))):
             mod, handler = item.dep.target.module, item.dep.handler
             roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
             if isinstance(mod, (tp.ops._ReshapeOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):
                 reshaped = True
+            if isinstance(mod, tp.ops._SplitOp):  # a channel split (ShuffleNetV2): its index map is not kept
+                for r in roots:
+                    blocked[r] = True
             if isinstance(mod, tp.ops._OutputOp):  # the channels are also a model output
                 for r in roots:
                     blocked[r] = True
             if not isinstance(mod, _PARAM_LAYERS) or mod is layer or is_depthwise(mod):
                 continue
             if self.graph.is_out_channel_pruning_fn(handler):
-                ok = isinstance(mod, (nn.Linear, nn.Conv2d)) and getattr(mod, "groups", 1) == 1
+                # a grouped producer is fine: the consumer then keeps the same share of each of its groups
+                ok = isinstance(mod, (nn.Linear, nn.Conv2d))
                 ok = ok and len(set(int(i) for i in item.idxs)) == len(roots) and self.names.get(mod) not in frozen
                 producer_width += mod.weight.shape[0]
-                for r in roots:
+                per_group = mod.weight.shape[0] // getattr(mod, "groups", 1)
+                for r, o in zip(roots, item.idxs, strict=True):
                     producers[r] += 1
+                    sources[r] = (self.names.get(mod, "?"), int(o))
                     blocked[r] |= not ok
+                    if getattr(mod, "groups", 1) > 1:
+                        groups[r] = int(o) // per_group
             elif self.graph.is_in_channel_pruning_fn(handler):  # another consumer of the same channels
                 for r in roots:
                     blocked[r] = True
-        if reshaped and producer_width != c_in:  # a flatten of a spatial map: features are not channels
+        if reshaped and (producer_width != c_in or isinstance(layer, nn.Conv2d)):
+            # a flatten of a spatial map (features are not channels), or a reshape between two convs
+            # (a channel shuffle): its index map is not followed
             return []
-        return [j for j in range(c_in) if producers[j] == 1 and not blocked[j]]
+        chosen = [j for j in range(c_in) if producers[j] == 1 and not blocked[j]]
+        self._groups[name] = [groups[j] for j in chosen]
+        self._sources[name] = {j: sources[j] for j in chosen}
+        return chosen
+
+    def channel_sources(self, name: str) -> dict[int, tuple[str, int]]:
+        """Prunable input channel of ``name`` -> (the layer producing it, that layer's output channel)."""
+        if name not in self._sources:
+            self.prunable_channels(name)
+        return dict(self._sources.get(name, {}))
+
+    def channel_groups(self, name: str, channels: list[int] | None = None) -> torch.Tensor | None:
+        """Group id of each prunable input channel of ``name`` (in :meth:`prunable_channels` order) whose
+        producer is a grouped conv, -1 for the others; None when no producer is grouped."""
+        if name not in self._groups:
+            self.prunable_channels(name)
+        groups = self._groups.get(name, [])
+        if not groups or all(g < 0 for g in groups):
+            return None
+        return torch.tensor(groups)
 
     def independently_prunable(self, name: str) -> bool:
         """Every input channel of ``name`` is removable (see :meth:`prunable_channels`)."""

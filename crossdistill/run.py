@@ -36,7 +36,7 @@ from .measure import count_flops, count_params
 from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
-from .solvers import LayerProblem, LayerStats, SolveResult
+from .solvers import LayerProblem, LayerStats, SolveResult, group_targets
 from .structure import layer_widths
 
 __all__ = [
@@ -302,7 +302,15 @@ def plan_layers(run: Run, pruned_only: bool = False) -> None:
     plan = make_plan(run.student, run.example, cfg, run.remover)
     if pruned_only:
         grouped = lambda n: getattr(run.student.get_submodule(n), "groups", 1) != 1  # noqa: E731
-        plan = [p for p in plan if p.keep is not None and p.channels is None and not grouped(p.name)]
+        # ThiNet / CP choose channels without the equal-share-per-group rule a grouped producer needs
+        fed_by_grouped = lambda n: (  # noqa: E731
+            run.name in ("thinet", "cp") and run.remover is not None and run.remover.channel_groups(n) is not None
+        )
+        plan = [
+            p
+            for p in plan
+            if p.keep is not None and p.channels is None and not grouped(p.name) and not fed_by_grouped(p.name)
+        ]
         if not plan:
             raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
     elif not plan:
@@ -371,6 +379,20 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
     if cache_mb > run.cfg.teacher_cache_mb:
         return None
     return capture_inputs(run.teacher, names, run.images, run.cfg.batch_size)
+
+
+def _channel_groups(run: Run, p: LayerPlan, total: int) -> torch.Tensor | None:
+    """Group id per input channel of a layer fed by a grouped conv (LayerProblem.channel_groups), or None.
+
+    Channels outside ``p.channels`` (always kept) are each a group of one, so their share is themselves."""
+    assert run.remover is not None
+    prunable = run.remover.channel_groups(p.name)
+    if prunable is None:
+        return None
+    chosen = list(range(total)) if p.channels is None else p.channels
+    groups = torch.arange(total) + 2**20  # one group per always-kept channel
+    groups[torch.tensor(chosen)] = prunable
+    return groups
 
 
 def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
@@ -452,8 +474,11 @@ def refit_layers(
             hT = cache.pop(p.name)
         else:
             hT = capture_input(run.teacher, p.name, run.images, cfg.batch_size)
+        groups = _channel_groups(run, p, total) if run.structured and n_keep < total else None
+        if groups is not None:  # a grouped producer: the same share of each of its groups
+            n_keep = sum(group_targets(groups, n_keep).values())
         w0 = layer.weight.detach().clone()
-        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured)
+        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured, groups)
         res = solve(LayerStep(p.name, layer, problem, hT, hS, cfg.batch_size))
         del hS, hT
 

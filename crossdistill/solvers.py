@@ -56,6 +56,8 @@ __all__ = [
     "explicit_padding",
     "conditioned_ridge",
     "never_worse",
+    "group_targets",
+    "select_channels",
 ]
 
 
@@ -69,6 +71,37 @@ class LayerProblem:
     n_keep: int  # kept input channels (structured) or weights (unstructured)
     fixed: torch.Tensor | None = None  # structured: input channels that are always kept (n_keep counts them)
     structured: bool = True
+    # structured: group id of each input channel (its producer is a grouped conv); the same share of
+    # every group is kept so the producer stays a valid grouped conv (None: no constraint)
+    channel_groups: torch.Tensor | None = None
+
+
+def group_targets(groups: torch.Tensor, n_keep: int) -> dict[int, int]:
+    """Kept channels per group for ``n_keep`` of ``len(groups)``: the same share of each, at least one."""
+    ratio = n_keep / len(groups)
+    ids, sizes = groups.unique(return_counts=True)
+    return {int(g): max(1, math.floor(ratio * int(n) + 1e-9)) for g, n in zip(ids, sizes, strict=True)}
+
+
+def select_channels(
+    keep: torch.Tensor, scores: torch.Tensor, count: int, groups: torch.Tensor | None, n_keep: int
+) -> torch.Tensor:
+    """The ``count`` best of ``keep`` (sorted), by ``scores``; with ``groups`` (a group id per input channel)
+    each group keeps its share, falling linearly with ``count`` to its :func:`group_targets` value."""
+    if groups is None:
+        return keep[scores.topk(count).indices.sort().values]
+    gk = groups.to(keep.device)[keep]
+    targets = group_targets(groups, n_keep)
+    total = len(groups)
+    chosen = []
+    for g, target in targets.items():
+        idx = (gk == g).nonzero().flatten()
+        size = int((groups == g).sum())
+        # this group's count at the same point of the schedule as ``count`` for the whole layer
+        frac = (total - count) / max(total - n_keep, 1)
+        c = max(target, min(len(idx), round(size - (size - target) * frac)))
+        chosen.append(idx[scores[idx].topk(c).indices])
+    return keep[torch.cat(chosen).sort().values]
 
 
 @dataclass
@@ -381,7 +414,7 @@ def solve_structured(stats: LayerStats, problem: LayerProblem, opts: LstsqOption
         if count < len(keep):
             scores = channel_scores(W[:, cols], system, cols, kk, opts.channel_criterion)
             scores = scores.masked_fill(pinned[keep], float("inf"))
-            keep = keep[scores.topk(count).indices.sort().values]
+            keep = select_channels(keep, scores, count, problem.channel_groups, n_keep)
     keep_cols = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
     keep_cols[kept_columns(keep, w0)] = True
     res = never_worse(system, W, W0, keep_cols, loss_before)
@@ -600,7 +633,8 @@ def adam_solve(
                     if fixed is not None:
                         norms[fixed] = float("inf")
                     chan = torch.zeros(c_in, dtype=torch.bool, device=W.device)
-                    chan[norms.topk(count).indices] = True
+                    every = torch.arange(c_in, device=W.device)
+                    chan[select_channels(every, norms, count, problem.channel_groups, n_keep)] = True
                     mask = chan.view(1, -1, *([1] * (W.dim() - 2))).expand_as(W)
                 else:
                     mask = weight_mask(W * mask, None, count, "magnitude")
