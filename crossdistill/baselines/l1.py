@@ -102,7 +102,7 @@ def prune_l1(run: Run) -> dict[str, torch.Tensor]:
             else:  # a concat of several producers (fire, inception) or a grouped producer: rank channels
                 idx = input_l1_keep(run, sources, n_keep, groups)
             chosen.append((p.name, idx, n_keep, total, time.perf_counter() - t0))
-        for name, idx, n_keep, total, seconds in chosen:
+        for name, idx, _n_keep, total, seconds in chosen:
             t0 = time.perf_counter()
             sources = run.remover.channel_sources(name)
             idx = run.remover.remove_input_channels(name, idx)  # may keep one channel more: no empty layer
