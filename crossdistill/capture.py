@@ -277,8 +277,9 @@ class GraphStream:
         return None  # output
 
     @torch.no_grad()
-    def next_input(self) -> torch.Tensor:
-        """The input of the next planned layer on all images (N, ...), computed from the kept values."""
+    def next_input(self, collect: bool = True) -> torch.Tensor | None:
+        """The input of the next planned layer on all images (N, ...), computed from the kept values
+        (``collect=False``: only advance, for a layer left as it is)."""
         i = self.step
         low, stop = self.restart[i], self.where[i]
         # values a later step may still read: read by a node at or after the earliest restart to come
@@ -288,8 +289,9 @@ class GraphStream:
             for j in range(low, stop):
                 env[self.nodes[j]] = self._run(j, env, x, low)
             value = self.nodes[stop].args[0]
-            out.append(env[value] if isinstance(value, torch.fx.Node) else value)
+            if collect:
+                out.append(env[value] if isinstance(value, torch.fx.Node) else value)
             for node in [n for n in env if self.last_use[self.index[n]] < future]:
                 del env[node]
         self.step += 1
-        return torch.cat(out)
+        return torch.cat(out) if collect else None

@@ -50,6 +50,7 @@ class ChannelRemover:
         self.names = {m: n for n, m in model.named_modules()}
         self._groups: dict[str, list[int]] = {}
         self._sources: dict[str, dict[int, tuple[str, int]]] = {}
+        self._shared: set[str] = set()
 
     def _group(self, layer: nn.Module, idxs: list[int]):
         fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
@@ -88,7 +89,11 @@ class ChannelRemover:
         layer = self.model.get_submodule(name)
         if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
             return []
+        if name in self._shared:  # every input channel also feeds another layer (seen in an earlier group)
+            self._groups[name], self._sources[name] = [], {}
+            return []
         c_in = layer.weight.shape[1]
+        covered: dict[nn.Module, set[int]] = {}  # other consumers -> their input channels shared with ``layer``
         producers = [0] * c_in
         blocked = [False] * c_in
         producer_width = 0
@@ -123,6 +128,13 @@ class ChannelRemover:
             elif self.graph.is_in_channel_pruning_fn(handler):  # another consumer of the same channels
                 for r in roots:
                     blocked[r] = True
+                covered.setdefault(mod, set()).update(int(i) for i in item.idxs)
+        # a consumer whose every input channel also feeds ``layer`` has nothing prunable either: remember it,
+        # so a residual stream read by twenty layers is traced once, not twenty times
+        for mod, idxs in covered.items():
+            width = getattr(mod, "in_channels", getattr(mod, "in_features", -1))
+            if len(idxs) == width and mod in self.names:
+                self._shared.add(self.names[mod])
         if reshaped and (producer_width != c_in or isinstance(layer, nn.Conv2d)):
             # a flatten of a spatial map (features are not channels), or a reshape between two convs
             # (a channel shuffle): its index map is not followed

@@ -441,6 +441,10 @@ def refit_layers(
     names = [p.name for p in plan]
     cache = _teacher_inputs(run, names) if uses_teacher else None
     stream = _student_stream(run, layer_terms)
+    teacher_stream = None
+    if uses_teacher and cache is None and stream is not None:
+        # too large to keep every layer's teacher input: the teacher's own graph, one pass, live values only
+        teacher_stream = GraphStream(run.teacher, names, [[n] for n in names], run.images, cfg.batch_size)
     for i, (p, terms) in enumerate(zip(plan, layer_terms, strict=True)):
         t0 = time.perf_counter()
         if on_layer is not None:
@@ -451,8 +455,9 @@ def refit_layers(
         if terms is None:
             if cache is not None:
                 cache.pop(p.name)
-            if stream is not None:
-                stream.next_input()  # keeps the stream in step; its values are reused by the next layer
+            for st in (stream, teacher_stream):
+                if st is not None:
+                    st.next_input(collect=False)  # keeps the stream in step; its values are reused later
             run.records.append(LayerRecord(p.name, total, total, 0.0, 0.0, time.perf_counter() - t0, skipped=True))
             continue
         n_keep = p.n_keep(total)
@@ -472,6 +477,8 @@ def refit_layers(
             hT = hS
         elif cache is not None:
             hT = cache.pop(p.name)
+        elif teacher_stream is not None:
+            hT = teacher_stream.next_input()
         else:
             hT = capture_input(run.teacher, p.name, run.images, cfg.batch_size)
         groups = _channel_groups(run, p, total) if run.structured and n_keep < total else None
