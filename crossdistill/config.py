@@ -27,6 +27,8 @@ class CompressConfig:
     keep: float = 0.5  # fraction of channels / weights kept in each pruned layer
     solver: str = "lstsq"  # lstsq (exact ridge least squares) | adam (official schedule)
     ridge: float = 1e-3  # lstsq: relative ridge towards the teacher weights (x mean diag of the Gram)
+    # lstsq: x max(1, unknowns / rows): stronger where a layer sees fewer positions than it has weights
+    ridge_conditioned: bool = True
     steps: int = 4  # lstsq structured: elimination steps from all channels to the target
     channel_criterion: str = "energy"  # lstsq structured: energy (w'Gw per channel) | norm (official)
     weight_criterion: str = "magnitude"  # unstructured mask: magnitude (official) | energy (w^2 G_ii)

@@ -113,6 +113,7 @@ class LstsqOptions:
     channel_criterion: str = "energy"  # structured: energy | norm
     weight_criterion: str = "magnitude"  # unstructured: magnitude | energy
     batch_size: int = 128  # grouped convs: images per batch while accumulating statistics
+    ridge_conditioned: bool = True  # scale the ridge by max(1, unknowns / rows) (conditioned_ridge)
 
 
 @dataclass
@@ -351,6 +352,10 @@ def conditioned_ridge(ridge: float, rows: int, d: int) -> float:
     return ridge * max(1.0, d / max(rows, 1))
 
 
+def _ridge(opts: LstsqOptions, rows: int, d: int) -> float:
+    return conditioned_ridge(opts.ridge, rows, d) if opts.ridge_conditioned else opts.ridge
+
+
 def never_worse(
     system: LeastSquares, W: torch.Tensor, W0: torch.Tensor, keep_mask: torch.Tensor, loss_before: float
 ) -> SolveResult:
@@ -410,7 +415,7 @@ def solve_structured(stats: LayerStats, problem: LayerProblem, opts: LstsqOption
     for count in counts + [n_keep]:
         cols = kept_columns(keep, w0)
         W = torch.zeros_like(W0)
-        W[:, cols] = system.solve(cols, W0, conditioned_ridge(opts.ridge, system.rows, len(cols))).T
+        W[:, cols] = system.solve(cols, W0, _ridge(opts, system.rows, len(cols))).T
         if count < len(keep):
             scores = channel_scores(W[:, cols], system, cols, kk, opts.channel_criterion)
             scores = scores.masked_fill(pinned[keep], float("inf"))
@@ -456,7 +461,7 @@ def solve_unstructured(
     for o in range(W0.shape[0]):
         idx = mask[o].nonzero().flatten()
         if len(idx):
-            W[o, idx] = system.solve(idx, W0, conditioned_ridge(opts.ridge, system.rows, len(idx)), row=o)[:, 0]
+            W[o, idx] = system.solve(idx, W0, _ridge(opts, system.rows, len(idx)), row=o)[:, 0]
     res = never_worse(system, W, W0, mask, loss_before)
     res.weight, res.kept = res.weight.reshape(w0.shape).float(), mask.reshape(w0.shape)
     return res
@@ -563,7 +568,7 @@ def _solve_groups_batched(
         quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const
         return quad.clamp_min(0)
 
-    lam = conditioned_ridge(opts.ridge, rows, dg) * A.diagonal(dim1=1, dim2=2).mean(1)  # (G,)
+    lam = _ridge(opts, rows, dg) * A.diagonal(dim1=1, dim2=2).mean(1)  # (G,)
     eye = torch.eye(dg, dtype=A.dtype, device=A.device)
     M = A + lam[:, None, None] * eye
     R = C + lam[:, None, None] * W0.transpose(1, 2)
