@@ -361,7 +361,7 @@ class LayerStep:
 
     def stats(self) -> LayerStats:
         """The Gram statistics of h^T and h^S, accumulated batch by batch (the caller frees them)."""
-        stats = LayerStats(self.layer)
+        stats = LayerStats(self.layer, self.problem.terms, self.problem.wT)
         bs = self.batch_size
         for j in range(0, len(self.hT), bs):
             stats.add_batch(self.hT[j : j + bs], self.hS[j : j + bs])
