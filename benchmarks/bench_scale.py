@@ -92,6 +92,23 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
     }
 
 
+def readme_table() -> None:
+    """Write the rows of scale.jsonl into README.md between the scale_table markers."""
+    import re
+
+    head = "| model | N | method | capture | compress s | teacher forward s | ratio | peak RSS MB | params | FLOPs |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in read_jsonl(OUT):
+        lines.append(
+            f"| {r['model']} | {r['n']} | {r['method']} | {r['capture']} | {r['seconds']} | {r['teacher_forward_s']} "
+            f"| {r['ratio']} | {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} |"
+        )
+    readme = RESULTS.parent.parent / "README.md"
+    text = readme.read_text()
+    block = "<!-- BEGIN scale_table -->\n" + "\n".join(lines) + "\n<!-- END scale_table -->"
+    readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -101,7 +118,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ours", "nc"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
+    ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
     args = ap.parse_args()
+    if args.readme:
+        readme_table()
+        return
     if args.child:
         model, n, method, capture = args.child
         print(json.dumps(one_run(model, int(n), method, capture, args.device)))
