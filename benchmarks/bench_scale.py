@@ -11,7 +11,7 @@ per-layer capture (``capture=per-layer``) for comparison. Each run is a fresh su
 its own, including the Python/torch baseline) and appends one JSONL line to
 benchmarks/results/scale.jsonl; rows already there are skipped. ``teacher_forward_s`` is one
 forward pass of the teacher over the same images (batch 128, eval, no grad), timed in the same
-process right before the compression; ``ratio`` = compression seconds / teacher_forward_s.
+process right before the compression (median of 3); ``ratio`` = compression seconds / teacher_forward_s.
 """
 
 from __future__ import annotations
@@ -61,12 +61,15 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
 
     with torch.no_grad():
         teacher(images[:2])  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for i in range(0, len(images), 128):
-            teacher(images[i : i + 128])
-        sync()
-        forward_s = time.perf_counter() - t0
+        times = []
+        for _ in range(3):  # median of 3: one pass is noisy on a shared machine
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(images), 128):
+                teacher(images[i : i + 128])
+            sync()
+            times.append(time.perf_counter() - t0)
+        forward_s = sorted(times)[1]
     t0 = time.perf_counter()
     student, report = compress(teacher, images, method=method, mu=mu, keep=0.5, capture=capture, device=device)
     sync()
