@@ -181,6 +181,13 @@ def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0) -> tuple
     return order[n_hold:].sort().values, order[:n_hold].sort().values
 
 
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out
+    return next(_first_tensor(v) for v in values)
+
+
 @torch.no_grad()
 def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 128) -> float:
     """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored)."""
@@ -191,6 +198,8 @@ def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, b
     try:
         for i in range(0, len(images), batch_size):
             yT, yS = teacher(images[i : i + batch_size]), student(images[i : i + batch_size])
+            if not isinstance(yT, torch.Tensor):  # a dict / tuple output: compare its first tensor
+                yT, yS = _first_tensor(yT), _first_tensor(yS)
             diff += float((yS - yT).double().pow(2).sum())
             ref += float(yT.double().pow(2).sum())
     finally:

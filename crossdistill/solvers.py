@@ -263,16 +263,26 @@ def ridge_solve(G: torch.Tensor, R: torch.Tensor, ridge: float, prior: torch.Ten
     (``G`` singular even with the ridge, e.g. all-zero inputs) the minimum-norm
     solution through the pseudo-inverse (:func:`_lstsq`). Every closed-form fit
     (the Gram systems, ThiNet's scales, FSKD's and FitNet's 1x1 fits) goes through here.
+    Batched: ``G`` (B, d, d), ``R`` and ``prior`` (B, d, k) solve B systems at once, each
+    with its own ``lam`` (the groups of a grouped conv).
     """
     G, R = G.double(), R.double()
-    lam = ridge * float(G.diagonal().mean()) if len(G) else 0.0
+    d = G.shape[-1]
+    if d == 0:
+        return R.clone()
+    lam = ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)  # () or (B,)
+    lam_m = lam[..., None, None]
     if prior is not None:
-        R = R + lam * prior.double()
-    A = G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device)
+        R = R + lam_m * prior.double()
+    A = G + lam_m * torch.eye(d, dtype=G.dtype, device=G.device)
     L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        return torch.cholesky_solve(R, L)
-    return _lstsq(A, R)
+    X = torch.cholesky_solve(R, L)
+    bad = info != 0
+    if G.dim() == 2:
+        return _lstsq(A, R) if bool(bad) else X
+    if bool(bad.any()):
+        X[bad] = _lstsq(A[bad], R[bad])
+    return X
 
 
 def kept_columns(kept: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -596,15 +606,7 @@ def _solve_groups_batched(
         quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const
         return quad.clamp_min(0)
 
-    lam = _ridge(opts, rows, dg) * A.diagonal(dim1=1, dim2=2).mean(1)  # (G,)
-    eye = torch.eye(dg, dtype=A.dtype, device=A.device)
-    M = A + lam[:, None, None] * eye
-    R = C + lam[:, None, None] * W0.transpose(1, 2)
-    L_, info = torch.linalg.cholesky_ex(M)
-    X = torch.cholesky_solve(R, L_)
-    bad = info != 0
-    if bool(bad.any()):  # singular even with the ridge (all-zero inputs): minimum-norm solution
-        X[bad] = torch.linalg.pinv(M[bad]) @ R[bad]
+    X = ridge_solve(A, C, _ridge(opts, rows, dg), W0.transpose(1, 2))  # (G, dg, cout_g), one batched solve
     W = X.transpose(1, 2)  # (G, cout_g, dg)
     before, after = group_loss(W0), group_loss(W)
     worse = after > before + _TOL * const.clamp_min(0)
