@@ -7,6 +7,7 @@ input of layer l costs only the layers before it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +21,8 @@ __all__ = [
     "capture_outputs",
     "layer_outputs",
     "forward_order",
+    "GraphStream",
+    "GraphUnsupported",
 ]
 
 
@@ -143,3 +146,152 @@ def forward_order(model: nn.Module, example: torch.Tensor, types=(nn.Conv2d, nn.
             h.remove()
     seen: set[str] = set()
     return [n for n in order if not (n in seen or seen.add(n))]
+
+
+# --------------------------------------------------------------------------- one pass over a traced graph
+
+_INPLACE_FUNCTIONS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+    operator.setitem,
+}
+
+
+class GraphUnsupported(Exception):
+    """The model cannot be run as a graph here (fx cannot trace it, a layer is called twice, ...)."""
+
+
+class GraphStream:
+    """The student's layer inputs in forward order, each computed from already computed activations.
+
+    The model is traced once with ``torch.fx`` (in its current train/eval
+    mode) and run node by node on the live modules, batch by batch; the
+    values of the graph's nodes are kept while a later step may need them.
+    Step ``i`` returns the input of planned layer ``names[i]``, recomputing
+    only the nodes from ``restarts[i-1]`` on: the first node whose module
+    step ``i-1`` changed (the layer itself, or the producer whose output
+    channels went with its pruned inputs, and the BN / depthwise layers in
+    between). A compression then costs about one forward pass of the
+    student, plus the few nodes between each producer and its consumer,
+    instead of one forward pass per layer.
+
+    In-place operations (``out += identity``, ``ReLU(inplace=True)``) on a
+    kept value would change it for a later step: such a value is copied
+    before the operation; a graph that reads a value again after an in-place
+    op changed it is not supported (``GraphUnsupported``; use per-layer capture).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        changed: list[list[str]],
+        images: torch.Tensor,
+        batch_size: int = 256,
+    ):
+        import torch.fx as fx
+
+        try:
+            graph = fx.Tracer().trace(model)
+        except Exception as e:  # fx raises many types on data-dependent control flow
+            raise GraphUnsupported(f"torch.fx cannot trace the model ({type(e).__name__}: {e})") from e
+        self.model = model
+        self.nodes = list(graph.nodes)
+        self.index = index = {n: i for i, n in enumerate(self.nodes)}
+        calls: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                calls.setdefault(str(n.target), []).append(i)
+        where = []
+        for name in names:
+            if len(calls.get(name, [])) != 1:
+                raise GraphUnsupported(f"layer {name} is not called exactly once in the traced graph")
+            where.append(calls[name][0])
+        if where != sorted(where):
+            raise GraphUnsupported("the planned layers are not in the traced graph's order")
+        self.where = where
+        # step i recomputes from restart[i]: the earliest node whose module step i-1 changed
+        restart = [0]
+        for i in range(1, len(names)):
+            touched = [calls[m][0] for m in changed[i - 1] if len(calls.get(m, [])) == 1]
+            if any(len(calls.get(m, [])) > 1 for m in changed[i - 1]):
+                raise GraphUnsupported("a changed module is called more than once")
+            restart.append(min([where[i - 1], *touched]))
+        self.restart = restart
+        self.last_use = [max((index[u] for u in n.users), default=-1) for n in self.nodes]
+        self.inplace = [self._is_inplace(n) for n in self.nodes]
+        for i, n in enumerate(self.nodes):  # a value read again after an in-place op changed it
+            if self.inplace[i] and n.args and isinstance(n.args[0], fx.Node):
+                if any(index[u] > i for u in n.args[0].users):
+                    raise GraphUnsupported(f"node {n.name} changes a value in place that is read again later")
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        self.env: list[dict] = [{} for _ in self.batches]
+        self.step = 0
+
+    def _is_inplace(self, n) -> bool:
+        if n.op == "call_function":
+            return n.target in _INPLACE_FUNCTIONS or getattr(n.target, "__name__", "").endswith("_")
+        if n.op == "call_method":
+            return str(n.target).endswith("_") and not str(n.target).startswith("__")
+        if n.op == "call_module":
+            return bool(getattr(self.model.get_submodule(str(n.target)), "inplace", False))
+        return False
+
+    def _run(self, i: int, env: dict, x: torch.Tensor, low: int):
+        import torch.fx as fx
+
+        n = self.nodes[i]
+        if n.op == "placeholder":
+            if n is self.placeholders[0]:
+                return x
+            if n.args:
+                return n.args[0]  # a default value
+            raise GraphUnsupported(f"forward takes a second input ({n.name}) without a default")
+        args = fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        if self.inplace[i] and n.args and isinstance(n.args[0], fx.Node) and self.index[n.args[0]] < low:
+            args = (args[0].clone(), *args[1:])  # a value kept from an earlier step: keep it as it was
+        if n.op == "call_module":
+            return self.model.get_submodule(str(n.target))(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        if n.op == "get_attr":
+            obj = self.model
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        return None  # output
+
+    @torch.no_grad()
+    def next_input(self, collect: bool = True) -> torch.Tensor | None:
+        """The input of the next planned layer on all images (N, ...), computed from the kept values
+        (``collect=False``: only advance, for a layer left as it is)."""
+        i = self.step
+        low, stop = self.restart[i], self.where[i]
+        # values a later step may still read: read by a node at or after the earliest restart to come
+        future = min(self.restart[i + 1 :], default=len(self.nodes))
+        out = []
+        for env, x in zip(self.env, self.batches, strict=True):
+            for j in range(low, stop):
+                env[self.nodes[j]] = self._run(j, env, x, low)
+            value = self.nodes[stop].args[0]
+            if collect:
+                out.append(env[value] if isinstance(value, torch.fx.Node) else value)
+            for node in [n for n in env if self.last_use[self.index[n]] < future]:
+                del env[node]
+        self.step += 1
+        return torch.cat(out) if collect else None

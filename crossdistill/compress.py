@@ -72,7 +72,9 @@ __all__ = [
 
 def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
     """The per-layer solve of ``cfg.solver``: official Adam, or exact least squares (grouped convs per group)."""
-    lstsq = LstsqOptions(cfg.ridge, cfg.steps, cfg.channel_criterion, cfg.weight_criterion, cfg.batch_size)
+    lstsq = LstsqOptions(
+        cfg.ridge, cfg.steps, cfg.channel_criterion, cfg.weight_criterion, cfg.batch_size, cfg.ridge_conditioned
+    )
     adam = AdamOptions(cfg.iterations, cfg.lr, cfg.lr_drop)
 
     def solve(step: LayerStep) -> SolveResult:

@@ -33,6 +33,8 @@ class CompressConfig:
     keep: float = 0.5  # fraction of channels / weights kept in each pruned layer
     solver: str = "lstsq"  # lstsq (exact ridge least squares) | adam (official schedule)
     ridge: float = 1e-3  # lstsq: relative ridge towards the teacher weights (x mean diag of the Gram)
+    # lstsq: x max(1, unknowns / rows): stronger where a layer sees fewer positions than it has weights
+    ridge_conditioned: bool = True
     steps: int = 4  # lstsq structured: elimination steps from all channels to the target
     channel_criterion: str = "energy"  # lstsq structured: energy (w'Gw per channel) | norm (official)
     weight_criterion: str = "magnitude"  # unstructured mask: magnitude (official) | energy (w^2 G_ii)
@@ -51,6 +53,9 @@ class CompressConfig:
     batch_size: int = 128  # images per forward while capturing
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
+    capture: str = "one-pass"  # one-pass (fx graph, activations reused) | per-layer (a forward pass per layer)
+    holdout: float = 0.0  # fraction of the images held out of the fit; the report's output error is on them
+    holdout_seed: int = 0  # which images are held out (run.split_holdout)
     refine: str | None = None  # None | "mir": holistic feature mimicking after the method (crossdistill.mir)
     mir: Any = None  # a crossdistill.mir.MirConfig: settings of refine="mir" and of method "mir" (None: defaults)
     # --- budget (crossdistill.target): per-layer keeps allocated from the few images instead of one keep
@@ -71,6 +76,10 @@ class CompressConfig:
             raise UserError(f"unpruned_objective must be 'same' or 'nc', got {self.unpruned_objective!r}")
         if self.bn_mode not in ("eval", "train"):
             raise UserError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.capture not in ("one-pass", "per-layer"):
+            raise UserError(f"capture must be 'one-pass' or 'per-layer', got {self.capture!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise UserError(f"holdout must lie in [0, 1), got {self.holdout}; e.g. 0.2 holds out a fifth of the images")
         if not 0.0 < self.keep <= 1.0:
             raise UserError(f"keep must lie in (0, 1], got {self.keep}; e.g. 0.5 keeps half the channels")
         if self.refine not in (None, "mir"):

@@ -56,6 +56,9 @@ class ChannelRemover:
             for p in frozen:
                 p.requires_grad_(False)
         self.names = {m: n for n, m in model.named_modules()}
+        self._groups: dict[str, list[int]] = {}
+        self._sources: dict[str, dict[int, tuple[str, int]]] = {}
+        self._shared: set[str] = set()
 
     def _group(self, layer: nn.Module, idxs: list[int]):
         fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
@@ -75,6 +78,18 @@ class ChannelRemover:
                 ins.append(self.names.get(mod, "?"))
         return sorted(set(ins)), sorted(set(outs))
 
+    def touched_modules(self, name: str, channels: list[int] | None = None) -> list[str]:
+        """Names of the modules whose parameters change when input ``channels`` of ``name`` go (all if None):
+        the layer, the producers, and the BN / depthwise layers in between."""
+        layer = self.model.get_submodule(name)
+        idxs = list(range(layer.weight.shape[1])) if channels is None else list(channels)
+        out = {name}
+        for item in self._group(layer, idxs):
+            mod = item.dep.target.module
+            if isinstance(mod, nn.Module) and mod in self.names:
+                out.add(self.names[mod])
+        return sorted(out)
+
     def prunable_channels(self, name: str, frozen: set[str] | frozenset[str] = frozenset()) -> list[int]:
         """Input channels of layer ``name`` that can be removed with their producer alone (module docstring).
 
@@ -82,51 +97,119 @@ class ChannelRemover:
         layer = self.model.get_submodule(name)
         if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
             return []
+        if name in self._shared:  # every input channel also feeds another layer (seen in an earlier group)
+            self._groups[name], self._sources[name] = [], {}
+            return []
         c_in = layer.weight.shape[1]
+        covered: dict[nn.Module, set[int]] = {}  # other consumers -> their input channels shared with ``layer``
         producers = [0] * c_in
         blocked = [False] * c_in
         producer_width = 0
         reshaped = False
+        groups = [-1] * c_in  # group of the grouped producer each channel comes from (-1: not grouped)
+        sources: list[tuple[str, int] | None] = [None] * c_in  # (producer, its output channel)
         for item in self._group(layer, list(range(c_in))):
             mod, handler = item.dep.target.module, item.dep.handler
             roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
             if isinstance(mod, (tp.ops._ReshapeOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):
                 reshaped = True
+            if isinstance(mod, tp.ops._SplitOp):  # a channel split (ShuffleNetV2): its index map is not kept
+                for r in roots:
+                    blocked[r] = True
             if isinstance(mod, tp.ops._OutputOp):  # the channels are also a model output
                 for r in roots:
                     blocked[r] = True
             if not isinstance(mod, _PARAM_LAYERS) or mod is layer or is_depthwise(mod):
                 continue
             if self.graph.is_out_channel_pruning_fn(handler):
-                ok = isinstance(mod, (nn.Linear, nn.Conv2d)) and getattr(mod, "groups", 1) == 1
+                # a grouped producer is fine: the consumer then keeps the same share of each of its groups
+                ok = isinstance(mod, (nn.Linear, nn.Conv2d))
                 ok = ok and len(set(int(i) for i in item.idxs)) == len(roots) and self.names.get(mod) not in frozen
                 producer_width += mod.weight.shape[0]
-                for r in roots:
+                per_group = mod.weight.shape[0] // getattr(mod, "groups", 1)
+                for r, o in zip(roots, item.idxs, strict=True):
                     producers[r] += 1
+                    sources[r] = (self.names.get(mod, "?"), int(o))
                     blocked[r] |= not ok
+                    if getattr(mod, "groups", 1) > 1:
+                        groups[r] = int(o) // per_group
             elif self.graph.is_in_channel_pruning_fn(handler):  # another consumer of the same channels
                 for r in roots:
                     blocked[r] = True
-        if reshaped and producer_width != c_in:  # a flatten of a spatial map: features are not channels
+                covered.setdefault(mod, set()).update(int(i) for i in item.idxs)
+        # a consumer whose every input channel also feeds ``layer`` has nothing prunable either: remember it,
+        # so a residual stream read by twenty layers is traced once, not twenty times
+        for mod, idxs in covered.items():
+            width = getattr(mod, "in_channels", getattr(mod, "in_features", -1))
+            if len(idxs) == width and mod in self.names:
+                self._shared.add(self.names[mod])
+        if reshaped and (producer_width != c_in or isinstance(layer, nn.Conv2d)):
+            # a flatten of a spatial map (features are not channels), or a reshape between two convs
+            # (a channel shuffle): its index map is not followed
             return []
-        return [j for j in range(c_in) if producers[j] == 1 and not blocked[j]]
+        chosen = [j for j in range(c_in) if producers[j] == 1 and not blocked[j]]
+        self._groups[name] = [groups[j] for j in chosen]
+        self._sources[name] = {j: sources[j] for j in chosen}
+        return chosen
+
+    def channel_sources(self, name: str) -> dict[int, tuple[str, int]]:
+        """Prunable input channel of ``name`` -> (the layer producing it, that layer's output channel)."""
+        if name not in self._sources:
+            self.prunable_channels(name)
+        return dict(self._sources.get(name, {}))
+
+    def channel_groups(self, name: str, channels: list[int] | None = None) -> torch.Tensor | None:
+        """Group id of each prunable input channel of ``name`` (in :meth:`prunable_channels` order) whose
+        producer is a grouped conv, -1 for the others; None when no producer is grouped."""
+        if name not in self._groups:
+            self.prunable_channels(name)
+        groups = self._groups.get(name, [])
+        if not groups or all(g < 0 for g in groups):
+            return None
+        return torch.tensor(groups)
 
     def independently_prunable(self, name: str) -> bool:
         """Every input channel of ``name`` is removable (see :meth:`prunable_channels`)."""
         layer = self.model.get_submodule(name)
         return len(self.prunable_channels(name)) == layer.weight.shape[1] > 0
 
-    def remove_input_channels(self, name: str, keep: torch.Tensor) -> None:
-        """Remove every input channel of layer ``name`` not in ``keep``, and the producer's outputs."""
+    def remove_input_channels(self, name: str, keep: torch.Tensor) -> torch.Tensor:
+        """Remove every input channel of layer ``name`` not in ``keep``, and the producer's outputs.
+
+        No layer is left empty: where ``keep`` would remove every output channel
+        of a coupled layer (a SqueezeNet fire module: the next squeeze's inputs
+        are the concat of two expand convs, and one expand's slice may be dropped
+        whole), the first channel of that slice is kept too. Its weight column in
+        ``name`` is what the caller wrote (zero after a structured solve), so the
+        function is that of the requested pruning. Returns the input channels kept."""
         layer = self.model.get_submodule(name)
         c_in = layer.weight.shape[1]
-        drop = sorted(set(range(c_in)) - set(keep.tolist()))
+        keep_set = set(int(k) for k in keep.tolist())
+        drop = sorted(set(range(c_in)) - keep_set)
         if not drop:
-            return
+            return torch.tensor(sorted(keep_set), dtype=torch.long)
         group = self._group(layer, drop)
         if not self.graph.check_pruning_group(group):
-            raise UserError(f"removing {len(drop)} input channels of {name} would leave a layer empty; raise keep")
+            keep_set |= self._rescue(layer, drop)
+            drop = sorted(set(range(c_in)) - keep_set)
+            group = self._group(layer, drop)
+            if not self.graph.check_pruning_group(group):
+                raise UserError(f"removing {len(drop)} input channels of {name} would leave a layer empty; raise keep")
         group.prune()
+        return torch.tensor(sorted(keep_set), dtype=torch.long)
+
+    def _rescue(self, layer: nn.Module, drop: list[int]) -> set[int]:
+        """Input channels of ``layer`` to keep back so that no coupled layer loses every output channel."""
+        back: set[int] = set()
+        for item in self._group(layer, drop):
+            mod, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(mod, _PARAM_LAYERS) or not self.graph.is_out_channel_pruning_fn(handler):
+                continue
+            idxs = [int(i) for i in item.idxs]
+            roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
+            if len(set(idxs)) >= mod.weight.shape[0] and roots:  # every output of ``mod`` would go
+                back.add(min(roots))
+        return back
 
 
 def apply_mask(layer: nn.Module, mask: torch.Tensor) -> None:

@@ -18,7 +18,9 @@ Imports run one way: cli -> methods -> {compress, baselines} -> run ->
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import capture_input, capture_inputs
+from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .errors import UserError
@@ -34,7 +36,7 @@ from .measure import count_flops, count_params
 from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
-from .solvers import LayerProblem, LayerStats, SolveResult
+from .solvers import LayerProblem, LayerStats, SolveResult, group_targets
 from .structure import layer_widths
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "finish",
     "check_images",
     "check_labels",
+    "split_holdout",
+    "output_error",
     "resolve_device",
     "recalibrate_bn",
     "measure_peak_memory_mb",
@@ -69,6 +73,8 @@ class LayerRecord:
     seconds: float
     skipped: bool = False  # re-fit would be a no-op for this objective
     kept_channels: list[int] | None = None  # structured, pruned layers: the teacher's input channels kept
+    rel_error: float | None = None  # sqrt(loss_after / target energy): the layer's relative output error
+    fell_back: bool = False  # the solve ended above the masked start, which was kept instead (warned)
 
 
 @dataclass
@@ -84,6 +90,10 @@ class CompressReport:
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
     allocation: dict[str, Any] | None = None  # target runs: target asked/achieved, kept fraction per layer, blocks
     refine: dict[str, Any] | None = None  # refine="mir" / method mir: mir_refine's info (steps, losses)
+    # ||F^S(x) - F^T(x)|| / ||F^T(x)|| on the held-out images (config.holdout > 0), else on the fit images
+    output_error: float | None = None
+    output_error_on: str = "fit"  # "held-out" | "fit"
+    capture: str = "per-layer"  # "one-pass" (fx graph, activations reused) | "per-layer" (re-run per layer)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +174,42 @@ def measure_peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, held-out indices) of ``images``: ``floor(fraction * N)`` images held out, at random
+    (seeded), at least one when ``fraction > 0`` and at least one image always left for the fit."""
+    n = len(images)
+    n_hold = min(max(1, math.floor(fraction * n)) if fraction > 0 else 0, n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_hold:].sort().values, order[:n_hold].sort().values
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out
+    return next(_first_tensor(v) for v in values)
+
+
+@torch.no_grad()
+def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 128) -> float:
+    """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored)."""
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    diff = ref = 0.0
+    try:
+        for i in range(0, len(images), batch_size):
+            yT, yS = teacher(images[i : i + batch_size]), student(images[i : i + batch_size])
+            if not isinstance(yT, torch.Tensor):  # a dict / tuple output: compare its first tensor
+                yT, yS = _first_tensor(yT), _first_tensor(yS)
+            diff += float((yS - yT).double().pow(2).sum())
+            ref += float(yT.double().pow(2).sum())
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return math.sqrt(diff / ref) if ref > 0 else math.sqrt(diff)
+
+
 # --------------------------------------------------------------------------- run state
 
 
@@ -193,6 +239,8 @@ class Run:
     plan: list[LayerPlan] = field(default_factory=list)  # forward order; set by plan_layers
     remover: ChannelRemover | None = None  # structured only; set by plan_layers
     records: list[LayerRecord] = field(default_factory=list)
+    heldout: torch.Tensor | None = None  # images held out of the fit (config.holdout), for the report's error
+    capture: str = "per-layer"  # how refit_layers captured the student's inputs
 
     @property
     def structured(self) -> bool:
@@ -234,13 +282,21 @@ def start(
         with torch.no_grad():
             num_classes = teacher(images[:1]).shape[-1]
         labels = check_labels(labels, len(images), num_classes).to(device)
+    heldout = None
+    if cfg.holdout > 0 and len(images) >= 2:
+        fit, held = split_holdout(images, cfg.holdout, cfg.holdout_seed)
+        heldout = images[held.to(images.device)]
+        images = images[fit.to(images.device)]
+        labels = labels[fit.to(labels.device)] if labels is not None else None
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
     example = images[:1]
     params_before = count_params(student)
     flops_before = count_flops(student, example.shape[1:])
-    return Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+    run = Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+    run.heldout = heldout
+    return run
 
 
 def plan_layers(run: Run, pruned_only: bool = False) -> None:
@@ -257,7 +313,15 @@ def plan_layers(run: Run, pruned_only: bool = False) -> None:
     plan = make_plan(run.student, run.example, cfg, run.remover)
     if pruned_only:
         grouped = lambda n: getattr(run.student.get_submodule(n), "groups", 1) != 1  # noqa: E731
-        plan = [p for p in plan if p.keep is not None and p.channels is None and not grouped(p.name)]
+        # ThiNet / CP choose channels without the equal-share-per-group rule a grouped producer needs
+        fed_by_grouped = lambda n: (  # noqa: E731
+            run.name in ("thinet", "cp") and run.remover is not None and run.remover.channel_groups(n) is not None
+        )
+        plan = [
+            p
+            for p in plan
+            if p.keep is not None and p.channels is None and not grouped(p.name) and not fed_by_grouped(p.name)
+        ]
         if not plan:
             raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
     elif not plan:
@@ -284,6 +348,9 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         sparsity=sparsity(student, [p.name for p in run.plan]),
         seconds=time.perf_counter() - run.t_start,
         peak_memory_mb=measure_peak_memory_mb(run.device),
+        output_error=output_error(student, run.teacher, run.heldout if run.heldout is not None else run.images),
+        output_error_on="held-out" if run.heldout is not None else "fit",
+        capture=run.capture,
     )
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
@@ -305,7 +372,7 @@ class LayerStep:
 
     def stats(self) -> LayerStats:
         """The Gram statistics of h^T and h^S, accumulated batch by batch (the caller frees them)."""
-        stats = LayerStats(self.layer)
+        stats = LayerStats(self.layer, self.problem.terms, self.problem.wT)
         bs = self.batch_size
         for j in range(0, len(self.hT), bs):
             stats.add_batch(self.hT[j : j + bs], self.hS[j : j + bs])
@@ -323,6 +390,43 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
     if cache_mb > run.cfg.teacher_cache_mb:
         return None
     return capture_inputs(run.teacher, names, run.images, run.cfg.batch_size)
+
+
+def _channel_groups(run: Run, p: LayerPlan, total: int) -> torch.Tensor | None:
+    """Group id per input channel of a layer fed by a grouped conv (LayerProblem.channel_groups), or None.
+
+    Channels outside ``p.channels`` (always kept) are each a group of one, so their share is themselves."""
+    assert run.remover is not None
+    prunable = run.remover.channel_groups(p.name)
+    if prunable is None:
+        return None
+    chosen = list(range(total)) if p.channels is None else p.channels
+    groups = torch.arange(total) + 2**20  # one group per always-kept channel
+    groups[torch.tensor(chosen)] = prunable
+    return groups
+
+
+def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
+    """One pass over the student's traced graph for the per-layer inputs, or None (per-layer capture) when
+    fx cannot trace the model or the config asks for it; ``run.capture`` says which."""
+    run.capture = "per-layer"
+    if run.cfg.capture != "one-pass":
+        return None
+    changed = []
+    for p, terms in zip(run.plan, layer_terms, strict=True):
+        layer = run.student.get_submodule(p.name)
+        total = layer.weight.shape[1]
+        if terms is not None and run.structured and p.n_keep(total) < total:
+            changed.append(run.remover.touched_modules(p.name, p.channels))
+        else:
+            changed.append([p.name])
+    try:
+        stream = GraphStream(run.student, [p.name for p in run.plan], changed, run.images, run.cfg.batch_size)
+    except GraphUnsupported as e:
+        warnings.warn(f"capturing each layer's input with a forward pass per layer: {e}", stacklevel=3)
+        return None
+    run.capture = "one-pass"
+    return stream
 
 
 def refit_layers(
@@ -347,6 +451,11 @@ def refit_layers(
     uses_teacher = any(t.p != 0 or t.r != 0 for terms in layer_terms if terms for t in terms)
     names = [p.name for p in plan]
     cache = _teacher_inputs(run, names) if uses_teacher else None
+    stream = _student_stream(run, layer_terms)
+    teacher_stream = None
+    if uses_teacher and cache is None and stream is not None:
+        # too large to keep every layer's teacher input: the teacher's own graph, one pass, live values only
+        teacher_stream = GraphStream(run.teacher, names, [[n] for n in names], run.images, cfg.batch_size)
     for i, (p, terms) in enumerate(zip(plan, layer_terms, strict=True)):
         t0 = time.perf_counter()
         if on_layer is not None:
@@ -357,6 +466,9 @@ def refit_layers(
         if terms is None:
             if cache is not None:
                 cache.pop(p.name)
+            for st in (stream, teacher_stream):
+                if st is not None:
+                    st.next_input(collect=False)  # keeps the stream in step; its values are reused later
             run.records.append(LayerRecord(p.name, total, total, 0.0, 0.0, time.perf_counter() - t0, skipped=True))
             continue
         n_keep = p.n_keep(total)
@@ -371,15 +483,23 @@ def refit_layers(
             n_keep = len(fixed)
 
         # inputs: the student's with the producer still at full width, the teacher's from the cache
-        hS = capture_input(run.student, p.name, run.images, cfg.batch_size)
+        if stream is not None:
+            hS = stream.next_input()
+        else:
+            hS = capture_input(run.student, p.name, run.images, cfg.batch_size)
         if not uses_teacher:
             hT = hS
         elif cache is not None:
             hT = cache.pop(p.name)
+        elif teacher_stream is not None:
+            hT = teacher_stream.next_input()
         else:
             hT = capture_input(run.teacher, p.name, run.images, cfg.batch_size)
+        groups = _channel_groups(run, p, total) if run.structured and n_keep < total else None
+        if groups is not None:  # a grouped producer: the same share of each of its groups
+            n_keep = sum(group_targets(groups, n_keep).values())
         w0 = layer.weight.detach().clone()
-        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured)
+        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured, groups)
         res = solve(LayerStep(p.name, layer, problem, hT, hS, cfg.batch_size))
         del hS, hT
 
@@ -388,10 +508,27 @@ def refit_layers(
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
         pruned = run.structured and n_keep < total
         if pruned:
-            run.remover.remove_input_channels(p.name, res.kept)
+            res.kept = run.remover.remove_input_channels(p.name, res.kept)
         elif not run.structured:
             apply_mask(layer, res.kept)
         kept_channels = res.kept.tolist() if pruned else None
+        if res.fell_back:
+            warnings.warn(
+                f"the re-fit of layer {p.name} ended above its masked start (objective {res.loss_masked:.4g}); "
+                "kept the start weights for it",
+                stacklevel=2,
+            )
         seconds = time.perf_counter() - t0
-        record = LayerRecord(p.name, n_keep, total, res.loss_before, res.loss_after, seconds, False, kept_channels)
+        record = LayerRecord(
+            p.name,
+            n_keep,
+            total,
+            res.loss_before,
+            res.loss_after,
+            seconds,
+            False,
+            kept_channels,
+            res.rel_error,
+            res.fell_back,
+        )
         run.records.append(record)

@@ -12,12 +12,22 @@ matrices, ``G_TT = U_T'U_T``, ``G_SS = U_S'U_S`` and ``G_TS = U_T'U_S``, which
 Ridge: ``ridge * mean(diag(A'A)) * ||W_K - W0_K||^2`` is added, pulling the
 solution towards the starting (teacher) weights where the few samples do not
 determine it (late layers see few output positions: M can be < C_in*k*k).
+The ridge grows with the unknowns per row, ``max(1, d / M)`` (:func:`conditioned_ridge`):
+a 1x1 conv on 2x2 maps or a wide Linear layer has far fewer rows than
+weights, its Gram matrix is (near) singular, and a small ridge would fit the
+few images exactly and blow up on any other image.
+
+Never worse: every solver compares its solution with the *masked start* (the
+starting weights with the same channels / weights removed, i.e. pruning
+without re-fit) on the layer's objective and keeps the masked start when the
+solve ends higher (``SolveResult.fell_back``), so a re-fit never makes a
+layer worse than not re-fitting it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +54,10 @@ __all__ = [
     "adam_solve",
     "weight_mask",
     "explicit_padding",
+    "conditioned_ridge",
+    "never_worse",
+    "group_targets",
+    "select_channels",
 ]
 
 
@@ -57,6 +71,37 @@ class LayerProblem:
     n_keep: int  # kept input channels (structured) or weights (unstructured)
     fixed: torch.Tensor | None = None  # structured: input channels that are always kept (n_keep counts them)
     structured: bool = True
+    # structured: group id of each input channel (its producer is a grouped conv); the same share of
+    # every group is kept so the producer stays a valid grouped conv (None: no constraint)
+    channel_groups: torch.Tensor | None = None
+
+
+def group_targets(groups: torch.Tensor, n_keep: int) -> dict[int, int]:
+    """Kept channels per group for ``n_keep`` of ``len(groups)``: the same share of each, at least one."""
+    ratio = n_keep / len(groups)
+    ids, sizes = groups.unique(return_counts=True)
+    return {int(g): max(1, math.floor(ratio * int(n) + 1e-9)) for g, n in zip(ids, sizes, strict=True)}
+
+
+def select_channels(
+    keep: torch.Tensor, scores: torch.Tensor, count: int, groups: torch.Tensor | None, n_keep: int
+) -> torch.Tensor:
+    """The ``count`` best of ``keep`` (sorted), by ``scores``; with ``groups`` (a group id per input channel)
+    each group keeps its share, falling linearly with ``count`` to its :func:`group_targets` value."""
+    if groups is None:
+        return keep[scores.topk(count).indices.sort().values]
+    gk = groups.to(keep.device)[keep]
+    targets = group_targets(groups, n_keep)
+    total = len(groups)
+    chosen = []
+    for g, target in targets.items():
+        idx = (gk == g).nonzero().flatten()
+        size = int((groups == g).sum())
+        # this group's count at the same point of the schedule as ``count`` for the whole layer
+        frac = (total - count) / max(total - n_keep, 1)
+        c = max(target, min(len(idx), round(size - (size - target) * frac)))
+        chosen.append(idx[scores[idx].topk(c).indices])
+    return keep[torch.cat(chosen).sort().values]
 
 
 @dataclass
@@ -68,6 +113,7 @@ class LstsqOptions:
     channel_criterion: str = "energy"  # structured: energy | norm
     weight_criterion: str = "magnitude"  # unstructured: magnitude | energy
     batch_size: int = 128  # grouped convs: images per batch while accumulating statistics
+    ridge_conditioned: bool = True  # scale the ridge by max(1, unknowns / rows) (conditioned_ridge)
 
 
 @dataclass
@@ -122,15 +168,33 @@ class LayerStats:
     costs O(M^2 d) instead of O(d^3).
     """
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, terms: list[Term] | None = None, wT: torch.Tensor | None = None):
+        """``terms`` and ``wT`` (optional, the ones :meth:`system` will get): then only the Gram matrices
+        the objective's quadratic and linear parts use are accumulated, and its constant part (the
+        targets' energy) is summed directly at the cost of one layer forward, not of a Gram matrix
+        (NC needs no G_TT, the mu-mix no G_TS: a third less work)."""
         self.layer = layer
         self.rows = 0
         self.G_TT = self.G_SS = self.G_TS = None
         self.U_T: list[torch.Tensor] | None = []
         self.U_S: list[torch.Tensor] | None = []
+        self.terms, self.wt = terms, None if wT is None else wT.flatten(1)
+        self.const: float | None = None
+        self.need = {"TT", "SS", "TS"}
+        if terms is not None and wT is not None:
+            self.const = 0.0
+            self.need = set()
+            for t in terms:
+                if t.r * t.r or t.r * t.p:
+                    self.need.add("TT")
+                if t.s * t.s or t.s * t.q:
+                    self.need.add("SS")
+                if t.r * t.s or t.r * t.q or t.s * t.p:
+                    self.need.add("TS")
 
     def add_batch(self, hT: torch.Tensor, hS: torch.Tensor) -> None:
-        UT, US = unfold(hT, self.layer), unfold(hS, self.layer)  # (M, d)
+        UT = unfold(hT, self.layer)  # (M, d)
+        US = UT if hS is hT else unfold(hS, self.layer)
         self.rows += UT.shape[0]
         if self.U_T is not None and 2 * self.rows < UT.shape[1]:
             self.U_T.append(UT)
@@ -139,13 +203,21 @@ class LayerStats:
         if self.U_T:  # crossed over: fold the rows kept so far into the Grams
             UT, US = torch.cat(self.U_T + [UT]), torch.cat(self.U_S + [US])
         self.U_T = self.U_S = None
-        g_tt, g_ss, g_ts = (UT.T @ UT).double(), (US.T @ US).double(), (UT.T @ US).double()
-        if self.G_TT is None:
-            self.G_TT, self.G_SS, self.G_TS = g_tt, g_ss, g_ts
-        else:
-            self.G_TT += g_tt
-            self.G_SS += g_ss
-            self.G_TS += g_ts
+        grams = {}
+        if "TT" in self.need:
+            grams["TT"] = (UT.T @ UT).double()
+        if "SS" in self.need:
+            grams["SS"] = grams["TT"] if US is UT and "TT" in grams else (US.T @ US).double()
+        if "TS" in self.need:
+            grams["TS"] = grams["TT"] if US is UT and "TT" in grams else (UT.T @ US).double()
+        for key, g in grams.items():
+            attr = f"G_{key}"
+            setattr(self, attr, g.clone() if getattr(self, attr) is None else getattr(self, attr) + g)
+        if self.const is not None:
+            wt = self.wt.to(UT.dtype)
+            for t in self.terms:
+                y = (t.p * UT + t.q * US) @ wt.T if t.p * t.q else (t.p * UT if t.p else t.q * US) @ wt.T
+                self.const += t.weight * float(y.double().pow(2).sum())
 
     def system(self, terms: list[Term], wT: torch.Tensor) -> LeastSquares:
         """The objective as a least-squares system in W^S: row form while M is small, else Gram form."""
@@ -155,18 +227,20 @@ class LayerStats:
             A = torch.cat([math.sqrt(t.weight) * (t.r * UT + t.s * US) for t in terms])  # (terms*M, d)
             B = torch.cat([math.sqrt(t.weight) * (t.p * UT + t.q * US) for t in terms]) @ wt.T  # (terms*M, C_out)
             return RowSystem(A, B, self.rows)
-        G_ST = self.G_TS.T
-        G = torch.zeros_like(self.G_TT)
-        cross = torch.zeros_like(self.G_TT)
-        target = torch.zeros_like(self.G_TT)
+        some = next(g for g in (self.G_TT, self.G_SS, self.G_TS) if g is not None)
+        zero = torch.zeros_like(some)
+        G_TT, G_SS, G_TS = (zero if g is None else g for g in (self.G_TT, self.G_SS, self.G_TS))
+        G_ST = G_TS.T
+        G = torch.zeros_like(some)
+        cross = torch.zeros_like(some)
+        target = torch.zeros_like(some)
         for t in terms:
-            G += t.weight * (t.r**2 * self.G_TT + t.s**2 * self.G_SS + t.r * t.s * (self.G_TS + G_ST))
-            cross += t.weight * (
-                t.r * t.p * self.G_TT + t.r * t.q * self.G_TS + t.s * t.p * G_ST + t.s * t.q * self.G_SS
-            )
-            target += t.weight * (t.p**2 * self.G_TT + t.q**2 * self.G_SS + t.p * t.q * (self.G_TS + G_ST))
+            G += t.weight * (t.r**2 * G_TT + t.s**2 * G_SS + t.r * t.s * (G_TS + G_ST))
+            cross += t.weight * (t.r * t.p * G_TT + t.r * t.q * G_TS + t.s * t.p * G_ST + t.s * t.q * G_SS)
+            if self.const is None:
+                target += t.weight * (t.p**2 * G_TT + t.q**2 * G_SS + t.p * t.q * (G_TS + G_ST))
         C = cross @ wt.T  # (d, C_out)
-        const = float(torch.einsum("od,de,oe->", wt, target, wt))
+        const = self.const if self.const is not None else float(torch.einsum("od,de,oe->", wt, target, wt))
         return GramSystem(G, C, const, self.rows)
 
     def free(self) -> None:
@@ -189,16 +263,26 @@ def ridge_solve(G: torch.Tensor, R: torch.Tensor, ridge: float, prior: torch.Ten
     (``G`` singular even with the ridge, e.g. all-zero inputs) the minimum-norm
     solution through the pseudo-inverse (:func:`_lstsq`). Every closed-form fit
     (the Gram systems, ThiNet's scales, FSKD's and FitNet's 1x1 fits) goes through here.
+    Batched: ``G`` (B, d, d), ``R`` and ``prior`` (B, d, k) solve B systems at once, each
+    with its own ``lam`` (the groups of a grouped conv).
     """
     G, R = G.double(), R.double()
-    lam = ridge * float(G.diagonal().mean()) if len(G) else 0.0
+    d = G.shape[-1]
+    if d == 0:
+        return R.clone()
+    lam = ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)  # () or (B,)
+    lam_m = lam[..., None, None]
     if prior is not None:
-        R = R + lam * prior.double()
-    A = G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device)
+        R = R + lam_m * prior.double()
+    A = G + lam_m * torch.eye(d, dtype=G.dtype, device=G.device)
     L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        return torch.cholesky_solve(R, L)
-    return _lstsq(A, R)
+    X = torch.cholesky_solve(R, L)
+    bad = info != 0
+    if G.dim() == 2:
+        return _lstsq(A, R) if bool(bad) else X
+    if bool(bad.any()):
+        X[bad] = _lstsq(A[bad], R[bad])
+    return X
 
 
 def kept_columns(kept: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -288,6 +372,44 @@ class SolveResult:
     kept: torch.Tensor  # structured: kept input-channel indices; unstructured: boolean weight mask
     loss_before: float
     loss_after: float
+    loss_masked: float | None = None  # objective at the masked start (start weights, same channels removed)
+    rel_error: float | None = None  # sqrt(loss_after / loss at W = 0): the layer's relative output error
+    fell_back: bool = False  # the solve ended above the masked start, which was kept instead
+
+
+_TOL = 1e-6  # relative to the target energy: a solve is "worse" only beyond float rounding
+
+
+def conditioned_ridge(ridge: float, rows: int, d: int) -> float:
+    """The relative ridge for a system of ``rows`` output positions and ``d`` unknowns per output.
+
+    ``ridge * max(1, d / rows)``: unchanged while every weight sees at least
+    one position per unknown; raised in proportion where the Gram matrix is
+    rank deficient (1x1 convs on 2x2 maps, wide Linear layers on a few images).
+    """
+    return ridge * max(1.0, d / max(rows, 1))
+
+
+def _ridge(opts: LstsqOptions, rows: int, d: int) -> float:
+    return conditioned_ridge(opts.ridge, rows, d) if opts.ridge_conditioned else opts.ridge
+
+
+def never_worse(
+    system: LeastSquares, W: torch.Tensor, W0: torch.Tensor, keep_mask: torch.Tensor, loss_before: float
+) -> SolveResult:
+    """The solution ``W`` (C_out, d) or the masked start ``W0 * keep_mask``, whichever has the lower objective.
+
+    ``keep_mask``: (d,) kept columns (structured) or (C_out, d) kept weights. The result's
+    ``kept`` field is filled in by the caller.
+    """
+    Wm = W0 * keep_mask.to(W0.dtype)
+    loss_masked, loss_after = system.loss(Wm), system.loss(W)
+    energy = system.loss(torch.zeros_like(W0))
+    fell_back = loss_after > loss_masked + _TOL * energy  # rounding of an exact solve is not "worse"
+    if fell_back:
+        W, loss_after = Wm, loss_masked
+    rel = math.sqrt(loss_after / energy) if energy > 0 else 0.0
+    return SolveResult(W, torch.empty(0), loss_before, loss_after, loss_masked, rel, fell_back)
 
 
 def channel_scores(W: torch.Tensor, system: LeastSquares, cols: torch.Tensor, kk: int, criterion: str):
@@ -331,12 +453,16 @@ def solve_structured(stats: LayerStats, problem: LayerProblem, opts: LstsqOption
     for count in counts + [n_keep]:
         cols = kept_columns(keep, w0)
         W = torch.zeros_like(W0)
-        W[:, cols] = system.solve(cols, W0, opts.ridge).T
+        W[:, cols] = system.solve(cols, W0, _ridge(opts, system.rows, len(cols))).T
         if count < len(keep):
             scores = channel_scores(W[:, cols], system, cols, kk, opts.channel_criterion)
             scores = scores.masked_fill(pinned[keep], float("inf"))
-            keep = keep[scores.topk(count).indices.sort().values]
-    return SolveResult(W.reshape(w0.shape).float(), keep, loss_before, system.loss(W))
+            keep = select_channels(keep, scores, count, problem.channel_groups, n_keep)
+    keep_cols = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
+    keep_cols[kept_columns(keep, w0)] = True
+    res = never_worse(system, W, W0, keep_cols, loss_before)
+    res.weight, res.kept = res.weight.reshape(w0.shape).float(), keep
+    return res
 
 
 def weight_mask(W: torch.Tensor, diag: torch.Tensor | None, n_keep: int, criterion: str) -> torch.Tensor:
@@ -373,8 +499,10 @@ def solve_unstructured(
     for o in range(W0.shape[0]):
         idx = mask[o].nonzero().flatten()
         if len(idx):
-            W[o, idx] = system.solve(idx, W0, opts.ridge, row=o)[:, 0]
-    return SolveResult(W.reshape(w0.shape).float(), mask.reshape(w0.shape), loss_before, system.loss(W))
+            W[o, idx] = system.solve(idx, W0, _ridge(opts, system.rows, len(idx)), row=o)[:, 0]
+    res = never_worse(system, W, W0, mask, loss_before)
+    res.weight, res.kept = res.weight.reshape(w0.shape).float(), mask.reshape(w0.shape)
+    return res
 
 
 class _GroupView:
@@ -391,39 +519,106 @@ def solve_grouped(
     """Re-fit a grouped (or depthwise) conv: its weight is block-diagonal, so each group is its own problem.
 
     Group g maps input channels ``g*C_in/G ... (g+1)*C_in/G`` to output channels
-    ``g*C_out/G ...``; each is solved exactly like a dense conv (Gram of that
-    group's im2col columns only). Structured: no input channel is removed
-    (``kept`` = all; ``fixed`` plays no part). Unstructured: the top ``n_keep``
-    weights of the whole layer by magnitude are kept and each group is solved
-    on its part of that mask. Losses are summed over groups and normalised like a dense layer's.
+    ``g*C_out/G ...``. Structured: no input channel is removed here (``kept`` =
+    all; ``fixed`` plays no part) and all groups are solved at once
+    (:func:`_solve_groups_batched`: one im2col, batched Grams, one batched
+    Cholesky). Unstructured: the top ``n_keep`` weights of the whole layer by
+    magnitude are kept and each group is solved on its part of that mask.
+    Losses are summed over groups and normalised like a dense layer's.
     """
     opts = opts or LstsqOptions()
+    if problem.structured:
+        return _solve_groups_batched(layer, problem, hT, hS, opts)
     wT, w0, bs = problem.wT, problem.w0, opts.batch_size
     G = layer.groups
     view = _GroupView(layer)
     cin_g, cout_g = wT.shape[1], wT.shape[0] // G
-    mask = None
-    if not problem.structured:
-        mask = weight_mask(w0.flatten(1), None, problem.n_keep, opts.weight_criterion).view_as(w0)
+    mask = weight_mask(w0.flatten(1), None, problem.n_keep, opts.weight_criterion).view_as(w0)
     W = torch.empty_like(w0)
-    before = after = 0.0
+    before = after = masked = energy = 0.0
+    fell_back = False
     for g in range(G):
         i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
         stats = LayerStats(view)  # type: ignore[arg-type]
         for j in range(0, len(hT), bs):
             stats.add_batch(hT[j : j + bs, i], hS[j : j + bs, i])
-        if mask is None:
-            group = LayerProblem(problem.terms, wT[o], w0[o], cin_g)
-            res = solve_structured(stats, group, replace(opts, steps=1))
-        else:
-            group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
-            res = solve_unstructured(stats, group, opts, mask=mask[o])
+        group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
+        res = solve_unstructured(stats, group, opts, mask=mask[o])
         stats.free()
         W[o] = res.weight
         before += res.loss_before * cout_g
         after += res.loss_after * cout_g
-    kept = torch.arange(w0.shape[1], device=w0.device) if mask is None else mask
-    return SolveResult(W, kept, before / w0.shape[0], after / w0.shape[0])
+        masked += res.loss_masked * cout_g
+        energy += (res.loss_after / res.rel_error**2 if res.rel_error else 0.0) * cout_g
+        fell_back |= res.fell_back
+    rel = math.sqrt(after / energy) if energy > 0 else 0.0
+    n = w0.shape[0]
+    return SolveResult(W, mask, before / n, after / n, masked / n, rel, fell_back)
+
+
+def _solve_groups_batched(
+    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions
+) -> SolveResult:
+    """Every group of a grouped conv at once, all input channels kept: Grams (G, d_g, d_g), one batched solve.
+
+    im2col of the whole input puts group g's columns in one contiguous block
+    (channel-major column order), so the per-group Grams are one batched
+    product; images go through in chunks that keep the im2col under ~256 MB.
+    A group whose solve ends above its start keeps its start weights.
+    """
+    terms, wT, w0 = problem.terms, problem.wT, problem.w0
+    G, kk = layer.groups, w0[0, 0].numel()
+    cin_g, cout_g = wT.shape[1], wT.shape[0] // G
+    dg = cin_g * kk
+    pad = explicit_padding(layer)
+    if layer.padding_mode != "zeros":
+        raise TypeError("only convolutions with zero padding are supported by the least-squares solver")
+    GTT = torch.zeros(G, dg, dg, dtype=torch.float64, device=w0.device)
+    GSS = GTT if hT is hS else torch.zeros_like(GTT)
+    GTS = GTT if hT is hS else torch.zeros_like(GTT)
+    rows = 0
+    per_image = hT[0].numel() * kk * hT.element_size()  # im2col bytes per image (stride 1; less otherwise)
+    chunk = max(1, min(opts.batch_size, (256 * 2**20) // max(per_image, 1)))
+    for j in range(0, len(hT), chunk):
+        uT = F.unfold(hT[j : j + chunk], layer.kernel_size, layer.dilation, pad, layer.stride)  # (n, C*kk, L)
+        n, _, L = uT.shape
+        uT = uT.view(n, G, dg, L)
+        GTT += torch.einsum("ngdl,ngel->gde", uT, uT).double()
+        if hT is not hS:
+            uS = F.unfold(hS[j : j + chunk], layer.kernel_size, layer.dilation, pad, layer.stride).view(n, G, dg, L)
+            GSS += torch.einsum("ngdl,ngel->gde", uS, uS).double()
+            GTS += torch.einsum("ngdl,ngel->gde", uT, uS).double()
+        rows += n * L
+    GST = GTS.transpose(1, 2)
+    A = torch.zeros_like(GTT)
+    cross = torch.zeros_like(GTT)
+    target = torch.zeros_like(GTT)
+    for t in terms:
+        A += t.weight * (t.r**2 * GTT + t.s**2 * GSS + t.r * t.s * (GTS + GST))
+        cross += t.weight * (t.r * t.p * GTT + t.r * t.q * GTS + t.s * t.p * GST + t.s * t.q * GSS)
+        target += t.weight * (t.p**2 * GTT + t.q**2 * GSS + t.p * t.q * (GTS + GST))
+    wt = wT.reshape(G, cout_g, dg).double()
+    W0 = w0.reshape(G, cout_g, dg).double()
+    C = cross @ wt.transpose(1, 2)  # (G, dg, cout_g)
+    const = torch.einsum("god,gde,goe->g", wt, target, wt)
+
+    def group_loss(W: torch.Tensor) -> torch.Tensor:  # (G,) unnormalised objective per group
+        quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const
+        return quad.clamp_min(0)
+
+    X = ridge_solve(A, C, _ridge(opts, rows, dg), W0.transpose(1, 2))  # (G, dg, cout_g), one batched solve
+    W = X.transpose(1, 2)  # (G, cout_g, dg)
+    before, after = group_loss(W0), group_loss(W)
+    worse = after > before + _TOL * const.clamp_min(0)
+    W = torch.where(worse[:, None, None], W0, W)
+    after = torch.minimum(after, before)
+    norm = rows * w0.shape[0]
+    energy = float(const.clamp_min(0).sum())
+    loss_after = float(after.sum()) / norm
+    rel = math.sqrt(float(after.sum()) / energy) if energy > 0 else 0.0
+    kept = torch.arange(w0.shape[1], device=w0.device)
+    loss_before = float(before.sum()) / norm
+    return SolveResult(W.reshape(w0.shape).float(), kept, loss_before, loss_after, loss_before, rel, bool(worse.any()))
 
 
 def adam_solve(
@@ -473,7 +668,8 @@ def adam_solve(
                     if fixed is not None:
                         norms[fixed] = float("inf")
                     chan = torch.zeros(c_in, dtype=torch.bool, device=W.device)
-                    chan[norms.topk(count).indices] = True
+                    every = torch.arange(c_in, device=W.device)
+                    chan[select_channels(every, norms, count, problem.channel_groups, n_keep)] = True
                     mask = chan.view(1, -1, *([1] * (W.dim() - 2))).expand_as(W)
                 else:
                     mask = weight_mask(W * mask, None, count, "magnitude")
@@ -493,5 +689,12 @@ def adam_solve(
             W.mul_(mask)
     with torch.no_grad():
         loss_after = float(loss_of(W))
+        start = w0 * mask  # the masked start: pruning without re-fit
+        loss_masked = float(loss_of(start))
+        energy = float(sum(t.weight * y.pow(2).mean() for t, y in zip(terms, targets, strict=True)))
+    fell_back = loss_after > loss_masked + _TOL * energy
+    W = start.clone() if fell_back else W.detach()
+    loss_after = min(loss_after, loss_masked)
+    rel = math.sqrt(loss_after / energy) if energy > 0 else 0.0
     kept = chan.nonzero().flatten() if structured else mask
-    return SolveResult(W.detach(), kept, loss_before, loss_after)
+    return SolveResult(W, kept, loss_before, loss_after, loss_masked, rel, fell_back)

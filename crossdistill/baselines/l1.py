@@ -39,7 +39,7 @@ from ..config import CompressConfig
 from ..plan import keep_count
 from ..pruning import apply_mask
 from ..run import CompressReport, LayerRecord
-from ..solvers import weight_mask
+from ..solvers import select_channels, weight_mask
 from .common import Run, finish, resolve_configs, start
 
 __all__ = ["L1Config", "l1_prune", "prune_l1", "producer_of", "filter_l1_keep"]
@@ -65,6 +65,18 @@ def filter_l1_keep(producer: nn.Module, n_keep: int) -> torch.Tensor:
     return norms.topk(n_keep).indices.sort().values
 
 
+def input_l1_keep(
+    run: Run, sources: dict[int, tuple[str, int]], n_keep: int, groups: torch.Tensor | None
+) -> torch.Tensor:
+    """The ``n_keep`` input channels whose producing filters have the largest L1 norms (each channel's
+    own producer), the same share of each group when a producer is a grouped conv."""
+    channels = torch.tensor(sorted(sources))
+    norms = torch.stack(
+        [run.student.get_submodule(sources[j][0]).weight.detach()[sources[j][1]].abs().sum() for j in sources]
+    )
+    return select_channels(channels, norms, n_keep, groups, n_keep).sort().values
+
+
 def prune_l1(run: Run) -> dict[str, torch.Tensor]:
     """Prune ``run.student`` in place by L1 norm and append one record per layer.
 
@@ -81,15 +93,25 @@ def prune_l1(run: Run) -> dict[str, torch.Tensor]:
             layer = run.student.get_submodule(p.name)
             total = layer.weight.shape[1]
             n_keep = keep_count(total, p.keep)
-            producer = producer_of(run, p.name)
-            idx = filter_l1_keep(run.student.get_submodule(producer), n_keep)
-            chosen.append((p.name, producer, idx, n_keep, total, time.perf_counter() - t0))
-        for name, producer, idx, n_keep, total, seconds in chosen:
+            sources = run.remover.channel_sources(p.name)
+            producers = sorted({src for src, _o in sources.values()})
+            groups = run.remover.channel_groups(p.name)
+            if len(producers) == 1 and groups is None:
+                producer = producer_of(run, p.name)
+                idx = filter_l1_keep(run.student.get_submodule(producer), n_keep)
+            else:  # a concat of several producers (fire, inception) or a grouped producer: rank channels
+                idx = input_l1_keep(run, sources, n_keep, groups)
+            chosen.append((p.name, idx, n_keep, total, time.perf_counter() - t0))
+        for name, idx, _n_keep, total, seconds in chosen:
             t0 = time.perf_counter()
-            run.remover.remove_input_channels(name, idx)
-            kept[producer] = idx
+            sources = run.remover.channel_sources(name)
+            idx = run.remover.remove_input_channels(name, idx)  # may keep one channel more: no empty layer
+            for producer in sorted({src for src, _o in sources.values()}):
+                kept[producer] = torch.tensor(
+                    sorted(o for j, (src, o) in sources.items() if src == producer and j in set(idx.tolist()))
+                )
             seconds += time.perf_counter() - t0
-            run.records.append(LayerRecord(name, n_keep, total, 0.0, 0.0, seconds))
+            run.records.append(LayerRecord(name, len(idx), total, 0.0, 0.0, seconds))
     else:
         for p in run.plan:
             t0 = time.perf_counter()

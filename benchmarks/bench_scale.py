@@ -1,0 +1,155 @@
+"""Compression at real sizes: time, peak memory and the ratio to one teacher forward pass.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py                      # the default grid, resumable
+    python benchmarks/bench_scale.py --models resnet18 --n 100 --methods ours nc --device cuda
+
+Models: resnet18, resnet50, mobilenet_v2, efficientnet_b0 (benchmarks/tv_models.py: faithful
+re-definitions of the torchvision architectures, random init, BN statistics re-estimated on the
+images so activations are realistic) at 224x224 on N random normalised images, structured keep 0.5;
+and resnet56 on its Fashion-MNIST teacher with the K=5 few-shot draw (50 images), also with the old
+per-layer capture (``capture=per-layer``) for comparison. Each run is a fresh subprocess (its peak RSS is
+its own, including the Python/torch baseline) and appends one JSONL line to
+benchmarks/results/scale.jsonl; rows already there are skipped. ``teacher_forward_s`` is one
+forward pass of the teacher over the same images (batch 128, eval, no grad), timed in the same
+process right before the compression (median of 3); ``ratio`` = compression seconds / teacher_forward_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import RESULTS, append_jsonl, machine, read_jsonl, teacher_path
+
+OUT = RESULTS / "scale.jsonl"
+
+
+def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
+    """Runs inside the child process."""
+    import torch
+
+    from crossdistill.compress import compress
+    from crossdistill.run import recalibrate_bn
+
+    dev = torch.device(device)
+    if model == "resnet56":
+        from crossdistill.checkpoint import load_checkpoint
+        from crossdistill.data import load_few_shot
+
+        teacher, _meta = load_checkpoint(teacher_path("resnet56", "fashion-mnist"))
+        images, _ = load_few_shot("fashion-mnist", 5, 0)
+        mu = 0.9
+    else:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from tv_models import MODELS
+
+        torch.manual_seed(0)
+        teacher = MODELS[model]()
+        images = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        recalibrate_bn(teacher, images)
+        mu = 0.6
+    teacher = teacher.to(dev).eval()
+    images = images.to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        teacher(images[:2])  # warm-up
+        times = []
+        for _ in range(3):  # median of 3: one pass is noisy on a shared machine
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(images), 128):
+                teacher(images[i : i + 128])
+            sync()
+            times.append(time.perf_counter() - t0)
+        forward_s = sorted(times)[1]
+    t0 = time.perf_counter()
+    student, report = compress(teacher, images, method=method, mu=mu, keep=0.5, capture=capture, device=device)
+    sync()
+    seconds = time.perf_counter() - t0
+    return {
+        "model": model,
+        "n": len(images),
+        "size": images.shape[-1],
+        "method": method,
+        "capture": report.capture,
+        "device": device,
+        "seconds": round(seconds, 2),
+        "teacher_forward_s": round(forward_s, 3),
+        "ratio": round(seconds / forward_s, 1),
+        "peak_memory_mb": round(report.peak_memory_mb or 0.0, 0),
+        "params_ratio": round(report.params_after / report.params_before, 3),
+        "flops_ratio": round(report.flops_after / report.flops_before, 3),
+        "output_error_fit": round(report.output_error, 4),
+        "layers": len(report.layers),
+        "fell_back": sum(r.fell_back for r in report.layers),
+        "machine": machine(),
+        "note": "shared 2-core machine, other jobs running" if device == "cpu" else "",
+    }
+
+
+def readme_table() -> None:
+    """Write the rows of scale.jsonl into README.md between the scale_table markers."""
+    import re
+
+    head = "| model | N | method | capture | compress s | teacher forward s | ratio | peak RSS MB | params | FLOPs |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in read_jsonl(OUT):
+        lines.append(
+            f"| {r['model']} | {r['n']} | {r['method']} | {r['capture']} | {r['seconds']} | {r['teacher_forward_s']} "
+            f"| {r['ratio']} | {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} |"
+        )
+    readme = RESULTS.parent.parent / "README.md"
+    text = readme.read_text()
+    block = "<!-- BEGIN scale_table -->\n" + "\n".join(lines) + "\n<!-- END scale_table -->"
+    readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--models", nargs="+", default=["resnet56", "resnet18", "mobilenet_v2", "efficientnet_b0", "resnet50"]
+    )
+    ap.add_argument("--n", nargs="+", type=int, default=[100])
+    ap.add_argument("--methods", nargs="+", default=["ours", "nc"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
+    ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
+    args = ap.parse_args()
+    if args.readme:
+        readme_table()
+        return
+    if args.child:
+        model, n, method, capture = args.child
+        print(json.dumps(one_run(model, int(n), method, capture, args.device)))
+        return
+    done = {(r["model"], r["n"], r["method"], r["capture"], r["device"]) for r in read_jsonl(OUT)}
+    for model in args.models:
+        captures = ["one-pass", "per-layer"] if model == "resnet56" else ["one-pass"]
+        for n in [50] if model == "resnet56" else args.n:
+            for method in args.methods:
+                for capture in captures:
+                    if (model, n, method, capture, args.device) in done:
+                        continue
+                    cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
+                        continue
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    append_jsonl(OUT, row)
+                    print(
+                        json.dumps({k: row[k] for k in ("model", "n", "method", "capture", "seconds", "ratio")}),
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""compress() on tiny instances of the patterns of modern CNNs (tests/patterns.py): grouped convs,
+channel split + shuffle, squeeze-excite, inception concat, fire modules; re-fits that never end
+above their masked start; one pass over the student's graph equal to per-layer capture."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from crossdistill.compress import compress
+from crossdistill.methods import run_method
+from crossdistill.models import get_model
+from crossdistill.objectives import objective_terms
+from crossdistill.pruning import ChannelRemover
+from crossdistill.run import output_error, recalibrate_bn, split_holdout
+from crossdistill.solvers import (
+    LayerProblem,
+    LayerStats,
+    LstsqOptions,
+    conditioned_ridge,
+    never_worse,
+    solve_grouped,
+    solve_structured,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from patterns import PATTERNS, TinyResNeXt, TinySqueezeNet  # noqa: E402
+
+N, SIZE = 16, 16
+
+
+def _images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(N, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _ready(build, x: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    model = build()
+    recalibrate_bn(model, x)
+    return model.eval()
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    x = _images()
+    out = {}
+    for name, build in PATTERNS.items():
+        teacher = _ready(build, x)
+        for method in ("nc", "ours", "ours-s"):
+            student, report = compress(teacher, x, method=method, keep=0.5, holdout=0.25)
+            out[name, method] = teacher, student, report
+    return x, out
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_every_pattern_compresses_with_fewer_params_and_flops(compressed, name) -> None:
+    _x, out = compressed
+    for method in ("nc", "ours", "ours-s"):
+        teacher, student, report = out[name, method]
+        assert report.params_after < report.params_before, (name, method)
+        assert report.flops_after < report.flops_before, (name, method)
+        assert _params(student) == report.params_after
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_no_student_is_further_from_the_teacher_than_the_l1_student(compressed, name) -> None:
+    """Held-out output error of every method <= that of L1 pruning without re-fit (issue 13's bar)."""
+    x, out = compressed
+    _fit, held = split_holdout(x, 0.25, 0)
+    teacher = out[name, "nc"][0]
+    l1_student, l1_report = run_method("l1", teacher, x, keep=0.5, holdout=0.25)
+    assert l1_report.params_after < l1_report.params_before
+    for method in ("nc", "ours", "ours-s"):
+        _teacher, student, report = out[name, method]
+        assert report.output_error_on == "held-out"
+        assert report.output_error == pytest.approx(output_error(student, teacher, x[held]), rel=1e-5)
+        assert report.output_error <= l1_report.output_error + 1e-3, (name, method, report, l1_report)
+        assert all(r.rel_error is not None and r.rel_error >= 0 for r in report.layers if not r.skipped)
+
+
+def test_grouped_conv_keeps_the_same_share_of_each_group(compressed) -> None:
+    _x, out = compressed
+    _teacher, student, report = out["grouped", "ours"]
+    for block in student.blocks:
+        conv = block.b[0]
+        assert conv.groups == 4 and conv.out_channels == 8  # 16 -> 2 of 4 per group
+        assert block.c[0].in_channels == 8
+    kept = next(r.kept_channels for r in report.layers if r.name == "blocks.0.c.0")
+    assert [sum(1 for k in kept if k // 4 == g) for g in range(4)] == [2, 2, 2, 2]
+
+
+def test_shuffle_split_channels_are_left_whole_and_the_branch_is_pruned(compressed) -> None:
+    _x, out = compressed
+    _teacher, student, _report = out["shuffle", "ours"]
+    for unit in student.units:
+        assert unit.branch[0][0].in_channels == 8  # fed by the channel split: not pruned
+        assert unit.branch[2][0].in_channels == 4  # fed by the 1x1 -> depthwise chain: pruned
+
+
+def test_fire_module_keeps_at_least_one_channel_of_each_expand_conv() -> None:
+    x = _images()
+    teacher = _ready(TinySqueezeNet, x)
+    for method in ("nc", "ours"):
+        student, report = compress(teacher, x, method=method, keep=0.2)
+        for fire in student.features[2:]:
+            assert fire.expand1x1[0].out_channels >= 1 and fire.expand3x3[0].out_channels >= 1
+        assert report.params_after < report.params_before
+
+
+def test_removing_a_whole_concat_slice_keeps_one_channel_of_it() -> None:
+    x = _images()
+    model = _ready(TinySqueezeNet, x)
+    remover = ChannelRemover(model, x[:1])
+    # fire 1's squeeze reads expand1x1 (channels 0-1) and expand3x3 (2-15): drop all of expand1x1
+    kept = remover.remove_input_channels("features.3.squeeze.0", torch.arange(2, 16))
+    assert kept.tolist() == list(range(0, 16)) or 0 in kept.tolist()
+    assert model.features[2].expand1x1[0].out_channels == 1
+    assert model(x).shape == (N, 5)
+
+
+# --------------------------------------------------------------------------- never worse
+
+
+def _ill_conditioned(method: str = "nc"):
+    """A 1x1 conv with 64 inputs on 2x2 maps of 3 images: 12 rows for 64 unknowns per output."""
+    g = torch.Generator().manual_seed(1)
+    layer = nn.Conv2d(64, 32, 1, bias=False)
+    hT = torch.randn(3, 64, 2, 2, generator=g)
+    hS = hT + 0.5 * torch.randn(3, 64, 2, 2, generator=g)
+    wT = torch.randn(32, 64, 1, 1, generator=g)
+    stats = LayerStats(layer)
+    stats.add_batch(hT, hS)
+    return layer, stats, LayerProblem(objective_terms(method), wT, wT.clone(), 16), hT, hS
+
+
+def test_conditioned_ridge_grows_with_unknowns_per_row() -> None:
+    assert conditioned_ridge(1e-3, 1000, 100) == 1e-3
+    assert conditioned_ridge(1e-3, 10, 100) == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize("method", ["nc", "ours", "ours-s", "correction", "imitation"])
+def test_structured_solve_never_ends_above_its_masked_start(method) -> None:
+    _layer, stats, problem, _hT, _hS = _ill_conditioned(method)
+    for ridge in (0.0, 1e-6, 1e-3):
+        res = solve_structured(stats, problem, LstsqOptions(ridge=ridge))
+        assert res.loss_after <= res.loss_masked + 1e-9
+        assert len(res.kept) == 16
+
+
+def test_never_worse_keeps_the_masked_start_over_a_bad_solution() -> None:
+    _layer, stats, problem, _hT, _hS = _ill_conditioned()
+    system = stats.system(problem.terms, problem.wT)
+    W0 = problem.w0.flatten(1).double()
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[:16] = True
+    bad = 100 * torch.randn(W0.shape, dtype=torch.float64)
+    res = never_worse(system, bad, W0, keep, system.loss(W0))
+    assert res.fell_back and torch.equal(res.weight, W0 * keep)
+    assert res.loss_after == pytest.approx(system.loss(W0 * keep))
+
+
+def test_a_fallback_is_warned_and_recorded(monkeypatch) -> None:
+    import crossdistill.solvers as solvers
+
+    real = solvers.never_worse
+
+    def always_fall_back(system, W, W0, keep_mask, loss_before):
+        res = real(system, W0 * keep_mask.to(W0.dtype) + 1.0, W0, keep_mask, loss_before)
+        return res
+
+    monkeypatch.setattr(solvers, "never_worse", always_fall_back)
+    x = _images()
+    teacher = _ready(TinyResNeXt, x)
+    with pytest.warns(UserWarning, match="ended above its masked start"):
+        _student, report = compress(teacher, x, method="nc", keep=0.5)
+    assert any(r.fell_back for r in report.layers)
+
+
+# --------------------------------------------------------------------------- batched grouped solve
+
+
+def test_batched_grouped_solve_equals_the_group_by_group_solve() -> None:
+    g = torch.Generator().manual_seed(2)
+    layer = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+    hT = torch.randn(5, 8, 6, 6, generator=g)
+    hS = hT + 0.3 * torch.randn(5, 8, 6, 6, generator=g)
+    wT = torch.randn(8, 2, 3, 3, generator=g)
+    terms = objective_terms("ours")
+    res = solve_grouped(layer, LayerProblem(terms, wT, wT.clone(), 8), hT, hS, LstsqOptions(ridge=1e-3))
+    for grp in range(4):
+        sl = slice(2 * grp, 2 * grp + 2)
+        dense = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        stats = LayerStats(dense)
+        stats.add_batch(hT[:, sl], hS[:, sl])
+        ref = solve_structured(stats, LayerProblem(terms, wT[sl], wT[sl].clone(), 2), LstsqOptions(ridge=1e-3))
+        torch.testing.assert_close(res.weight[sl], ref.weight, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- one pass
+
+
+@pytest.mark.parametrize("build", [lambda: get_model("resnet20", 5), *PATTERNS.values()])
+def test_one_pass_capture_gives_the_same_student_as_per_layer_capture(build) -> None:
+    x = _images()
+    teacher = _ready(build, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to per-layer capture
+        a, ra = compress(teacher, x, method="ours-s", keep=0.5, capture="one-pass")
+    b, rb = compress(teacher, x, method="ours-s", keep=0.5, capture="per-layer")
+    assert (ra.capture, rb.capture) == ("one-pass", "per-layer")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_model_fx_cannot_trace_falls_back_to_per_layer_capture() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            if y.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                y = y * 1.0
+            return self.head(torch.relu(self.b(y)))
+
+    x = _images()
+    teacher = _ready(DataDependent, x)
+    with pytest.warns(UserWarning, match="forward pass per layer"):
+        _student, report = compress(teacher, x, method="ours", keep=0.5)
+    assert report.capture == "per-layer"
+
+
+def test_split_holdout_is_disjoint_seeded_and_leaves_images_to_fit() -> None:
+    x = torch.zeros(10, 1, 2, 2)
+    fit, held = split_holdout(x, 0.2, 0)
+    assert len(held) == 2 and len(fit) == 8 and set(fit.tolist()) | set(held.tolist()) == set(range(10))
+    assert torch.equal(split_holdout(x, 0.2, 0)[1], held)
+    assert len(split_holdout(x[:2], 0.9, 0)[0]) == 1
+    assert len(split_holdout(x, 0.0, 0)[1]) == 0
