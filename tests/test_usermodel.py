@@ -96,7 +96,9 @@ def test_student_of_a_user_model_saves_and_reloads_everywhere(user_files, tmp_pa
     meta = {"model_file": f"{user_files['model']}:build", "in_channels": 3}
     paths = save_student(student, tmp_path / "out", meta, report.to_dict(), x, onnx=False)
     rebuilt, saved_meta = load_checkpoint(paths["weights"], trust_model_file=True)  # our own file: trusted
-    assert Path(saved_meta["model_file"].rpartition(":")[0]).is_absolute()
+    # the model file is copied into the folder and named relative to it (a moved folder still loads)
+    assert saved_meta["model_file"] == "model.py:build" and (tmp_path / "out" / "model.py").is_file()
+    assert saved_meta["model_file_source"] == str(user_files["model"].resolve())
     torch.testing.assert_close(rebuilt(x), student(x))
     program = torch.export.load(str(paths["program"])).module()
     torch.testing.assert_close(program(x[:5]), student(x[:5]))
