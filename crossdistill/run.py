@@ -244,9 +244,10 @@ def start(
 def plan_layers(run: Run, pruned_only: bool = False) -> None:
     """Set ``run.remover`` (structured) and ``run.plan``.
 
-    ``pruned_only`` (the baselines): only layers that are actually pruned, as
-    a whole (not concatenation consumers, which are partly prunable, nor
-    grouped convs), and never a layer that is only re-fitted.
+    ``pruned_only`` (the baselines): only the layers that are pruned, never
+    a layer that is only re-fitted; the pruned layers and their kept counts
+    are exactly compress()'s (concatenation consumers too, with their
+    ``channels``; grouped convs under unstructured pruning).
     """
     cfg = run.cfg
     run.remover = ChannelRemover(run.student, run.example) if run.structured else None
@@ -254,8 +255,7 @@ def plan_layers(run: Run, pruned_only: bool = False) -> None:
         cfg = replace(cfg, refit_unpruned=False, skip_unsupported=False)
     plan = make_plan(run.student, run.example, cfg, run.remover)
     if pruned_only:
-        grouped = lambda n: getattr(run.student.get_submodule(n), "groups", 1) != 1  # noqa: E731
-        plan = [p for p in plan if p.keep is not None and p.channels is None and not grouped(p.name)]
+        plan = [p for p in plan if p.keep is not None]
         if not plan:
             raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
     elif not plan:
