@@ -102,7 +102,7 @@ def _pooled_head(c: int, hidden: int, act=nn.SiLU) -> nn.Sequential:
 
 def inverted_residual() -> nn.Module:
     act = nn.ReLU6
-    blocks = [MBConv(8, 8, 4, se=0, act=act), MBConv(8, 12, 4, stride=2, se=0, act=act), MBConv(12, 12, 4, se=0, act=act)]
+    blocks = [MBConv(8, 8, 4, se=0, act=act), MBConv(8, 12, 4, 3, 2, se=0, act=act), MBConv(12, 12, 4, se=0, act=act)]
     return _Net(_conv_bn(3, 8, stride=1, act=act), blocks, _pooled_head(12, 32, act))
 
 
@@ -180,7 +180,8 @@ def densenet() -> nn.Module:
     blocks = [DenseLayer(8, g), DenseLayer(8 + g, g), DenseLayer(8 + 2 * g, g)]
     c = 8 + 3 * g
     transition = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 12, 1, bias=False), nn.AvgPool2d(2))
-    head = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, NUM_CLASSES))
+    head = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(12, NUM_CLASSES))  # fmt: skip
     return _Net(nn.Conv2d(3, 8, 3, padding=1, bias=False), [*blocks, transition], head)
 
 

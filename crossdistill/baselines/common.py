@@ -8,7 +8,8 @@ plan, the same kept counts, physical channel removal with
 ``compress`` the plan holds only the layers that are actually pruned
 (``plan_layers(run, pruned_only=True)``): no baseline re-fits a layer it does
 not prune; the pruned layers and their kept counts are compress()'s, on every
-architecture (concatenation consumers keep the slices compress keeps). ThiNet and CP run the same per-layer step as compress
+architecture (concatenation consumers keep the slices compress keeps).
+ThiNet and CP run the same per-layer step as compress
 (:func:`crossdistill.run.refit_layers`) with their own selection.
 """
 
@@ -237,7 +238,8 @@ def layerwise(
     are captured once, up front, when a term uses them), let ``select(system,
     W0, n_keep, fixed)`` return the new weight (zeros outside the kept channels) and
     the kept input-channel indices (``fixed``: channels that must be kept, the
-    concatenated slices of a concatenation consumer that cannot go; counted in ``n_keep``), write it, remove the other channels,
+    concatenated slices of a concatenation consumer that cannot go; counted in ``n_keep``),
+    write it, remove the other channels,
     record the objective before/after. BN mode while capturing:
     ``config.bn_mode``, as in compress().
     """

@@ -47,7 +47,15 @@ from ..run import CompressReport, LayerRecord
 from ..solvers import weight_mask
 from .common import Run, finish, resolve_configs, start
 
-__all__ = ["L1Config", "l1_prune", "prune_l1", "producer_of", "filter_l1_keep", "input_channel_sources", "l1_input_keep"]
+__all__ = [
+    "L1Config",
+    "l1_prune",
+    "prune_l1",
+    "producer_of",
+    "filter_l1_keep",
+    "input_channel_sources",
+    "l1_input_keep",
+]
 
 
 @dataclass
