@@ -200,9 +200,20 @@ def _compress_one(teacher, images, cfg, label: str, labels=None):
         def on_layer(i, n, name):
             bar.update(task, total=n, completed=i, description=f"{label}: {name}")
 
-        student, report = run_method(cfg.method, teacher, images, labels, cfg, on_layer=on_layer)
+        with warnings.catch_warnings():
+            from .coverage import ShortfallWarning
+
+            warnings.simplefilter("ignore", ShortfallWarning)  # printed under the table instead
+            student, report = run_method(cfg.method, teacher, images, labels, cfg, on_layer=on_layer)
         bar.update(task, completed=len(report.layers))
     return student, report
+
+
+def _print_shortfall(reports: dict) -> None:
+    """The shortfall warning of each compressed student (report.shortfall), under the table."""
+    for label, report in reports.items():
+        if getattr(report, "shortfall", None):
+            console.print(f"warning ({label}): {report.shortfall}", style="yellow", markup=False, highlight=False)
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -418,6 +429,7 @@ def compress(
                 f"student ({method})": eval_model(student, ds, data_dir=data_dir, limit=test_limit, latency=latency),
             }
         Console().print(render_table(reports, title=f"{title}: {prune} keep {keep}"))
+        _print_shortfall({method: report})
         rep = {
             **report.to_dict(),
             "k": k if model_file is None else None,
@@ -465,10 +477,11 @@ def demo(
         ds = meta["dataset"]
         images, _ = load_few_shot(ds, k, seed)
         console.print(f"teacher {meta['model']} ({teacher.name}), {len(images)} few-shot images from {ds}")
-        students, reports = {}, {"teacher": eval_model(model, ds, limit=test_limit)}
+        students, reports, compress_reports = {}, {"teacher": eval_model(model, ds, limit=test_limit)}, {}
         for method in ("nc", "ours", "ours-s"):
             cfg = CompressConfig(method=method, keep=keep, mu=official_mu(model))
             students[method], rep = _compress_one(model, images, cfg, f"{method}")
+            compress_reports[method] = rep
             reports[f"{method} ({rep.seconds:.1f} s)"] = eval_model(students[method], ds, limit=test_limit)
             save_student(
                 students[method],
@@ -479,6 +492,7 @@ def demo(
                 overwrite=overwrite,
             )
         Console().print(render_table(reports, title=f"{meta['model']} on {ds}: structured keep {keep}, K={k}"))
+        _print_shortfall(compress_reports)
         # layers whose output width is unchanged: there teacher and student outputs are comparable
         width = lambda m, n: m.get_submodule(n).weight.shape[0]  # noqa: E731
         names = [n for n in forward_order(model, images[:1]) if width(students["ours"], n) == width(model, n)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -29,6 +30,7 @@ from torch import nn
 from .capture import capture_input, capture_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
+from .coverage import ShortfallWarning, left_whole_layers, shortfall_message, width_mismatches
 from .errors import UserError
 from .measure import count_flops, count_params
 from .objectives import Term
@@ -82,6 +84,9 @@ class CompressReport:
     sparsity: float  # fraction of zero weights in the processed layers
     seconds: float
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
+    # what was achieved against what keep asked for (coverage.py): a warning text, or None
+    shortfall: str | None = None
+    left_whole: list[dict[str, Any]] = field(default_factory=list)  # structured: {name, type, reason}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,8 +288,22 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         seconds=time.perf_counter() - run.t_start,
         peak_memory_mb=measure_peak_memory_mb(run.device),
     )
+    _check_coverage(run, report)
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
+
+
+def _check_coverage(run: Run, report: CompressReport) -> None:
+    """Fill ``report.left_whole`` / ``shortfall`` (structured runs) and warn when compression fell short."""
+    if not run.structured or run.remover is None:
+        return
+    report.left_whole = left_whole_layers(run.teacher, run.student, run.example, run.cfg, run.remover)
+    flops = report.flops_after / max(report.flops_before, 1)
+    params = report.params_after / max(report.params_before, 1)
+    mismatches = width_mismatches(run.student, run.records)
+    report.shortfall = shortfall_message(run.cfg, flops, params, report.left_whole, mismatches)
+    if report.shortfall:
+        warnings.warn(report.shortfall, ShortfallWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- the per-layer step
