@@ -311,6 +311,7 @@ def compress(
     prune: str = typer.Option(DEFAULTS.prune, help="structured | unstructured"),
     keep: float = typer.Option(DEFAULTS.keep, help="fraction of channels (structured) or weights (unstructured) kept"),
     keep_file: Path | None = typer.Option(None, help="YAML mapping layer-name pattern -> keep ratio"),
+    round_to: int = typer.Option(DEFAULTS.round_to, help="structured: round kept channel counts to a multiple (8)"),
     include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
     skip_unsupported: bool = typer.Option(
         DEFAULTS.skip_unsupported, help="leave layers that cannot be compressed untouched"
@@ -411,6 +412,7 @@ def compress(
             include_linear=include_linear,
             skip_unsupported=skip_unsupported,
             keep_overrides=load_keep_file(keep_file) if keep_file else {},
+            round_to=round_to,
         )
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()

@@ -39,6 +39,7 @@ class CompressConfig:
     include: list[str] | None = None  # fnmatch patterns of layer names to consider
     exclude: list[str] | None = None  # fnmatch patterns of layer names to leave alone
     keep_overrides: dict[str, float] = field(default_factory=dict)  # pattern -> keep ratio
+    round_to: int = 1  # structured: kept channel counts rounded to a multiple of this (8, 16: what kernels like)
     bn_mode: str = "eval"  # eval | train: BN mode of both networks while capturing
     recalibrate_bn: bool = False  # re-estimate student BN statistics on the few images at the end
     skip_unsupported: bool = False  # leave layers the solvers cannot handle untouched (warn) instead of failing
@@ -54,6 +55,8 @@ class CompressConfig:
             raise UserError(f"unpruned_objective must be 'same' or 'nc', got {self.unpruned_objective!r}")
         if self.bn_mode not in ("eval", "train"):
             raise UserError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UserError(f"round_to must be a whole number >= 1, got {self.round_to!r}; e.g. 8")
         if not 0.0 < self.keep <= 1.0:
             raise UserError(f"keep must lie in (0, 1], got {self.keep}; e.g. 0.5 keeps half the channels")
         for name in ("mu", "alpha", "beta"):

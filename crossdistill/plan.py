@@ -53,7 +53,7 @@ from .errors import UserError
 from .pruning import ChannelRemover
 from .solvers import explicit_padding
 
-__all__ = ["LayerPlan", "make_plan", "keep_count", "load_keep_file", "unsupported_reason"]
+__all__ = ["LayerPlan", "make_plan", "keep_count", "round_count", "load_keep_file", "unsupported_reason"]
 
 # weighted layers the solvers do not handle: named in an error, never silently left dense
 _UNSUPPORTED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv1d, nn.Conv3d)
@@ -64,19 +64,33 @@ class LayerPlan:
     name: str
     keep: float | None  # fraction of input channels (structured) or weights (unstructured); None: re-fit only
     channels: list[int] | None = None  # structured: the prunable input channels (None: all); keep applies to these
+    round_to: int = 1  # structured: the kept count is rounded to a multiple of this (see round_count)
 
     def n_keep(self, total: int) -> int:
         """Kept input channels / weights out of ``total``: channels outside ``channels`` are always kept."""
         if self.keep is None:
             return total
         if self.channels is None:
-            return keep_count(total, self.keep)
-        return total - len(self.channels) + keep_count(len(self.channels), self.keep)
+            return round_count(keep_count(total, self.keep), self.round_to, 1, total)
+        fixed = total - len(self.channels)
+        return round_count(fixed + keep_count(len(self.channels), self.keep), self.round_to, fixed + 1, total)
 
 
 def keep_count(total: int, keep: float) -> int:
     """Kept channels/weights for a ratio: ``floor(keep * total)``, at least 1."""
     return max(1, math.floor(keep * total + 1e-9))
+
+
+def round_count(n: int, multiple: int, low: int, high: int) -> int:
+    """``n`` rounded to the nearest multiple of ``multiple`` inside ``[low, high]`` (ties: down); ``n`` itself
+    when no multiple lies there (a layer narrower than the multiple): never zero, never above the width."""
+    if multiple <= 1:
+        return n
+    lo, hi = -(-low // multiple) * multiple, high // multiple * multiple
+    if lo > hi:
+        return n
+    nearest = round(n / multiple - 1e-9) * multiple
+    return min(max(nearest, lo), hi)
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
@@ -131,7 +145,7 @@ def make_plan(
     """The layers to process, in forward order, with their keep ratio (rule: module docstring).
 
     Reads ``cfg.prune``, ``keep``, ``include``, ``exclude``, ``keep_overrides``,
-    ``include_linear``, ``refit_unpruned`` and ``skip_unsupported``. A layer the
+    ``include_linear``, ``refit_unpruned``, ``skip_unsupported`` and ``round_to``. A layer the
     solvers cannot handle (non-zero padding mode, ConvTranspose, Conv1d/3d)
     raises a :class:`UserError` naming it, or is left untouched with a warning
     when ``skip_unsupported``. ``remover``: the model's :class:`ChannelRemover`
@@ -182,7 +196,7 @@ def make_plan(
                 channels = remover.prunable_channels(name, untouched)
             if channels:
                 whole = len(channels) == layer.weight.shape[1]
-                plan.append(LayerPlan(name, ratio, None if whole else channels))
+                plan.append(LayerPlan(name, ratio, None if whole else channels, cfg.round_to))
             elif cfg.refit_unpruned:
                 plan.append(LayerPlan(name, None))
         else:
