@@ -35,7 +35,9 @@ class CompressConfig:
     lr_drop: float = 0.1  # adam structured: lr factor once the mask is fixed
     refit_unpruned: bool = True  # re-fit every conv but the first, pruned or not (official)
     unpruned_objective: str = "same"  # same | nc: objective for layers kept whole (same = no-op for ours)
-    include_linear: bool = False  # also process Linear layers
+    include_linear: bool = False  # also process Linear layers (classifier heads included)
+    prune_pointwise_linear: bool = True  # Linear layers on channels-last maps (ConvNeXt / MLP blocks): like 1x1 convs
+    prune_se: bool = True  # structured: prune squeeze-excite gated widths together with the SE convs
     include: list[str] | None = None  # fnmatch patterns of layer names to consider
     exclude: list[str] | None = None  # fnmatch patterns of layer names to leave alone
     keep_overrides: dict[str, float] = field(default_factory=dict)  # pattern -> keep ratio

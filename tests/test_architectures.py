@@ -389,3 +389,46 @@ def test_l1_keeps_the_largest_filters_of_each_producer_behind_a_concatenation() 
     assert min(top) >= 8  # the premise: the 3x3 filters win
     assert rec.kept_channels == sorted(top[:7] + [int(norms[:8].argmax())])
     assert student.blocks[1].squeeze.in_channels == 8
+
+
+# --------------------------------------------------------------------------- squeeze-excite, pointwise Linear
+
+
+def _zoo_ready(arch: str, x: torch.Tensor) -> nn.Module:
+    return _ready(lambda: load_model_file(f"{ZOO}:{arch}"), x)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet", "mobilenet_v3", "convnext"])
+def test_se_and_pointwise_linear_networks_reach_the_keep_ratio(arch: str, recwarn) -> None:
+    x = _images()
+    teacher = _zoo_ready(arch, x)
+    student, report = compress(teacher, x, method="nc", keep=0.5)
+    assert report.flops_after <= 0.6 * report.flops_before and report.shortfall is None
+    _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 0.8, 0.75)
+
+
+def test_se_convs_are_narrowed_with_the_width_they_gate() -> None:
+    x = _images()
+    teacher = _zoo_ready("efficientnet", x)
+    student, report = compress(teacher, x, method="nc", keep=0.5)
+    for i in range(1, 5):
+        b, h = student.blocks[i], teacher.blocks[i].expand[0].out_channels
+        assert b.expand[0].out_channels == b.dw[0].groups == b.project[0].in_channels == h // 2, i
+        assert b.se.conv_reduce.in_channels == b.se.conv_expand.out_channels == h // 2, i
+    assert "blocks.0.project.0" in {n["name"] for n in report.left_whole}  # fed by the stem: a residual width
+
+
+def test_without_se_pruning_the_shortfall_names_the_gated_layers() -> None:
+    x = _images()
+    with pytest.warns(UserWarning, match=r"fell short.*blocks\.1\.expand\.0 \(squeeze-excite gated\)"):
+        compress(_zoo_ready("efficientnet", x), x, method="nc", keep=0.5, prune_se=False)
+
+
+def test_pointwise_linears_are_pruned_by_default_and_the_head_is_not() -> None:
+    x = _images()
+    teacher = _zoo_ready("convnext", x)
+    student, _ = compress(teacher, x, method="nc", keep=0.5)
+    assert student.blocks[0].pwconv2.in_features == student.blocks[0].pwconv1.out_features == 64
+    assert student.head[3].weight.shape == teacher.head[3].weight.shape  # a classifier on pooled features
+    with pytest.warns(UserWarning, match=r"blocks\.0\.pwconv1 \(Linear layer \(include_linear is off\)\)"):
+        compress(teacher, x, method="nc", keep=0.5, prune_pointwise_linear=False)

@@ -120,7 +120,7 @@ def efficientnet() -> nn.Module:
 def mobilenet_v3() -> nn.Module:
     hs, relu, hsig = nn.Hardswish, nn.ReLU, nn.Hardsigmoid
     blocks = [
-        MBConv(8, 8, 1, se=0.25, act=relu, gate=hsig, se_act=relu),
+        MBConv(8, 8, 1, stride=2, se=0.25, act=relu, gate=hsig, se_act=relu),  # as mobilenet_v3_small
         MBConv(8, 12, 4, stride=2, se=0, act=relu),
         MBConv(12, 12, 4, se=0, act=relu),
         MBConv(12, 16, 4, k=5, stride=2, act=hs, gate=hsig, se_act=relu),
@@ -155,13 +155,13 @@ class ConvNeXtBlock(nn.Module):
 
 
 def convnext() -> nn.Module:
-    stem = nn.Sequential(nn.Conv2d(3, 12, 2, stride=2), LayerNorm2d(12, eps=1e-6))
+    stem = nn.Sequential(nn.Conv2d(3, 32, 2, stride=2), LayerNorm2d(32, eps=1e-6))
     blocks = [
-        ConvNeXtBlock(12), ConvNeXtBlock(12),
-        nn.Sequential(LayerNorm2d(12, eps=1e-6), nn.Conv2d(12, 24, 2, stride=2)),
-        ConvNeXtBlock(24), ConvNeXtBlock(24),
+        ConvNeXtBlock(32), ConvNeXtBlock(32),
+        nn.Sequential(LayerNorm2d(32, eps=1e-6), nn.Conv2d(32, 64, 2, stride=2)),
+        ConvNeXtBlock(64), ConvNeXtBlock(64),
     ]  # fmt: skip
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(24, eps=1e-6), nn.Linear(24, NUM_CLASSES))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(64, eps=1e-6), nn.Linear(64, NUM_CLASSES))
     return _Net(stem, blocks, head)
 
 

@@ -72,25 +72,38 @@ def producer_of(run: Run, name: str) -> str:
     return outs[0]
 
 
-def input_channel_sources(run: Run, name: str) -> dict[int, tuple[str, int]]:
-    """Input channel j of layer ``name`` -> (producer layer, its output filter) for every channel with one
-    producing Conv2d/Linear (through concatenations, depthwise convs and elementwise ops)."""
+def input_channel_sources(run: Run, name: str, every: list | None = None) -> dict[int, tuple[str, int]]:
+    """Input channel j of layer ``name`` -> (producer layer, its output filter) for every channel with a
+    producing Conv2d/Linear (through concatenations, depthwise convs and elementwise ops). A squeeze-excite
+    gated channel has two producers: the main conv counts, not the SE excite conv (fed by the SE squeeze,
+    another consumer of the same channels). ``every``: a list to which every (channel, producer, filter)
+    is appended, SE excite convs included (their outputs go too)."""
     assert run.remover is not None
     layer = run.student.get_submodule(name)
     c_in = layer.weight.shape[1]
     fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
     group = run.remover.graph.get_pruning_group(layer, fn, idxs=list(range(c_in)))
     out: dict[int, tuple[str, int]] = {}
+    producers, consumers = [], set()
     for item in group:
         mod, handler = item.dep.target.module, item.dep.handler
         if mod is layer or not isinstance(mod, (nn.Conv2d, nn.Linear)) or is_depthwise(mod):
             continue
-        if not run.remover.graph.is_out_channel_pruning_fn(handler):
-            continue
+        if run.remover.graph.is_in_channel_pruning_fn(handler):
+            consumers.add(run.remover.names[mod])
+        elif run.remover.graph.is_out_channel_pruning_fn(handler):
+            producers.append(item)
+    fallback: dict[int, tuple[str, int]] = {}
+    for item in producers:
+        mod = item.dep.target.module
+        # an SE excite conv is fed by the squeeze conv that reads these channels: the main conv counts
+        gate = bool(consumers) and bool(set(run.remover.coupled_layers(mod)[1]) & consumers)
         roots = item.root_idxs if item.root_idxs is not None else item.idxs
         for r, i in zip(roots, item.idxs, strict=True):
-            out.setdefault(int(r), (run.remover.names[mod], int(i)))
-    return out
+            (fallback if gate else out).setdefault(int(r), (run.remover.names[mod], int(i)))
+            if every is not None:
+                every.append((int(r), run.remover.names[mod], int(i)))
+    return {**fallback, **out}
 
 
 def filter_l1_keep(producer: nn.Module, n_keep: int) -> torch.Tensor:
@@ -104,7 +117,8 @@ def l1_input_keep(run: Run, p: LayerPlan) -> tuple[torch.Tensor, dict[str, list[
     L1 norms, and per producer the kept output filters. Channels outside ``p.channels`` are always kept."""
     layer = run.student.get_submodule(p.name)
     total = layer.weight.shape[1]
-    sources = input_channel_sources(run, p.name)
+    every: list[tuple[int, str, int]] = []
+    sources = input_channel_sources(run, p.name, every)
     free = list(range(total)) if p.channels is None else list(p.channels)
     norms = torch.tensor([_filter_norm(run, *sources[j]) for j in free])
     n_free = p.n_keep(total) - (total - len(free))
@@ -112,9 +126,9 @@ def l1_input_keep(run: Run, p: LayerPlan) -> tuple[torch.Tensor, dict[str, list[
     chosen = _each_producer_keeps_one(chosen, dict(zip(free, norms.tolist(), strict=True)), sources)
     kept = sorted(set(range(total)) - set(free) | chosen)
     per_producer: dict[str, list[int]] = {}
-    for j in kept:
-        if j in sources:
-            prod, i = sources[j]
+    kept_set = set(kept)
+    for j, prod, i in every:
+        if j in kept_set:
             per_producer.setdefault(prod, []).append(i)
     return torch.tensor(kept), per_producer
 
@@ -165,7 +179,7 @@ def prune_l1(run: Run) -> dict[str, torch.Tensor]:
             t0 = time.perf_counter()
             run.remover.remove_input_channels(name, idx)
             for producer, filters in per_producer.items():
-                kept[producer] = torch.tensor(sorted(filters))
+                kept[producer] = torch.tensor(sorted(set(filters)))
             seconds += time.perf_counter() - t0
             run.records.append(LayerRecord(name, n_keep, total, 0.0, 0.0, seconds, kept_channels=idx.tolist()))
     else:
