@@ -212,8 +212,15 @@ def _compress_one(teacher, images, cfg, label: str, labels=None):
 def _print_shortfall(reports: dict) -> None:
     """The shortfall warning of each compressed student (report.shortfall), under the table."""
     for label, report in reports.items():
-        if getattr(report, "shortfall", None):
-            console.print(f"warning ({label}): {report.shortfall}", style="yellow", markup=False, highlight=False)
+        held = getattr(report, "heldout", None) or {}
+        for text in (getattr(report, "shortfall", None), held.get("warning")):
+            if text:
+                console.print(f"warning ({label}): {text}", style="yellow", markup=False, highlight=False)
+        if held:
+            console.print(
+                f"held-out output error ({label}, {held['images']} images): {held['output_error']:.4f} "
+                f"(fitted images: {held['fit_output_error']:.4f})"
+            )
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -312,6 +319,7 @@ def compress(
     keep: float = typer.Option(DEFAULTS.keep, help="fraction of channels (structured) or weights (unstructured) kept"),
     keep_file: Path | None = typer.Option(None, help="YAML mapping layer-name pattern -> keep ratio"),
     round_to: int = typer.Option(DEFAULTS.round_to, help="structured: round kept channel counts to a multiple (8)"),
+    holdout: float = typer.Option(DEFAULTS.holdout, help="fraction of the images held out of the fit, to report on"),
     include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
     skip_unsupported: bool = typer.Option(
         DEFAULTS.skip_unsupported, help="leave layers that cannot be compressed untouched"
@@ -413,6 +421,7 @@ def compress(
             skip_unsupported=skip_unsupported,
             keep_overrides=load_keep_file(keep_file) if keep_file else {},
             round_to=round_to,
+            holdout=holdout,
         )
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()

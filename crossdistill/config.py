@@ -41,6 +41,7 @@ class CompressConfig:
     include: list[str] | None = None  # fnmatch patterns of layer names to consider
     exclude: list[str] | None = None  # fnmatch patterns of layer names to leave alone
     keep_overrides: dict[str, float] = field(default_factory=dict)  # pattern -> keep ratio
+    holdout: float = 0.0  # fraction of the images held out of the fit; the report gives the error on them
     round_to: int = 1  # structured: kept channel counts rounded to a multiple of this (8, 16: what kernels like)
     bn_mode: str = "eval"  # eval | train: BN mode of both networks while capturing
     recalibrate_bn: bool = False  # re-estimate student BN statistics on the few images at the end
@@ -57,6 +58,8 @@ class CompressConfig:
             raise UserError(f"unpruned_objective must be 'same' or 'nc', got {self.unpruned_objective!r}")
         if self.bn_mode not in ("eval", "train"):
             raise UserError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise UserError(f"holdout must lie in [0, 1), got {self.holdout}; e.g. 0.2 holds out a fifth of the images")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise UserError(f"round_to must be a whole number >= 1, got {self.round_to!r}; e.g. 8")
         if not 0.0 < self.keep <= 1.0:

@@ -27,7 +27,15 @@ from .config import CompressConfig
 from .plan import unsupported_reason
 from .pruning import ChannelRemover, is_depthwise
 
-__all__ = ["ShortfallWarning", "left_whole_layers", "shortfall_message", "width_mismatches", "SHORTFALL_FRACTION"]
+__all__ = [
+    "ShortfallWarning",
+    "left_whole_layers",
+    "shortfall_message",
+    "width_mismatches",
+    "heldout_errors",
+    "SHORTFALL_FRACTION",
+    "OVERFIT_FACTOR",
+]
 
 
 class ShortfallWarning(UserWarning):
@@ -35,6 +43,8 @@ class ShortfallWarning(UserWarning):
 
 
 SHORTFALL_FRACTION = 0.5  # warn when less than this share of the asked reduction (1 - keep) is reached
+OVERFIT_FACTOR = 3.0  # warn when the held-out output error exceeds this multiple of the fitted images' one
+OVERFIT_FLOOR = 0.05  # ... and is above this relative error (tiny errors on both sides are no concern)
 
 
 def _spatial_inputs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
@@ -170,3 +180,53 @@ def width_mismatches(student: nn.Module, records: list) -> list[str]:
         if width != r.kept:
             out.append(f"{r.name}: {r.kept} recorded, {width} reached (coupled channels went together)")
     return out
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    got: dict[str, torch.Tensor] = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach())) for n in names]
+    try:
+        y = model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got, y
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def heldout_errors(
+    teacher: nn.Module, student: nn.Module, fit: torch.Tensor, held: torch.Tensor, names: list[str]
+) -> dict[str, Any]:
+    """Relative output error ||F^S - F^T|| / ||F^T|| of ``student`` on the fitted and the held-out images: at
+    the model output and per layer of ``names`` whose output width is the teacher's. ``warning``: text when the
+    held-out error is much worse (x OVERFIT_FACTOR) than the fitted one, else None."""
+    tf, yf = _outputs(teacher, names, fit)
+    sf, sf_y = _outputs(student, names, fit)
+    th, yh = _outputs(teacher, names, held)
+    sh, sh_y = _outputs(student, names, held)
+    layers = {
+        n: {"fit": _rel(sf[n], tf[n]), "heldout": _rel(sh[n], th[n])}
+        for n in names
+        if n in sf and n in tf and sf[n].shape == tf[n].shape
+    }
+    fit_err, held_err = _rel(sf_y, yf), _rel(sh_y, yh)
+    warning = None
+    # the model output first, then the layer with the largest gap (pooling can hide a layer's overfit)
+    candidates = [("output", fit_err, held_err)] + sorted(
+        ((n, e["fit"], e["heldout"]) for n, e in layers.items()), key=lambda t: -t[2] / max(t[1], 1e-12)
+    )
+    for where, f, h in candidates:
+        if h > OVERFIT_FACTOR * f and h > OVERFIT_FLOOR:
+            warning = (
+                f"the student fits the images it was fitted on far better than {len(held)} held-out images "
+                f"({'output' if where == 'output' else 'layer ' + where} error {f:.3g} vs {h:.3g}): it may not "
+                "generalise; give more images, raise ridge, or use a method that keeps closer to the teacher"
+            )
+            break
+    return {"images": len(held), "output_error": held_err, "fit_output_error": fit_err, "layers": layers,
+            "warning": warning}  # fmt: skip

@@ -30,7 +30,7 @@ from torch import nn
 from .capture import capture_input, capture_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
-from .coverage import ShortfallWarning, left_whole_layers, shortfall_message, width_mismatches
+from .coverage import ShortfallWarning, heldout_errors, left_whole_layers, shortfall_message, width_mismatches
 from .errors import UserError
 from .measure import count_flops, count_params
 from .objectives import Term
@@ -55,6 +55,7 @@ __all__ = [
     "resolve_device",
     "recalibrate_bn",
     "measure_peak_memory_mb",
+    "split_holdout",
 ]
 
 
@@ -86,6 +87,8 @@ class CompressReport:
     peak_memory_mb: float | None = None  # CUDA: peak allocated; CPU: peak RSS of the process
     # what was achieved against what keep asked for (coverage.py): a warning text, or None
     shortfall: str | None = None
+    # holdout > 0: output error on the held-out and the fitted images, overall and per layer (coverage.py)
+    heldout: dict[str, Any] | None = None
     left_whole: list[dict[str, Any]] = field(default_factory=list)  # structured: {name, type, reason}
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +199,7 @@ class Run:
     plan: list[LayerPlan] = field(default_factory=list)  # forward order; set by plan_layers
     remover: ChannelRemover | None = None  # structured only; set by plan_layers
     records: list[LayerRecord] = field(default_factory=list)
+    heldout: torch.Tensor | None = None  # images held out of the fit (cfg.holdout), on device
 
     @property
     def structured(self) -> bool:
@@ -237,13 +241,35 @@ def start(
         with torch.no_grad():
             num_classes = teacher(images[:1]).shape[-1]
         labels = check_labels(labels, len(images), num_classes).to(device)
+    heldout = None
+    if cfg.holdout > 0:
+        fit_idx, held_idx = _holdout_index(len(images), cfg.holdout, 0)
+        images, heldout = images[fit_idx], images[held_idx]
+        labels = labels[fit_idx] if labels is not None else None
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
     example = images[:1]
     params_before = count_params(student)
     flops_before = count_flops(student, example.shape[1:])
-    return Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+    run = Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
+    run.heldout = heldout
+    return run
+
+
+def _holdout_index(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (fit, held out) of a seeded random split; at least one image on each side."""
+    if n < 2:
+        raise UserError(f"holdout needs at least 2 images (got {n}); pass more images or holdout=0")
+    k = min(n - 1, max(1, round(fraction * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+def split_holdout(images: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held_out)``: ``round(fraction * N)`` images (at least 1, at most N - 1) held out, seeded."""
+    fit, held = _holdout_index(len(images), fraction, seed)
+    return images[fit.to(images.device)], images[held.to(images.device)]
 
 
 def plan_layers(run: Run, pruned_only: bool = False) -> None:
@@ -289,6 +315,10 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         peak_memory_mb=measure_peak_memory_mb(run.device),
     )
     _check_coverage(run, report)
+    if run.heldout is not None:
+        report.heldout = heldout_errors(run.teacher, student, run.images, run.heldout, [p.name for p in run.plan])
+        if report.heldout["warning"]:
+            warnings.warn(report.heldout["warning"], ShortfallWarning, stacklevel=2)
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
 

@@ -84,3 +84,46 @@ def test_cli_prints_the_shortfall_under_the_table(tmp_path: Path, fashion_dir) -
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert "fell short" in report["shortfall"]
     assert {"name": "layer1.0.conv2", "type": "Conv2d", "reason": "excluded (--exclude)"} in report["left_whole"]
+
+
+# --------------------------------------------------------------------------- held-out error
+
+
+def test_split_holdout_is_seeded_disjoint_and_never_empty() -> None:
+    from crossdistill.run import split_holdout
+
+    x = torch.arange(10.0).view(10, 1, 1, 1)
+    fit, held = split_holdout(x, 0.2, 0)
+    assert (len(fit), len(held)) == (8, 2)
+    assert set(fit.flatten().tolist()).isdisjoint(held.flatten().tolist())
+    assert torch.equal(split_holdout(x, 0.2, 0)[1], held) and not torch.equal(split_holdout(x, 0.2, 1)[1], held)
+    assert [len(t) for t in split_holdout(x[:2], 0.01, 0)] == [1, 1]
+
+
+def _wide_chain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 5),
+    ).eval()  # fmt: skip
+
+
+def test_heldout_error_is_reported_and_overfitting_warned() -> None:
+    # 3 fitted images of 6x6 give 108 rows per layer for 432 unknowns: NC fits them exactly, not the others
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(ShortfallWarning, match="held-out images"):
+        _, report = compress(_wide_chain(), x, method="nc", keep=0.5, holdout=0.5, ridge=1e-9)
+    held = report.heldout
+    assert held["images"] == 3 and held["output_error"] > 3 * held["fit_output_error"]
+    assert set(held["layers"]) == {"4"}  # the layers whose output width is the teacher's
+    assert held["layers"]["4"]["heldout"] > held["layers"]["4"]["fit"]
+
+
+def test_no_heldout_report_without_holdout_and_bad_fractions_refused() -> None:
+    from crossdistill.errors import UserError
+
+    x = torch.randn(6, 3, 6, 6)
+    _, report = compress(_wide_chain(), x, method="nc", keep=0.5)
+    assert report.heldout is None
+    with pytest.raises(UserError, match="holdout must lie in"):
+        compress(_wide_chain(), x, holdout=1.0)
