@@ -306,6 +306,9 @@ def compress(
     mean: str | None = typer.Option(None, help="with --images: per-channel mean of x/255, e.g. 0.5,0.5,0.5"),
     std: str | None = typer.Option(None, help="with --images: per-channel std (default: mean/std of the images)"),
     test_images: Path | None = typer.Option(None, help="with --images: labelled folder to measure accuracy on"),
+    val_images: Path | None = typer.Option(
+        None, help="with --images: folder of other images, never fitted: the report gives the error on them"
+    ),
     dataset: str | None = typer.Option(None, help="data set for the few-shot draw (default: the teacher's)"),
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
@@ -358,7 +361,7 @@ def compress(
             overwrite,
             device,
             files={"--teacher": teacher, "--weights": weights, "--keep-file": keep_file},
-            folders={"--images": images, "--test-images": test_images},
+            folders={"--images": images, "--test-images": test_images, "--val-images": val_images},
             numbers={"--size": size, "--k": k, "--iterations": iterations, "--test-limit": test_limit, "--lr": lr},
         )
         if model_file is not None:
@@ -387,6 +390,9 @@ def compress(
             }
             ds, title = None, f"{Path(model_file.rpartition(':')[0]).name}, {len(x)} images from {images}"
             _check_classes_fit(model, x, classes, "--images")
+            val = None
+            if val_images is not None:  # normalised like the fitted images
+                val = images_from_folder(val_images, channels, size or x.shape[-1], m, s)[0]
             test = None
             if test_images is not None:  # read before the work; labelled by class *name* in the images' classes
                 tx, tl, _, _, tclasses = images_from_folder(
@@ -395,8 +401,12 @@ def compress(
                 _check_classes_fit(model, x, tclasses, "--test-images")
                 test = (tx[:test_limit], tl[:test_limit]) if test_limit is not None else (tx, tl)
         else:
-            if images is not None:
-                raise UserError("--images goes with --model-file; with --teacher the few-shot set is drawn by --k")
+            if images is not None or val_images is not None:
+                raise UserError(
+                    "--images / --val-images go with --model-file; with --teacher the few-shot set is drawn by --k "
+                    "(use --holdout to hold some of it out)"
+                )
+            val = None
             model, meta = load_checkpoint(teacher, trust_model_file=trust_model_file)
             if meta.get("model_file"):
                 raise UserError(f"{teacher} is a student of your own model; compress with --model-file and --images")
@@ -425,6 +435,11 @@ def compress(
         )
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
+        if val is not None:  # the error on images the fit never saw, as with holdout
+            from .coverage import heldout_errors
+
+            names = [r.name for r in report.layers if not r.name.startswith("<")]
+            report.heldout = heldout_errors(model.cpu().eval(), student, x.cpu(), val, names)
         if model_file is not None:  # accuracy only on a given labelled test folder
             shape = tuple(x.shape[1:])
             reports = {

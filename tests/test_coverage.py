@@ -127,3 +127,9 @@ def test_no_heldout_report_without_holdout_and_bad_fractions_refused() -> None:
     assert report.heldout is None
     with pytest.raises(UserError, match="holdout must lie in"):
         compress(_wide_chain(), x, holdout=1.0)
+
+
+def test_val_images_go_with_a_model_file_only(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--val-images", str(tmp_path),
+                              "--out", str(tmp_path / "s")])  # fmt: skip
+    assert res.exit_code == 2 and "--val-images go with --model-file" in " ".join(res.output.split())

@@ -163,3 +163,15 @@ def test_cli_without_test_images_reports_no_accuracy(user_files) -> None:
 def test_cli_user_model_mistakes_are_one_line(args: list[str], message: str) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_cli_reports_the_error_on_val_images(user_files) -> None:
+    out = user_files["root"] / "student"
+    res = runner.invoke(app, ["compress", "--model-file", f"{user_files['model']}:build", "--images",
+                              str(user_files["few"]), "--val-images", str(user_files["test"]), "--out", str(out),
+                              "--no-latency"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "held-out output error" in " ".join(res.output.split())
+    held = json.loads((out / "report.json").read_text())["heldout"]
+    assert held["images"] == 8 and held["output_error"] >= 0 and held["fit_output_error"] >= 0
+    assert held["layers"]  # per layer: the re-fitted layers whose output width is the teacher's
