@@ -223,6 +223,15 @@ def _print_shortfall(reports: dict) -> None:
             )
 
 
+def _ridge(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--ridge takes a number >= 0 or 'auto', got {text!r}") from None
+
+
 def _floats(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -323,6 +332,9 @@ def compress(
     keep_file: Path | None = typer.Option(None, help="YAML mapping layer-name pattern -> keep ratio"),
     round_to: int = typer.Option(DEFAULTS.round_to, help="structured: round kept channel counts to a multiple (8)"),
     holdout: float = typer.Option(DEFAULTS.holdout, help="fraction of the images held out of the fit, to report on"),
+    ridge: str = typer.Option(
+        str(DEFAULTS.ridge), help="lstsq ridge (x mean Gram diagonal), or auto: chosen on the --holdout images"
+    ),
     include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
     skip_unsupported: bool = typer.Option(
         DEFAULTS.skip_unsupported, help="leave layers that cannot be compressed untouched"
@@ -432,6 +444,7 @@ def compress(
             keep_overrides=load_keep_file(keep_file) if keep_file else {},
             round_to=round_to,
             holdout=holdout,
+            ridge=_ridge(ridge),
         )
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()

@@ -133,3 +133,22 @@ def test_val_images_go_with_a_model_file_only(tmp_path: Path) -> None:
     res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--val-images", str(tmp_path),
                               "--out", str(tmp_path / "s")])  # fmt: skip
     assert res.exit_code == 2 and "--val-images go with --model-file" in " ".join(res.output.split())
+
+
+def test_auto_ridge_is_chosen_on_the_heldout_images() -> None:
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    _, report = compress(_wide_chain(), x, method="nc", keep=0.5, holdout=0.5, ridge="auto")
+    candidates = report.heldout["ridge_candidates"]
+    assert set(candidates) == {"0.001", "0.01", "0.1", "1.0"}
+    assert report.config["ridge"] == float(min(candidates, key=candidates.get)) and report.config["ridge_auto"]
+    assert report.heldout["output_error"] == min(candidates.values())
+    from crossdistill.errors import UserError
+
+    with pytest.raises(UserError, match="set holdout too"):
+        compress(_wide_chain(), x, ridge="auto")
+
+
+def test_cli_ridge_option_is_checked(tmp_path: Path, fashion_dir) -> None:
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--ridge", "lots", "--out", str(tmp_path),
+                              "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 2 and "--ridge takes a number >= 0 or 'auto'" in " ".join(res.output.split())
