@@ -413,11 +413,10 @@ def compress(
                 _check_classes_fit(model, x, tclasses, "--test-images")
                 test = (tx[:test_limit], tl[:test_limit]) if test_limit is not None else (tx, tl)
         else:
-            if images is not None or val_images is not None:
-                raise UserError(
-                    "--images / --val-images go with --model-file; with --teacher the few-shot set is drawn by --k "
-                    "(use --holdout to hold some of it out)"
-                )
+            if images is not None:
+                raise UserError("--images goes with --model-file; with --teacher the few-shot set is drawn by --k")
+            if val_images is not None:
+                raise UserError("--val-images goes with --model-file; with --teacher hold images out with --holdout")
             val = None
             model, meta = load_checkpoint(teacher, trust_model_file=trust_model_file)
             if meta.get("model_file"):

@@ -132,7 +132,7 @@ def test_no_heldout_report_without_holdout_and_bad_fractions_refused() -> None:
 def test_val_images_go_with_a_model_file_only(tmp_path: Path) -> None:
     res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--val-images", str(tmp_path),
                               "--out", str(tmp_path / "s")])  # fmt: skip
-    assert res.exit_code == 2 and "--val-images go with --model-file" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "--val-images goes with --model-file" in " ".join(res.output.split())
 
 
 def test_auto_ridge_is_chosen_on_the_heldout_images() -> None:
