@@ -135,7 +135,7 @@ def load_checkpoint(
 def _model_file_to_import(path: str | Path, meta: dict[str, Any], given: str | None, trust: bool) -> str:
     if given:
         return given
-    named = str(meta["model_file"])
+    named = _resolve_model_file(Path(path), str(meta["model_file"]))
     if not trust:
         raise UserError(
             f"checkpoint {path} names the model file {named}; importing it runs its code, so pass "
@@ -143,3 +143,11 @@ def _model_file_to_import(path: str | Path, meta: dict[str, Any], given: str | N
         )
     warnings.warn(f"importing {named}, named by {path} (trust_model_file): its code runs now", stacklevel=3)
     return named
+
+
+def _resolve_model_file(path: Path, spec: str) -> str:
+    """A sidecar's ``file.py:function`` with a relative file resolved against the checkpoint's folder."""
+    file, _, fn = spec.rpartition(":")
+    if not file or Path(file).is_absolute():
+        return spec
+    return f"{(path.parent / file).resolve()}:{fn}"

@@ -200,9 +200,36 @@ def _compress_one(teacher, images, cfg, label: str, labels=None):
         def on_layer(i, n, name):
             bar.update(task, total=n, completed=i, description=f"{label}: {name}")
 
-        student, report = run_method(cfg.method, teacher, images, labels, cfg, on_layer=on_layer)
+        with warnings.catch_warnings():
+            from .coverage import ShortfallWarning
+
+            warnings.simplefilter("ignore", ShortfallWarning)  # printed under the table instead
+            student, report = run_method(cfg.method, teacher, images, labels, cfg, on_layer=on_layer)
         bar.update(task, completed=len(report.layers))
     return student, report
+
+
+def _print_shortfall(reports: dict) -> None:
+    """The shortfall warning of each compressed student (report.shortfall), under the table."""
+    for label, report in reports.items():
+        held = getattr(report, "heldout", None) or {}
+        for text in (getattr(report, "shortfall", None), held.get("warning")):
+            if text:
+                console.print(f"warning ({label}): {text}", style="yellow", markup=False, highlight=False)
+        if held:
+            console.print(
+                f"held-out output error ({label}, {held['images']} images): {held['output_error']:.4f} "
+                f"(fitted images: {held['fit_output_error']:.4f})"
+            )
+
+
+def _ridge(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--ridge takes a number >= 0 or 'auto', got {text!r}") from None
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -298,6 +325,9 @@ def compress(
     mean: str | None = typer.Option(None, help="with --images: per-channel mean of x/255, e.g. 0.5,0.5,0.5"),
     std: str | None = typer.Option(None, help="with --images: per-channel std (default: mean/std of the images)"),
     test_images: Path | None = typer.Option(None, help="with --images: labelled folder to measure accuracy on"),
+    val_images: Path | None = typer.Option(
+        None, help="with --images: folder of other images, never fitted: the report gives the error on them"
+    ),
     dataset: str | None = typer.Option(None, help="data set for the few-shot draw (default: the teacher's)"),
     k: int = typer.Option(5, help="images per class drawn from the train split"),
     seed: int = typer.Option(0, help="seed of the few-shot draw"),
@@ -311,6 +341,11 @@ def compress(
     prune: str = typer.Option(DEFAULTS.prune, help="structured | unstructured"),
     keep: float = typer.Option(DEFAULTS.keep, help="fraction of channels (structured) or weights (unstructured) kept"),
     keep_file: Path | None = typer.Option(None, help="YAML mapping layer-name pattern -> keep ratio"),
+    round_to: int = typer.Option(DEFAULTS.round_to, help="structured: round kept channel counts to a multiple (8)"),
+    holdout: float = typer.Option(DEFAULTS.holdout, help="fraction of the images held out of the fit, to report on"),
+    ridge: str = typer.Option(
+        str(DEFAULTS.ridge), help="lstsq ridge (x mean Gram diagonal), or auto: chosen on the --holdout images"
+    ),
     include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
     skip_unsupported: bool = typer.Option(
         DEFAULTS.skip_unsupported, help="leave layers that cannot be compressed untouched"
@@ -364,7 +399,7 @@ def compress(
             overwrite,
             device,
             files={"--teacher": teacher, "--weights": weights, "--keep-file": keep_file},
-            folders={"--images": images, "--test-images": test_images},
+            folders={"--images": images, "--test-images": test_images, "--val-images": val_images},
             numbers={"--size": size, "--k": k, "--iterations": iterations, "--test-limit": test_limit, "--lr": lr},
         )
         if model_file is not None:
@@ -393,6 +428,9 @@ def compress(
             }
             ds, title = None, f"{Path(model_file.rpartition(':')[0]).name}, {len(x)} images from {images}"
             _check_classes_fit(model, x, classes, "--images")
+            val = None
+            if val_images is not None:  # normalised like the fitted images
+                val = images_from_folder(val_images, channels, size or x.shape[-1], m, s)[0]
             test = None
             if test_images is not None:  # read before the work; labelled by class *name* in the images' classes
                 tx, tl, _, _, tclasses = images_from_folder(
@@ -403,6 +441,9 @@ def compress(
         else:
             if images is not None:
                 raise UserError("--images goes with --model-file; with --teacher the few-shot set is drawn by --k")
+            if val_images is not None:
+                raise UserError("--val-images goes with --model-file; with --teacher hold images out with --holdout")
+            val = None
             model, meta = load_checkpoint(teacher, trust_model_file=trust_model_file)
             if meta.get("model_file"):
                 raise UserError(f"{teacher} is a student of your own model; compress with --model-file and --images")
@@ -426,6 +467,9 @@ def compress(
             include_linear=include_linear,
             skip_unsupported=skip_unsupported,
             keep_overrides=load_keep_file(keep_file) if keep_file else {},
+            round_to=round_to,
+            holdout=holdout,
+            ridge=_ridge(ridge),
         )
         targets = {
             n: v
@@ -447,6 +491,11 @@ def compress(
         cfg.validate()
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
+        if val is not None:  # the error on images the fit never saw, as with holdout
+            from .coverage import heldout_errors
+
+            names = [r.name for r in report.layers if not r.name.startswith("<")]
+            report.heldout = heldout_errors(model.cpu().eval(), student, x.cpu(), val, names)
         if model_file is not None:  # accuracy only on a given labelled test folder
             shape = tuple(x.shape[1:])
             reports = {
@@ -469,6 +518,7 @@ def compress(
 
             report.allocation["check"] = _check_target(model, student, x, cfg)
             files["allocation.png"] = lambda path: plot_allocation(report.allocation, path)
+        _print_shortfall({method: report})
         rep = {
             **report.to_dict(),
             "k": k if model_file is None else None,
@@ -516,10 +566,11 @@ def demo(
         ds = meta["dataset"]
         images, _ = load_few_shot(ds, k, seed)
         console.print(f"teacher {meta['model']} ({teacher.name}), {len(images)} few-shot images from {ds}")
-        students, reports = {}, {"teacher": eval_model(model, ds, limit=test_limit)}
+        students, reports, compress_reports = {}, {"teacher": eval_model(model, ds, limit=test_limit)}, {}
         for method in ("nc", "ours", "ours-s"):
             cfg = CompressConfig(method=method, keep=keep, mu=official_mu(model))
             students[method], rep = _compress_one(model, images, cfg, f"{method}")
+            compress_reports[method] = rep
             reports[f"{method} ({rep.seconds:.1f} s)"] = eval_model(students[method], ds, limit=test_limit)
             save_student(
                 students[method],
@@ -530,6 +581,7 @@ def demo(
                 overwrite=overwrite,
             )
         Console().print(render_table(reports, title=f"{meta['model']} on {ds}: structured keep {keep}, K={k}"))
+        _print_shortfall(compress_reports)
         # layers whose output width is unchanged: there teacher and student outputs are comparable
         width = lambda m, n: m.get_submodule(n).weight.shape[0]  # noqa: E731
         names = [n for n in forward_order(model, images[:1]) if width(students["ours"], n) == width(model, n)]

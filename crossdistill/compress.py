@@ -16,6 +16,8 @@ the end (the official VGG runs do this implicitly).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
@@ -133,6 +135,8 @@ def compress(
         if not hasattr(cfg, k):
             raise UserError(f"unknown compression setting {k!r}")
         setattr(cfg, k, v)
+    if cfg.ridge == "auto":
+        return _compress_auto_ridge(teacher, images, cfg, on_layer)
     cfg.validate()
     if cfg.method not in METHODS:
         raise UserError(f"compress() runs {', '.join(METHODS)}; use run_method() for {cfg.method!r}")
@@ -180,4 +184,33 @@ def compress(
     report.config = asdict(cfg)
     report.allocation = allocation.to_dict() if allocation is not None else None
     report.refine = refined
+    return student, report
+
+
+RIDGE_CANDIDATES = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _compress_auto_ridge(
+    teacher: nn.Module, images: torch.Tensor, cfg: CompressConfig, on_layer: Callable[[int, int, str], None] | None
+) -> tuple[nn.Module, CompressReport]:
+    """``ridge="auto"``: one run per ridge of RIDGE_CANDIDATES, the one with the smallest output error on the
+    held-out images (``holdout``) kept; ``report.heldout["ridge_candidates"]`` gives every candidate's error.
+    The best run's warnings are re-emitted (the others are silenced)."""
+    if not cfg.holdout > 0:
+        raise UserError("ridge='auto' chooses the ridge on held-out images: set holdout too, e.g. holdout=0.2")
+    best = None
+    errors: dict[str, float] = {}
+    for ridge in RIDGE_CANDIDATES:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            student, report = compress(teacher, images, dataclasses.replace(cfg, ridge=ridge), on_layer)
+        err = report.heldout["output_error"]
+        errors[str(ridge)] = err
+        if best is None or err < best[0]:
+            best = (err, student, report, caught)
+    _, student, report, caught = best
+    report.heldout["ridge_candidates"] = errors
+    report.config["ridge_auto"] = True
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return student, report

@@ -32,7 +32,9 @@ class CompressConfig:
     prune: str = "structured"  # structured (input channels, physically removed) | unstructured (weights)
     keep: float = 0.5  # fraction of channels / weights kept in each pruned layer
     solver: str = "lstsq"  # lstsq (exact ridge least squares) | adam (official schedule)
-    ridge: float = 1e-3  # lstsq: relative ridge towards the teacher weights (x mean diag of the Gram)
+    # lstsq: relative ridge towards the teacher weights (x mean diag of the Gram); "auto" (with holdout):
+    # the one of 1e-3, 1e-2, 0.1, 1 with the smallest held-out output error (compress() only)
+    ridge: float | str = 1e-3
     # lstsq: x max(1, unknowns / rows): stronger where a layer sees fewer positions than it has weights
     ridge_conditioned: bool = True
     steps: int = 4  # lstsq structured: elimination steps from all channels to the target
@@ -43,10 +45,14 @@ class CompressConfig:
     lr_drop: float = 0.1  # adam structured: lr factor once the mask is fixed
     refit_unpruned: bool = True  # re-fit every conv but the first, pruned or not (official)
     unpruned_objective: str = "same"  # same | nc: objective for layers kept whole (same = no-op for ours)
-    include_linear: bool = False  # also process Linear layers
+    include_linear: bool = False  # also process Linear layers (classifier heads included)
+    prune_pointwise_linear: bool = True  # Linear layers on channels-last maps (ConvNeXt / MLP blocks): like 1x1 convs
+    prune_se: bool = True  # structured: prune squeeze-excite gated widths together with the SE convs
     include: list[str] | None = None  # fnmatch patterns of layer names to consider
     exclude: list[str] | None = None  # fnmatch patterns of layer names to leave alone
     keep_overrides: dict[str, float] = field(default_factory=dict)  # pattern -> keep ratio
+    holdout: float = 0.0  # fraction of the images held out of the fit; the report gives the error on them
+    round_to: int = 1  # structured: kept channel counts rounded to a multiple of this (8, 16: what kernels like)
     bn_mode: str = "eval"  # eval | train: BN mode of both networks while capturing
     recalibrate_bn: bool = False  # re-estimate student BN statistics on the few images at the end
     skip_unsupported: bool = False  # leave layers the solvers cannot handle untouched (warn) instead of failing
@@ -80,6 +86,8 @@ class CompressConfig:
             raise UserError(f"capture must be 'one-pass' or 'per-layer', got {self.capture!r}")
         if not 0.0 <= self.holdout < 1.0:
             raise UserError(f"holdout must lie in [0, 1), got {self.holdout}; e.g. 0.2 holds out a fifth of the images")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UserError(f"round_to must be a whole number >= 1, got {self.round_to!r}; e.g. 8")
         if not 0.0 < self.keep <= 1.0:
             raise UserError(f"keep must lie in (0, 1], got {self.keep}; e.g. 0.5 keeps half the channels")
         if self.refine not in (None, "mir"):

@@ -50,10 +50,19 @@ from torch import nn
 from .capture import forward_order
 from .config import CompressConfig
 from .errors import UserError
-from .pruning import ChannelRemover
+from .pruning import ChannelRemover, is_depthwise
 from .solvers import explicit_padding
 
-__all__ = ["LayerPlan", "make_plan", "keep_count", "load_keep_file", "unsupported_reason"]
+__all__ = [
+    "LayerPlan",
+    "make_plan",
+    "keep_count",
+    "round_count",
+    "load_keep_file",
+    "unsupported_reason",
+    "input_shapes",
+    "se_gated_channels",
+]
 
 # weighted layers the solvers do not handle: named in an error, never silently left dense
 _UNSUPPORTED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv1d, nn.Conv3d)
@@ -64,19 +73,33 @@ class LayerPlan:
     name: str
     keep: float | None  # fraction of input channels (structured) or weights (unstructured); None: re-fit only
     channels: list[int] | None = None  # structured: the prunable input channels (None: all); keep applies to these
+    round_to: int = 1  # structured: the kept count is rounded to a multiple of this (see round_count)
 
     def n_keep(self, total: int) -> int:
         """Kept input channels / weights out of ``total``: channels outside ``channels`` are always kept."""
         if self.keep is None:
             return total
         if self.channels is None:
-            return keep_count(total, self.keep)
-        return total - len(self.channels) + keep_count(len(self.channels), self.keep)
+            return round_count(keep_count(total, self.keep), self.round_to, 1, total)
+        fixed = total - len(self.channels)
+        return round_count(fixed + keep_count(len(self.channels), self.keep), self.round_to, fixed + 1, total)
 
 
 def keep_count(total: int, keep: float) -> int:
     """Kept channels/weights for a ratio: ``floor(keep * total)``, at least 1."""
     return max(1, math.floor(keep * total + 1e-9))
+
+
+def round_count(n: int, multiple: int, low: int, high: int) -> int:
+    """``n`` rounded to the nearest multiple of ``multiple`` inside ``[low, high]`` (ties: down); ``n`` itself
+    when no multiple lies there (a layer narrower than the multiple): never zero, never above the width."""
+    if multiple <= 1:
+        return n
+    lo, hi = -(-low // multiple) * multiple, high // multiple * multiple
+    if lo > hi:
+        return n
+    nearest = round(n / multiple - 1e-9) * multiple
+    return min(max(nearest, lo), hi)
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
@@ -131,7 +154,7 @@ def make_plan(
     """The layers to process, in forward order, with their keep ratio (rule: module docstring).
 
     Reads ``cfg.prune``, ``keep``, ``include``, ``exclude``, ``keep_overrides``,
-    ``include_linear``, ``refit_unpruned`` and ``skip_unsupported``. A layer the
+    ``include_linear``, ``refit_unpruned``, ``skip_unsupported`` and ``round_to``. A layer the
     solvers cannot handle (non-zero padding mode, ConvTranspose, Conv1d/3d)
     raises a :class:`UserError` naming it, or is left untouched with a warning
     when ``skip_unsupported``. ``remover``: the model's :class:`ChannelRemover`
@@ -144,6 +167,10 @@ def make_plan(
         raise UserError(f"keep must lie in (0, 1], got {keep}; e.g. 0.5 keeps half the channels")
     types = (nn.Conv2d, nn.Linear) if cfg.include_linear else (nn.Conv2d,)
     order = forward_order(model, example, types=(nn.Conv2d, nn.Linear, *_UNSUPPORTED_TYPES))
+    shapes = input_shapes(model, example) if prune == "structured" or cfg.prune_pointwise_linear else {}
+    pointwise = {n for n, s in shapes.items() if isinstance(model.get_submodule(n), nn.Linear) and len(s) > 2}
+    if not cfg.prune_pointwise_linear or cfg.include_linear:
+        pointwise = set()
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
     if not convs:
         raise UserError("the model has no Conv2d layer; crossdistill compresses convolutional networks")
@@ -153,7 +180,7 @@ def make_plan(
     untouched: set[str] = set()  # unsupported layers left alone: neither re-fitted nor narrowed as producers
     for name in order:
         layer = model.get_submodule(name)
-        if name == first or not isinstance(layer, (*types, *_UNSUPPORTED_TYPES)):
+        if name == first or not (isinstance(layer, (*types, *_UNSUPPORTED_TYPES)) or name in pointwise):
             continue
         if include and not _match(name, include):
             continue
@@ -180,11 +207,104 @@ def make_plan(
             if name not in skip and ratio < 1.0:
                 remover = remover or ChannelRemover(model, example)
                 channels = remover.prunable_channels(name, untouched)
+                if cfg.prune_se:
+                    channels = sorted(set(channels) | set(se_gated_channels(remover, name, shapes, untouched)))
             if channels:
                 whole = len(channels) == layer.weight.shape[1]
-                plan.append(LayerPlan(name, ratio, None if whole else channels))
+                plan.append(LayerPlan(name, ratio, None if whole else channels, cfg.round_to))
             elif cfg.refit_unpruned:
                 plan.append(LayerPlan(name, None))
         else:
             plan.append(LayerPlan(name, ratio if ratio < 1.0 else None))
     return plan
+
+
+# --------------------------------------------------------------------------- squeeze-excite, pointwise Linear
+
+
+def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Input shape of every Conv2d and Linear on ``example``. A Linear with more than 2 input dims acts on
+    channels-last maps or token grids (ConvNeXt / MLP blocks): a *pointwise* Linear, pruned like a 1x1 conv
+    even without ``include_linear``; a conv on a 1x1 map of a larger one is a squeeze-excite conv."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: shapes.__setitem__(n, tuple(args[0].shape)))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _hw(shape: tuple[int, ...] | None) -> int:
+    return shape[-1] * shape[-2] if shape is not None and len(shape) == 4 else 0
+
+
+def se_gated_channels(
+    remover: ChannelRemover,
+    name: str,
+    shapes: dict[str, tuple[int, ...]],
+    frozen: set[str] | frozenset[str] = frozenset(),
+) -> list[int]:
+    """Input channels of ``name`` that :meth:`ChannelRemover.prunable_channels` refuses only because a
+    squeeze-excite block gates them, removable together with the SE convs.
+
+    Such a channel has two producers, the main conv M (groups 1; depthwise convs in between pass
+    through) and the SE excite conv E, and one other consumer, the SE squeeze conv S, with E fed by S
+    alone, and S reads a pooled 1x1 map of the layer's larger input (``shapes``: :func:`input_shapes`;
+    the pooling is what tells an SE gate from a residual block, whose first conv reads the full map).
+    Removing it drops M's output, the depthwise channel, S's input and E's output together
+    (EfficientNet, MobileNetV3). Nothing else may touch it (no residual sum, no model output).
+    """
+    import torch_pruning as tp
+
+    layer = remover.model.get_submodule(name)
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
+        return []
+    if _hw(shapes.get(name)) <= 1:
+        return []
+    c_in = layer.weight.shape[1]
+    fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
+    group = remover.graph.get_pruning_group(layer, fn, idxs=list(range(c_in)))
+    producers: list[list[nn.Module]] = [[] for _ in range(c_in)]
+    consumers: list[list[nn.Module]] = [[] for _ in range(c_in)]
+    blocked = [False] * c_in
+    for item in group:
+        mod, handler = item.dep.target.module, item.dep.handler
+        roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
+        if isinstance(mod, (tp.ops._OutputOp, tp.ops._ReshapeOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):
+            for r in roots:
+                blocked[r] = True
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod is layer or is_depthwise(mod):
+            continue
+        ok = getattr(mod, "groups", 1) == 1 and remover.names.get(mod) not in frozen
+        if remover.graph.is_out_channel_pruning_fn(handler):
+            ok = ok and len({int(i) for i in item.idxs}) == len(roots)
+            for r in roots:
+                producers[r].append(mod)
+                blocked[r] |= not ok
+        elif remover.graph.is_in_channel_pruning_fn(handler):
+            for r in roots:
+                consumers[r].append(mod)
+                blocked[r] |= not ok
+    fed_by: dict[nn.Module, list[str]] = {}
+    out = []
+    for j in range(c_in):
+        if blocked[j] or len(producers[j]) != 2 or len(consumers[j]) != 1:
+            continue
+        squeeze = remover.names.get(consumers[j][0])
+        if _hw(shapes.get(squeeze)) != 1:
+            continue
+        for p in producers[j]:
+            if p not in fed_by:
+                fed_by[p] = remover.coupled_layers(p)[1]  # the layers producing p's input channels
+        if sum(fed_by[p] == [squeeze] for p in producers[j]) == 1:
+            out.append(j)
+    return out

@@ -31,6 +31,7 @@ from torch import nn
 from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
+from .coverage import ShortfallWarning, heldout_errors, left_whole_layers, shortfall_message, width_mismatches
 from .errors import UserError
 from .measure import count_flops, count_params
 from .objectives import Term
@@ -57,6 +58,7 @@ __all__ = [
     "resolve_device",
     "recalibrate_bn",
     "measure_peak_memory_mb",
+    "split_holdout",
 ]
 
 
@@ -94,6 +96,11 @@ class CompressReport:
     output_error: float | None = None
     output_error_on: str = "fit"  # "held-out" | "fit"
     capture: str = "per-layer"  # "one-pass" (fx graph, activations reused) | "per-layer" (re-run per layer)
+    # what was achieved against what keep asked for (coverage.py): a warning text, or None
+    shortfall: str | None = None
+    # holdout > 0: output error on the held-out and the fitted images, overall and per layer (coverage.py)
+    heldout: dict[str, Any] | None = None
+    left_whole: list[dict[str, Any]] = field(default_factory=list)  # structured: {name, type, reason}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,9 +309,10 @@ def start(
 def plan_layers(run: Run, pruned_only: bool = False) -> None:
     """Set ``run.remover`` (structured) and ``run.plan``.
 
-    ``pruned_only`` (the baselines): only layers that are actually pruned, as
-    a whole (not concatenation consumers, which are partly prunable, nor
-    grouped convs), and never a layer that is only re-fitted.
+    ``pruned_only`` (the baselines): only the layers that are pruned, never
+    a layer that is only re-fitted; the pruned layers and their kept counts
+    are exactly compress()'s (concatenation consumers too, with their
+    ``channels``; grouped convs under unstructured pruning).
     """
     cfg = run.cfg
     run.remover = ChannelRemover(run.student, run.example) if run.structured else None
@@ -312,16 +320,11 @@ def plan_layers(run: Run, pruned_only: bool = False) -> None:
         cfg = replace(cfg, refit_unpruned=False, skip_unsupported=False)
     plan = make_plan(run.student, run.example, cfg, run.remover)
     if pruned_only:
-        grouped = lambda n: getattr(run.student.get_submodule(n), "groups", 1) != 1  # noqa: E731
         # ThiNet / CP choose channels without the equal-share-per-group rule a grouped producer needs
         fed_by_grouped = lambda n: (  # noqa: E731
             run.name in ("thinet", "cp") and run.remover is not None and run.remover.channel_groups(n) is not None
         )
-        plan = [
-            p
-            for p in plan
-            if p.keep is not None and p.channels is None and not grouped(p.name) and not fed_by_grouped(p.name)
-        ]
+        plan = [p for p in plan if p.keep is not None and not fed_by_grouped(p.name)]
         if not plan:
             raise UserError("no layer is pruned with this configuration; check keep, --include and --exclude")
     elif not plan:
@@ -352,8 +355,26 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         output_error_on="held-out" if run.heldout is not None else "fit",
         capture=run.capture,
     )
+    _check_coverage(run, report)
+    if run.heldout is not None:
+        report.heldout = heldout_errors(run.teacher, student, run.images, run.heldout, [p.name for p in run.plan])
+        if report.heldout["warning"]:
+            warnings.warn(report.heldout["warning"], ShortfallWarning, stacklevel=2)
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
+
+
+def _check_coverage(run: Run, report: CompressReport) -> None:
+    """Fill ``report.left_whole`` / ``shortfall`` (structured runs) and warn when compression fell short."""
+    if not run.structured or run.remover is None:
+        return
+    report.left_whole = left_whole_layers(run.teacher, run.student, run.example, run.cfg, run.remover)
+    flops = report.flops_after / max(report.flops_before, 1)
+    params = report.params_after / max(report.params_before, 1)
+    mismatches = width_mismatches(run.student, run.records)
+    report.shortfall = shortfall_message(run.cfg, flops, params, report.left_whole, mismatches)
+    if report.shortfall:
+        warnings.warn(report.shortfall, ShortfallWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- the per-layer step

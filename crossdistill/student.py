@@ -1,9 +1,10 @@
 """Saving a compressed student so that it loads with or without crossdistill.
 
 - ``student.safetensors`` + ``student.json``: weights and the architecture: the
-  registry name (our models) or the user's ``model_file`` (``path.py:function``,
-  stored as an absolute path) plus per-layer widths; ``load_checkpoint``
-  rebuilds either.
+  registry name (our models) or the user's ``model_file`` (``path.py:function``;
+  the file is copied into the folder and named relative to it, so a moved
+  folder still loads) plus the shapes of every narrowed module;
+  ``load_checkpoint`` rebuilds either.
 - ``student.pt2``: a ``torch.export`` program; ``torch.export.load(path).module()``
   runs it with plain PyTorch, no crossdistill import needed (batch size is dynamic).
 - ``student.onnx`` (when the ``onnx`` package is installed, ``pip install crossdistill[export]``):
@@ -95,19 +96,27 @@ def save_student(
         "widths": layer_widths(student),
         **(extra_meta or {}),
     }
+    model_source = None
     if teacher_meta.get("model_file"):
+        # a copy of the file travels with the student: the sidecar names it relative to the folder
         path, _, fn = str(teacher_meta["model_file"]).rpartition(":")
-        meta["model_file"] = f"{Path(path).resolve()}:{fn}"
+        model_source = Path(path).resolve()
+        meta["model_file"] = f"{model_source.name}:{fn}"
+        meta["model_file_source"] = str(model_source)
     for key in ("mean", "std", "classes"):
         if key in teacher_meta:
             meta[key] = teacher_meta[key]
     names = {"weights": "student.safetensors", "program": "student.pt2", "report": "report.json"}
+    if model_source is not None:
+        names["model_file"] = model_source.name
     if onnx or (onnx is None and onnx_available()):
         names["onnx"] = "student.onnx"
     text = json.dumps(report, indent=2, default=str) + "\n"
 
     def write(folder: Path) -> None:
         save_checkpoint(student, folder / names["weights"], meta)
+        if model_source is not None:
+            atomic_write(folder / model_source.name, lambda tmp: Path(tmp).write_bytes(model_source.read_bytes()))
         kill_point("student-weights-written")
         x = _two(example)
         try:

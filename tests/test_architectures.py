@@ -11,6 +11,7 @@ clearly better.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from crossdistill.compress import CompressConfig, compress, recalibrate_bn
 from crossdistill.errors import UserError
+from crossdistill.methods import run_method
+from crossdistill.models import load_model_file
 from crossdistill.plan import LayerPlan, load_keep_file, make_plan
 from crossdistill.pruning import ChannelRemover
 
@@ -334,3 +337,98 @@ def test_same_padding_is_supported() -> None:
     x = _images()
     student, report = compress(model, x, method="nc", keep=1.0)
     assert _rel_err(student, model, x) < 1e-3
+
+
+# --------------------------------------------------------------------------- one plan for every method
+
+ZOO = Path(__file__).parent / "zoo.py"
+BASELINE_SETTINGS = {
+    "l1": {},
+    "fskd": {},
+    "thinet": {},
+    "cp": {},
+    "l1+bp": {"iterations": 2},
+    "fitnet": {"hint_iterations": 2, "kd_iterations": 2, "hints": ["blocks"]},
+}
+
+
+def _pruned(report) -> dict[str, tuple[int, int]]:
+    return {r.name: (r.kept, r.total) for r in report.layers if not r.name.startswith("<") and r.kept < r.total}
+
+
+@pytest.mark.parametrize("arch", ["densenet", "ghostnet", "squeezenet", "inverted_residual", "efficientnet"])
+@pytest.mark.parametrize("keep", [0.5, 0.75])
+def test_baselines_prune_the_same_layers_to_the_same_counts_as_compress(arch: str, keep: float) -> None:
+    # L1 used to build another student on concatenations (DenseNet, GhostNet) and crashed on SqueezeNet's
+    # fire modules at keep 0.75 ("selected index k out of range")
+    x = _images()
+    teacher = _ready(lambda: load_model_file(f"{ZOO}:{arch}"), x)
+    labels = torch.arange(N) % 5
+    _, report = run_method("nc", teacher, x, keep=keep)
+    expected = _pruned(report)
+    assert expected
+    for method, settings in BASELINE_SETTINGS.items():
+        student, rep = run_method(method, teacher, x, labels, keep=keep, **settings)
+        assert _pruned(rep) == expected, method
+        if arch != "ghostnet":  # the ghost module's twin channels: removing one drops both (arch, issue 13)
+            for name, (kept, _total) in expected.items():  # which filters go may differ, not the counts
+                assert student.get_submodule(name).weight.shape[1] == kept, (method, name)
+        assert torch.isfinite(student(x)).all(), method
+
+
+def test_l1_keeps_the_largest_filters_of_each_producer_behind_a_concatenation() -> None:
+    x = _images()
+    teacher = _ready(lambda: load_model_file(f"{ZOO}:squeezenet"), x)
+    student, report = run_method("l1", teacher, x, keep=0.5)
+    # blocks.1.squeeze takes [expand1x1 | expand3x3] of fire 0: the 8 filters with the largest L1 norm are
+    # all 3x3 ones, and keeping them would empty expand1x1: its best filter replaces the weakest 3x3 one
+    rec = {r.name: r for r in report.layers}["blocks.1.squeeze"]
+    fire = teacher.blocks[0]
+    norms = torch.cat([fire.expand1x1.weight.abs().flatten(1).sum(1), fire.expand3x3.weight.abs().flatten(1).sum(1)])
+    top = norms.topk(8).indices.tolist()
+    assert min(top) >= 8  # the premise: the 3x3 filters win
+    assert rec.kept_channels == sorted(top[:7] + [int(norms[:8].argmax())])
+    assert student.blocks[1].squeeze.in_channels == 8
+
+
+# --------------------------------------------------------------------------- squeeze-excite, pointwise Linear
+
+
+def _zoo_ready(arch: str, x: torch.Tensor) -> nn.Module:
+    return _ready(lambda: load_model_file(f"{ZOO}:{arch}"), x)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet", "mobilenet_v3", "convnext"])
+def test_se_and_pointwise_linear_networks_reach_the_keep_ratio(arch: str, recwarn) -> None:
+    x = _images()
+    teacher = _zoo_ready(arch, x)
+    student, report = compress(teacher, x, method="nc", keep=0.5)
+    assert report.flops_after <= 0.6 * report.flops_before and report.shortfall is None
+    _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 0.8, 0.75)
+
+
+def test_se_convs_are_narrowed_with_the_width_they_gate() -> None:
+    x = _images()
+    teacher = _zoo_ready("efficientnet", x)
+    student, report = compress(teacher, x, method="nc", keep=0.5)
+    for i in range(1, 5):
+        b, h = student.blocks[i], teacher.blocks[i].expand[0].out_channels
+        assert b.expand[0].out_channels == b.dw[0].groups == b.project[0].in_channels == h // 2, i
+        assert b.se.conv_reduce.in_channels == b.se.conv_expand.out_channels == h // 2, i
+    assert "blocks.0.project.0" in {n["name"] for n in report.left_whole}  # fed by the stem: a residual width
+
+
+def test_without_se_pruning_the_shortfall_names_the_gated_layers() -> None:
+    x = _images()
+    with pytest.warns(UserWarning, match=r"fell short.*blocks\.1\.expand\.0 \(squeeze-excite gated\)"):
+        compress(_zoo_ready("efficientnet", x), x, method="nc", keep=0.5, prune_se=False)
+
+
+def test_pointwise_linears_are_pruned_by_default_and_the_head_is_not() -> None:
+    x = _images()
+    teacher = _zoo_ready("convnext", x)
+    student, _ = compress(teacher, x, method="nc", keep=0.5)
+    assert student.blocks[0].pwconv2.in_features == student.blocks[0].pwconv1.out_features == 64
+    assert student.head[3].weight.shape == teacher.head[3].weight.shape  # a classifier on pooled features
+    with pytest.warns(UserWarning, match=r"blocks\.0\.pwconv1 \(Linear layer \(include_linear is off\)\)"):
+        compress(teacher, x, method="nc", keep=0.5, prune_pointwise_linear=False)

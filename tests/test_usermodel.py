@@ -96,7 +96,9 @@ def test_student_of_a_user_model_saves_and_reloads_everywhere(user_files, tmp_pa
     meta = {"model_file": f"{user_files['model']}:build", "in_channels": 3}
     paths = save_student(student, tmp_path / "out", meta, report.to_dict(), x, onnx=False)
     rebuilt, saved_meta = load_checkpoint(paths["weights"], trust_model_file=True)  # our own file: trusted
-    assert Path(saved_meta["model_file"].rpartition(":")[0]).is_absolute()
+    # the model file is copied into the folder and named relative to it (a moved folder still loads)
+    assert saved_meta["model_file"] == "model.py:build" and (tmp_path / "out" / "model.py").is_file()
+    assert saved_meta["model_file_source"] == str(user_files["model"].resolve())
     torch.testing.assert_close(rebuilt(x), student(x))
     program = torch.export.load(str(paths["program"])).module()
     torch.testing.assert_close(program(x[:5]), student(x[:5]))
@@ -161,3 +163,15 @@ def test_cli_without_test_images_reports_no_accuracy(user_files) -> None:
 def test_cli_user_model_mistakes_are_one_line(args: list[str], message: str) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_cli_reports_the_error_on_val_images(user_files) -> None:
+    out = user_files["root"] / "student"
+    res = runner.invoke(app, ["compress", "--model-file", f"{user_files['model']}:build", "--images",
+                              str(user_files["few"]), "--val-images", str(user_files["test"]), "--out", str(out),
+                              "--no-latency"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "held-out output error" in " ".join(res.output.split())
+    held = json.loads((out / "report.json").read_text())["heldout"]
+    assert held["images"] == 8 and held["output_error"] >= 0 and held["fit_output_error"] >= 0
+    assert held["layers"]  # per layer: the re-fitted layers whose output width is the teacher's

@@ -7,7 +7,9 @@ plan, the same kept counts, physical channel removal with
 :class:`ChannelRemover`, and the same :class:`CompressReport`. Unlike
 ``compress`` the plan holds only the layers that are actually pruned
 (``plan_layers(run, pruned_only=True)``): no baseline re-fits a layer it does
-not prune. ThiNet and CP run the same per-layer step as compress
+not prune; the pruned layers and their kept counts are compress()'s, on every
+architecture (concatenation consumers keep the slices compress keeps).
+ThiNet and CP run the same per-layer step as compress
 (:func:`crossdistill.run.refit_layers`) with their own selection.
 """
 
@@ -226,7 +228,7 @@ def contribution_gram(system: LeastSquares, w: torch.Tensor) -> tuple[torch.Tens
 def layerwise(
     run: Run,
     terms: list[Term],
-    select: Callable[[LeastSquares, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    select: Callable[[LeastSquares, torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
     """compress()'s per-layer step, for the baselines that reconstruct one pruned layer at a time (ThiNet, CP).
 
@@ -234,8 +236,10 @@ def layerwise(
     capture the student's input h^S with the producer still at full width,
     build the layer's least-squares system for ``terms`` (teacher inputs h^T
     are captured once, up front, when a term uses them), let ``select(system,
-    W0, n_keep)`` return the new weight (zeros outside the kept channels) and
-    the kept input-channel indices, write it, remove the other channels,
+    W0, n_keep, fixed)`` return the new weight (zeros outside the kept channels) and
+    the kept input-channel indices (``fixed``: channels that must be kept, the
+    concatenated slices of a concatenation consumer that cannot go; counted in ``n_keep``),
+    write it, remove the other channels,
     record the objective before/after. BN mode while capturing:
     ``config.bn_mode``, as in compress().
     """
@@ -246,7 +250,7 @@ def layerwise(
         stats.free()
         w0 = step.problem.w0
         loss_before = system.loss(w0)
-        weight, kept = select(system, w0, step.problem.n_keep)
+        weight, kept = select(system, w0, step.problem.n_keep, step.problem.fixed)
         return SolveResult(weight, kept, loss_before, system.loss(weight))
 
     train_bn = run.cfg.bn_mode == "train"

@@ -112,6 +112,24 @@ def lasso_select(
     return kept, best
 
 
+def lasso_select_with_fixed(
+    G: torch.Tensor, b: torch.Tensor, n_keep: int, fixed: torch.Tensor | None, hp: CPConfig
+) -> torch.Tensor:
+    """:func:`lasso_select` when the ``fixed`` channels are always kept (a concatenation consumer).
+
+    The fixed channels keep coefficient 1: the LASSO runs on the free channels against the
+    target minus the fixed contributions (``b_free - G[free, fixed] 1``). Kept indices, sorted.
+    """
+    if fixed is None or len(fixed) == 0:
+        return lasso_select(G, b, n_keep, hp)[0]
+    pinned = torch.zeros(len(G), dtype=torch.bool, device=G.device)
+    pinned[fixed.to(G.device)] = True
+    free = (~pinned).nonzero().flatten()
+    b_free = b[free] - G[free][:, pinned].sum(1)
+    chosen, _ = lasso_select(G[free][:, free], b_free, n_keep - int(pinned.sum()), hp)
+    return torch.cat([pinned.nonzero().flatten(), free[chosen]]).sort().values
+
+
 def channel_pruning(
     teacher: nn.Module,
     images: torch.Tensor,
@@ -124,9 +142,9 @@ def channel_pruning(
     cfg, hp = resolve_configs(config, params, CPConfig, overrides)
     run = start("cp", teacher, images, labels, cfg, Needs(structured=True))
 
-    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int):
+    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int, fixed: torch.Tensor | None):
         G, b = contribution_gram(system, w0)  # b = <Z_c, W^T * h^T>
-        kept, _beta = lasso_select(G, b, n_keep, hp)
+        kept = lasso_select_with_fixed(G, b, n_keep, fixed, hp)
         W = torch.zeros_like(w0, dtype=torch.float64).flatten(1)
         cols = kept_columns(kept, w0)
         W[:, cols] = system.solve(cols, w0.double().flatten(1), hp.ridge).T

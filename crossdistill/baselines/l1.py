@@ -5,7 +5,11 @@ Structured: for each pruned layer of the plan (the same layers and kept
 counts as :func:`crossdistill.compress.compress`), the input channels kept
 are those whose *producer* filters have the largest L1 norm
 ``s_j = sum |W_producer[j, :, :, :]|`` (the producer is the layer whose
-output channels the removal couples to, found by :class:`ChannelRemover`).
+output channels the removal couples to, found by :class:`ChannelRemover`;
+behind a concatenation each input channel has its own producer, e.g. the
+two expand convs of a SqueezeNet fire module). Of a concatenation consumer
+only the slices compress() prunes (``LayerPlan.channels``) compete; the
+others are kept.
 The kept channels are then removed physically: the consumer's input slices,
 the producer's filters and their BatchNorm entries.
 
@@ -33,16 +37,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from ..config import CompressConfig
-from ..plan import keep_count
-from ..pruning import apply_mask
+from ..plan import LayerPlan
+from ..pruning import apply_mask, is_depthwise
 from ..run import CompressReport, LayerRecord
 from ..solvers import select_channels, weight_mask
 from .common import Run, finish, resolve_configs, start
 
-__all__ = ["L1Config", "l1_prune", "prune_l1", "producer_of", "filter_l1_keep"]
+__all__ = [
+    "L1Config",
+    "l1_prune",
+    "prune_l1",
+    "producer_of",
+    "filter_l1_keep",
+    "input_channel_sources",
+    "l1_input_keep",
+]
 
 
 @dataclass
@@ -51,12 +64,46 @@ class L1Config:
 
 
 def producer_of(run: Run, name: str) -> str:
-    """The layer whose output channels are removed with the input channels of ``name``."""
+    """The layer whose output channels are removed with the input channels of ``name`` (one producer)."""
     assert run.remover is not None
     _ins, outs = run.remover.coupled_layers(run.student.get_submodule(name))
     if len(outs) != 1:
-        raise RuntimeError(f"layer {name} has {len(outs)} producers; the plan should only hold prunable layers")
+        raise RuntimeError(f"layer {name} has {len(outs)} producers; use input_channel_sources")
     return outs[0]
+
+
+def input_channel_sources(run: Run, name: str, every: list | None = None) -> dict[int, tuple[str, int]]:
+    """Input channel j of layer ``name`` -> (producer layer, its output filter) for every channel with a
+    producing Conv2d/Linear (through concatenations, depthwise convs and elementwise ops). A squeeze-excite
+    gated channel has two producers: the main conv counts, not the SE excite conv (fed by the SE squeeze,
+    another consumer of the same channels). ``every``: a list to which every (channel, producer, filter)
+    is appended, SE excite convs included (their outputs go too)."""
+    assert run.remover is not None
+    layer = run.student.get_submodule(name)
+    c_in = layer.weight.shape[1]
+    fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
+    group = run.remover.graph.get_pruning_group(layer, fn, idxs=list(range(c_in)))
+    out: dict[int, tuple[str, int]] = {}
+    producers, consumers = [], set()
+    for item in group:
+        mod, handler = item.dep.target.module, item.dep.handler
+        if mod is layer or not isinstance(mod, (nn.Conv2d, nn.Linear)) or is_depthwise(mod):
+            continue
+        if run.remover.graph.is_in_channel_pruning_fn(handler):
+            consumers.add(run.remover.names[mod])
+        elif run.remover.graph.is_out_channel_pruning_fn(handler):
+            producers.append(item)
+    fallback: dict[int, tuple[str, int]] = {}
+    for item in producers:
+        mod = item.dep.target.module
+        # an SE excite conv is fed by the squeeze conv that reads these channels: the main conv counts
+        gate = bool(consumers) and bool(set(run.remover.coupled_layers(mod)[1]) & consumers)
+        roots = item.root_idxs if item.root_idxs is not None else item.idxs
+        for r, i in zip(roots, item.idxs, strict=True):
+            (fallback if gate else out).setdefault(int(r), (run.remover.names[mod], int(i)))
+            if every is not None:
+                every.append((int(r), run.remover.names[mod], int(i)))
+    return {**fallback, **out}
 
 
 def filter_l1_keep(producer: nn.Module, n_keep: int) -> torch.Tensor:
@@ -77,6 +124,63 @@ def input_l1_keep(
     return select_channels(channels, norms, n_keep, groups, n_keep).sort().values
 
 
+def l1_input_keep(run: Run, p: LayerPlan) -> tuple[torch.Tensor, dict[str, list[int]]]:
+    """Kept input channels of planned layer ``p`` (sorted; ``p.n_keep`` of them) by their producers' filter
+    L1 norms, and per producer the kept output filters. Channels outside ``p.channels`` are always kept."""
+    layer = run.student.get_submodule(p.name)
+    total = layer.weight.shape[1]
+    every: list[tuple[int, str, int]] = []
+    sources = input_channel_sources(run, p.name, every)
+    free = list(range(total)) if p.channels is None else list(p.channels)
+    norms = torch.tensor([_filter_norm(run, *sources[j]) for j in free])
+    n_free = p.n_keep(total) - (total - len(free))
+    chosen = {free[i] for i in norms.topk(n_free).indices.tolist()}
+    chosen = _each_producer_keeps_one(chosen, dict(zip(free, norms.tolist(), strict=True)), sources)
+    kept = sorted(set(range(total)) - set(free) | chosen)
+    per_producer: dict[str, list[int]] = {}
+    kept_set = set(kept)
+    for j, prod, i in every:
+        if j in kept_set:
+            per_producer.setdefault(prod, []).append(i)
+    return torch.tensor(kept), per_producer
+
+
+def _each_producer_keeps_one(
+    chosen: set[int], score: dict[int, float], sources: dict[int, tuple[str, int]]
+) -> set[int]:
+    """Swap channels so no producer loses every filter (a SqueezeNet fire module: the 3x3 expand filters have
+    larger norms than all 1x1 ones); each swap gives up the weakest channel of a producer that keeps several."""
+    producers = {sources[j][0] for j in score if j in sources}
+    chosen = set(chosen)
+    for prod in sorted(producers):
+        mine = [j for j in score if sources.get(j, ("",))[0] == prod]
+        if any(j in chosen for j in mine):
+            continue
+        counts: dict[str, int] = {}
+        for j in chosen:
+            counts[sources[j][0]] = counts.get(sources[j][0], 0) + 1
+        spare = [j for j in chosen if counts[sources[j][0]] > 1]
+        if not spare:
+            break  # fewer kept channels than producers: the removal refuses with its own message
+        chosen.discard(min(spare, key=lambda j: score[j]))
+        chosen.add(max(mine, key=lambda j: score[j]))
+    return chosen
+
+
+def _per_producer(sources: dict[int, tuple[str, int]], kept: torch.Tensor) -> dict[str, list[int]]:
+    """Per producer, the output filters feeding the ``kept`` input channels."""
+    out: dict[str, list[int]] = {}
+    for j in kept.tolist():
+        if j in sources:
+            producer, i = sources[j]
+            out.setdefault(producer, []).append(i)
+    return out
+
+
+def _filter_norm(run: Run, producer: str, i: int) -> float:
+    return float(run.student.get_submodule(producer).weight.detach()[i].abs().sum())
+
+
 def prune_l1(run: Run) -> dict[str, torch.Tensor]:
     """Prune ``run.student`` in place by L1 norm and append one record per layer.
 
@@ -90,33 +194,30 @@ def prune_l1(run: Run) -> dict[str, torch.Tensor]:
         chosen = []
         for p in run.plan:
             t0 = time.perf_counter()
-            layer = run.student.get_submodule(p.name)
-            total = layer.weight.shape[1]
-            n_keep = keep_count(total, p.keep)
-            sources = run.remover.channel_sources(p.name)
-            producers = sorted({src for src, _o in sources.values()})
+            total = run.student.get_submodule(p.name).weight.shape[1]
+            sources = run.remover.channel_sources(p.name)  # input channel -> (producer, its filter)
             groups = run.remover.channel_groups(p.name)
-            if len(producers) == 1 and groups is None:
-                producer = producer_of(run, p.name)
-                idx = filter_l1_keep(run.student.get_submodule(producer), n_keep)
-            else:  # a concat of several producers (fire, inception) or a grouped producer: rank channels
-                idx = input_l1_keep(run, sources, n_keep, groups)
-            chosen.append((p.name, idx, n_keep, total, time.perf_counter() - t0))
-        for name, idx, _n_keep, total, seconds in chosen:
+            if groups is not None:  # a grouped producer: the same share of each of its groups
+                idx = input_l1_keep(run, sources, p.n_keep(total), groups)
+                per_producer = _per_producer(sources, idx)
+            else:
+                idx, per_producer = l1_input_keep(run, p)
+            chosen.append((p.name, sources, per_producer, idx, total, time.perf_counter() - t0))
+        for name, sources, per_producer, idx, total, seconds in chosen:
             t0 = time.perf_counter()
-            sources = run.remover.channel_sources(name)
-            idx = run.remover.remove_input_channels(name, idx)  # may keep one channel more: no empty layer
-            for producer in sorted({src for src, _o in sources.values()}):
-                kept[producer] = torch.tensor(
-                    sorted(o for j, (src, o) in sources.items() if src == producer and j in set(idx.tolist()))
-                )
+            reached = run.remover.remove_input_channels(name, idx)  # may keep one channel more: no empty layer
+            if len(reached) != len(idx):
+                per_producer = _per_producer(sources, reached)
+            for producer, filters in per_producer.items():
+                kept[producer] = torch.tensor(sorted(set(filters)))
             seconds += time.perf_counter() - t0
-            run.records.append(LayerRecord(name, len(idx), total, 0.0, 0.0, seconds))
+            record = LayerRecord(name, len(reached), total, 0.0, 0.0, seconds, kept_channels=reached.tolist())
+            run.records.append(record)
     else:
         for p in run.plan:
             t0 = time.perf_counter()
             layer = run.student.get_submodule(p.name)
-            n_keep = keep_count(layer.weight.numel(), p.keep)
+            n_keep = p.n_keep(layer.weight.numel())
             mask = weight_mask(layer.weight.detach(), None, n_keep, "magnitude")
             apply_mask(layer, mask)
             kept[p.name] = mask

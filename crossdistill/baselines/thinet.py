@@ -56,20 +56,23 @@ class ThiNetConfig:
     ridge: float = 1e-3  # scale: towards 1; lstsq: towards the teacher weights (x mean diag of the Gram)
 
 
-def greedy_removal(G: torch.Tensor, n_keep: int) -> torch.Tensor:
+def greedy_removal(G: torch.Tensor, n_keep: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
     """ThiNet's greedy selection on the contribution Gram ``G`` (C, C): kept indices (sorted).
 
     Adds to the removal set T the channel that minimises ``1_T' G 1_T`` until
-    ``C - n_keep`` are removed.
+    ``C - n_keep`` are removed. ``fixed``: channels never removed (counted in ``n_keep``).
     """
     c = len(G)
     alive = torch.ones(c, dtype=torch.bool, device=G.device)
+    removable = torch.ones(c, dtype=torch.bool, device=G.device)
+    if fixed is not None:
+        removable[fixed.to(G.device)] = False
     cross = torch.zeros(c, dtype=G.dtype, device=G.device)  # G 1_T
     value = torch.zeros((), dtype=G.dtype, device=G.device)  # 1_T' G 1_T
     diag = G.diagonal()
     for _ in range(c - n_keep):
         cand = value + 2 * cross + diag  # energy of T + {j}
-        cand[~alive] = float("inf")
+        cand[~(alive & removable)] = float("inf")
         j = int(cand.argmin())
         value = cand[j]
         cross += G[:, j]
@@ -91,9 +94,9 @@ def thinet(
         raise UserError(f"reconstruct must be 'scale' or 'lstsq', got {hp.reconstruct!r}")
     run = start("thinet", teacher, images, labels, cfg, Needs(structured=True))
 
-    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int):
+    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int, fixed: torch.Tensor | None):
         G, b = contribution_gram(system, w0)  # target y = W^T * h^S, so b = G 1
-        kept = greedy_removal(G, n_keep)
+        kept = greedy_removal(G, n_keep, fixed)
         W = torch.zeros_like(w0, dtype=torch.float64).flatten(1)
         cols = kept_columns(kept, w0)
         if hp.reconstruct == "scale":
