@@ -213,7 +213,7 @@ def test_one_pass_capture_gives_the_same_student_as_per_layer_capture(build) -> 
     x = _images()
     teacher = _ready(build, x)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no fallback to per-layer capture
+        warnings.filterwarnings("error", message="capturing each layer")  # no fallback to per-layer capture
         a, ra = compress(teacher, x, method="ours-s", keep=0.5, capture="one-pass")
     b, rb = compress(teacher, x, method="ours-s", keep=0.5, capture="per-layer")
     assert (ra.capture, rb.capture) == ("one-pass", "per-layer")
