@@ -136,7 +136,9 @@ def method_defaults() -> MirConfig:
     statistics re-estimated on the few images first (the paper trains in BN train mode, which does
     this implicitly). Chosen on validation images (benchmarks/sweep_hparams.py, ResNet-20: at K=1
     lr 1e-3 beats 1e-4 at every step count up to 400, 89.7 vs 87.6 % at 400, still rising; at K=5
-    recalibration first gives 75.3 % before any step and 90.8 vs 89.9 % after 300)."""
+    recalibration first gives 75.3 % before any step and 90.8 vs 89.9 % after 300). Not for plain
+    chains: on VGG-16 (K=1 validation) lr 1e-3 collapses the start, lr 1e-4 reaches 58 % after 300
+    steps, still rising; pass ``lr=1e-4`` (and more steps) there until a per-family default exists."""
     return MirConfig(lr=1e-3, steps=400, recalibrate_bn=True)
 
 
