@@ -40,7 +40,7 @@ from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teac
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
-from crossdistill.checkpoint import load_checkpoint
+from crossdistill.checkpoint import atomic_write, load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
 from crossdistill.errors import UserError
@@ -247,16 +247,21 @@ def table(out: Path) -> str:
     for r in rows:
         groups.setdefault((r["model"], r["target"], r["k"], r["variant"], r["refit"]), []).append(r)
     lines = [
-        "| model | FLOPs target | K | variant | re-fit | accuracy (mean ± std) | seeds | FLOPs achieved |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | FLOPs target | K | variant | re-fit | accuracy (mean ± std) | seeds | Δ vs uniform (paired) "
+        "| FLOPs achieved |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(groups):
         g = groups[key]
         accs = [r["accuracy"] * 100 for r in g]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         fl = statistics.mean(r["flops_fraction"] for r in g)
+        # same seeds, same re-fit: uniform's accuracy per seed
+        uni = {r["seed"]: r["accuracy"] * 100 for r in groups.get((*key[:3], "uniform", key[4]), [])}
+        diffs = [r["accuracy"] * 100 - uni[r["seed"]] for r in g if r["seed"] in uni]
+        delta = f"{statistics.mean(diffs):+.2f} ({len(diffs)})" if diffs and key[3] != "uniform" else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.mean(accs):.2f} ± "
-                     f"{std:.2f} | {len(g)} | {fl:.3f} |")  # fmt: skip
+                     f"{std:.2f} | {len(g)} | {delta} | {fl:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -275,8 +280,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         md = Path(args.out).with_suffix(".md")
-        md.write_text("# Compress to a FLOPs target (bench_target.py)\n\n" + table(Path(args.out)))
-        print(md.read_text())
+        text = "# Compress to a FLOPs target (bench_target.py)\n\n" + table(Path(args.out))
+        atomic_write(md, lambda tmp: Path(tmp).write_text(text))
+        print(text)
         return
     run_cells(args)
 

@@ -131,19 +131,18 @@ def sensitivity_curves(
         n = len(prunable)
         counts = _grid(n, max(1, math.ceil(min_keep * n)), points)
         keep = torch.arange(c_in, device=wT.device)
+        W = W0  # the solution for the current channel set (all channels: the teacher's weights)
         errors = []
         for count in counts:
             n_now = int((~pinned[keep.cpu()]).sum())
-            if count < n_now:  # eliminate with the solution at the previous count (solve_structured's rule)
+            if count < n_now:  # eliminate by the current solution, then re-solve (solve_structured's rule)
                 cols = (keep[:, None] * kk + torch.arange(kk, device=wT.device)).flatten()
-                W = torch.zeros_like(W0)
-                W[:, cols] = system.solve(cols, W0, ridge).T
                 scores = channel_scores(W[:, cols], system, cols, kk, "energy")
                 scores = scores.masked_fill(pinned[keep.cpu()].to(scores.device), float("inf"))
                 keep = keep[scores.topk(len(keep) - (n_now - count)).indices.sort().values]
-            cols = (keep[:, None] * kk + torch.arange(kk, device=wT.device)).flatten()
-            W = torch.zeros_like(W0)
-            W[:, cols] = system.solve(cols, W0, ridge).T if count < n else W0[:, cols]
+                cols = (keep[:, None] * kk + torch.arange(kk, device=wT.device)).flatten()
+                W = torch.zeros_like(W0)
+                W[:, cols] = system.solve(cols, W0, ridge).T
             if signal == "recon":
                 errors.append(system.loss(W) / energy if count < n else 0.0)
             elif count == n:

@@ -145,7 +145,7 @@ def _check_met(model: nn.Module, x: torch.Tensor, kind: str, fraction: float, **
 
 @pytest.mark.parametrize("name", list_models())
 def test_flops_target_is_met_on_every_registry_model(name: str) -> None:
-    x = torch.randn(10, 1, 16, 16)
+    x = torch.randn(4, 1, 16, 16)
     model = _ready(get_model(name, 10, 1), x)
     kw = {"include_linear": True} if name == "lenet5" else {}  # LeNet-5's FLOPs are half in its Linear layers
     alloc = _check_met(model, x, "flops", 0.5, **kw)
@@ -296,9 +296,10 @@ def test_latency_target_reports_the_timed_ratio_and_its_noise() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the timed ratio may miss on a loaded machine: that warning is fine here
         _, report = compress(model, x, target={"latency": 0.7}, latency_batch=4, method="nc")
-    timing = report.allocation["timing"]
+    timing = report.allocation["timing"]  # values depend on this machine's timing: only their form is checked
     assert set(timing) == {"timed_ratio", "noise", "table_ratio"}
-    assert 0 < timing["table_ratio"] < 1 and timing["noise"] >= 0
+    assert timing["timed_ratio"] > 0 and 0 < timing["table_ratio"] <= 1 and timing["noise"] >= 0
+    assert report.allocation["achieved"] == timing["timed_ratio"]
 
 
 # --------------------------------------------------------------------------- CLI
