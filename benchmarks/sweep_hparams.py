@@ -38,7 +38,7 @@ from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig
 from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
 from crossdistill.methods import run_method
-from crossdistill.mir import MirConfig, mir_refine
+from crossdistill.mir import MirConfig, MirExtras, mir_refine
 
 KEYS = ("model", "prune", "keep", "k", "seed", "method", "params")
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
                         mcfg = MirConfig(steps=args.max_steps, lr=params["lr"], eval_every=args.eval_every,
                                          recalibrate_bn=params["start"].endswith("-recal"))  # fmt: skip
-                        _, rinfo = mir_refine(starts[start], teacher, images, mcfg, on_eval=record)
+                        _, rinfo = mir_refine(starts[start], teacher, images, mcfg, extras=MirExtras(on_eval=record))
                         row["curve"] = curve
                         row["loss_before"], row["loss_after"] = rinfo["loss_before"], rinfo["loss_after"]
                     row["seconds"] = time.perf_counter() - t0

@@ -53,6 +53,7 @@ from .pruning import ChannelRemover
 from .solvers import LayerStats, channel_scores
 
 __all__ = [
+    "CurveGrid",
     "LayerCurve",
     "SIGNALS",
     "sensitivity_curves",
@@ -87,18 +88,27 @@ def _features(model: nn.Module, images: torch.Tensor, tap: str | None, batch_siz
     return capture_input(model, tap, images, batch_size)
 
 
+@dataclass(frozen=True)
+class CurveGrid:
+    """Where a sensitivity curve is sampled: kept fractions from ``min_keep`` to 1 in ``points`` steps."""
+
+    min_keep: float = 0.1  # smallest kept fraction probed
+    points: int = 16  # kept counts probed per layer
+    ridge: float = 1e-3  # recon: ridge of the least-squares re-fit at each count (x mean diag of the Gram)
+
+
 @torch.no_grad()
 def sensitivity_curves(
     teacher: nn.Module,
     images: torch.Tensor,
     plan: list[LayerPlan],
     signal: str = "recon",
-    min_keep: float = 0.1,
-    points: int = 16,
-    ridge: float = 1e-3,
     batch_size: int = 128,
+    grid: CurveGrid | None = None,
 ) -> list[LayerCurve]:
     """Error of each pruned layer of ``plan`` as it narrows alone (module docstring), on the teacher."""
+    grid = grid or CurveGrid()
+    min_keep, points, ridge = grid.min_keep, grid.points, grid.ridge
     if signal not in SIGNALS:
         raise UserError(f"unknown allocation signal {signal!r}; choose one of {', '.join(SIGNALS)}")
     teacher = teacher.eval()

@@ -76,7 +76,10 @@ def left_whole_layers(
     for name, m in student.named_modules():
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        t = teacher.get_submodule(name)
+        try:
+            t = teacher.get_submodule(name)
+        except AttributeError:  # a module the teacher does not have (the adaptor of a dropped block)
+            continue
         if m.weight.shape != t.weight.shape:
             continue
         out.append({"name": name, "type": type(m).__name__, "reason": _reason(name, m, cfg, remover, sizes)})

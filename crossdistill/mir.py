@@ -78,6 +78,7 @@ from .run import recalibrate_bn
 
 __all__ = [
     "MirConfig",
+    "MirExtras",
     "mir_refine",
     "feature_point",
     "features_at",
@@ -284,18 +285,26 @@ def _recalibrate(student: nn.Module, images: torch.Tensor, cfg: MirConfig) -> No
     recalibrate_bn(student, torch.cat(views), cfg.batch_size)
 
 
+@dataclass
+class _Pair:
+    """The student trained in place, its teacher, the feature point compared, and the weight masks kept."""
+
+    student: nn.Module
+    teacher: nn.Module
+    name: str
+    masks: dict[str, torch.Tensor] | None
+
+
 def _train(
-    student: nn.Module,
-    teacher: nn.Module,
-    name: str,
+    pair: _Pair,
     images: torch.Tensor,
     cfg: MirConfig,
     steps: int,
     val_images: torch.Tensor | None,
-    masks: dict[str, torch.Tensor] | None,
     on_eval: Callable[[int, nn.Module], None] | None = None,
 ) -> list[tuple[int, float]]:
-    """``steps`` steps of feature mimicking on ``student`` in place; the validation curve [(step, loss)]."""
+    """``steps`` steps of feature mimicking on ``pair.student`` in place; the validation curve [(step, loss)]."""
+    student, teacher, name, masks = pair.student, pair.teacher, pair.name, pair.masks
     curve = [(0, _loss(student, teacher, name, val_images, cfg.batch_size))] if val_images is not None else []
     if on_eval is not None:
         on_eval(0, student)
@@ -355,27 +364,33 @@ def _train(
     return curve
 
 
+@dataclass
+class MirExtras:
+    """Optional inputs of :func:`mir_refine` beyond the few images."""
+
+    labels: torch.Tensor | None = None  # (N,) class of each few-shot image: holdout_folds leave one per class out
+    val_images: torch.Tensor | None = None  # held-out images: validation curve, early stopping (restore_best)
+    on_eval: Callable[[int, nn.Module], None] | None = None  # at step 0 and every eval_every steps (eval mode)
+
+
 def mir_refine(
     student: nn.Module,
     teacher: nn.Module,
     images: torch.Tensor,
     config: MirConfig | None = None,
     *,
-    labels: torch.Tensor | None = None,
-    val_images: torch.Tensor | None = None,
     masks: dict[str, torch.Tensor] | None = None,
-    on_eval: Callable[[int, nn.Module], None] | None = None,
+    extras: MirExtras | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a copy of the pruned ``student`` end to end so its features match ``teacher``'s.
 
     ``images``: the few (N, C, H, W) images, normalised; no labels needed
-    (``labels`` only group images by class for ``holdout_folds``).
-    ``val_images``: optional held-out images for early stopping.
-    ``masks``: layer name -> boolean weight mask kept during training
-    (unstructured students; see :func:`zero_masks`). ``on_eval(step, student)``
-    is called at step 0 and every ``eval_every`` steps of the final training
-    (student in eval mode; e.g. to record a validation accuracy). Keyword ``overrides``
+    (``extras.labels`` only group images by class for ``holdout_folds``;
+    ``extras.val_images``: held-out images for early stopping; ``extras.on_eval(step, student)``
+    is called at step 0 and every ``eval_every`` steps of the final training, e.g. to record a
+    validation accuracy). ``masks``: layer name -> boolean weight mask kept during training
+    (unstructured students; see :func:`zero_masks`). Keyword ``overrides``
     set :class:`MirConfig` fields. Only the student's parameters before the
     feature point train; the teacher and the input student are left untouched.
 
@@ -389,6 +404,8 @@ def mir_refine(
             raise UserError(f"unknown mir setting {k!r}")
         setattr(cfg, k, v)
     cfg.validate()
+    extras = extras or MirExtras()
+    labels, val_images, on_eval = extras.labels, extras.val_images, extras.on_eval
     t0 = time.perf_counter()
     device = next(student.parameters()).device
     images = images.to(device)
@@ -419,11 +436,11 @@ def mir_refine(
             for train_idx, held in folds:
                 trial = copy.deepcopy(student)
                 tcfg = replace(cfg, restore_best=False)
-                curves.append(_train(trial, teacher, name, images[train_idx], tcfg, steps, images[held], masks))
+                curves.append(_train(_Pair(trial, teacher, name, masks), images[train_idx], tcfg, steps, images[held]))
             mean = [(s, sum(c[i][1] for c in curves) / len(curves)) for i, (s, _) in enumerate(curves[0])]
             steps = min(mean, key=lambda sl: sl[1])[0]
             info["holdout"] = {"folds": len(curves), "curve": mean, "steps_chosen": steps}
-        curve = _train(student, teacher, name, images, cfg, steps, val_images, masks, on_eval)
+        curve = _train(_Pair(student, teacher, name, masks), images, cfg, steps, val_images, on_eval)
         if val_images is not None:
             best = min(curve, key=lambda sl: sl[1])
             info["validation"] = {

@@ -90,20 +90,24 @@ def layer_flops_share(model: nn.Module, example: torch.Tensor, names: list[str])
     return {n: flops.get(n, 0.0) / total for n in names}
 
 
+@dataclass
+class _Budget:
+    """What a target is allocated over: the model, its narrowable layers with their curves, and the measure."""
+
+    model: nn.Module
+    example: torch.Tensor  # (1, C, H, W)
+    plan: list[LayerPlan]
+    curves: list[LayerCurve]  # one per planned layer, with channel costs
+    measure: Callable[[nn.Module], float]  # model -> the target's quantity (FLOPs, params, table ms)
+
+
 def _search(
-    model: nn.Module,
-    example: torch.Tensor,
-    plan: list[LayerPlan],
-    curves: list[LayerCurve],
-    measure: Callable[[nn.Module], float],
-    fraction: float,
-    tolerance: float,
-    iterations: int = 30,
-    strict: bool = True,
+    budget: _Budget, fraction: float, tolerance: float, iterations: int = 30, strict: bool = True
 ) -> tuple[dict[str, int], float, int]:
     """Bisection on the saving asked of the allocator until measure(pruned) / measure(model) is within
     ``tolerance`` (relative) of ``fraction``; returns (counts, achieved fraction, real counts taken).
     ``strict=False`` (a noisy measure: the latency table) returns the nearest instead of raising."""
+    model, example, plan, curves, measure = budget.model, budget.example, budget.plan, budget.curves, budget.measure
     base = measure(model)
 
     tried: list[tuple[dict[str, int], float]] = []
@@ -191,14 +195,7 @@ def timed_ratio(teacher: nn.Module, student: nn.Module, input_shape: Any, batch:
 
 
 def _calibrate_latency(
-    teacher: nn.Module,
-    example: torch.Tensor,
-    plan: list[LayerPlan],
-    curves: list[LayerCurve],
-    measure: Callable[[nn.Module], float],
-    fraction: float,
-    cfg: Any,
-    rounds: int = 3,
+    budget: _Budget, fraction: float, cfg: Any, rounds: int = 3
 ) -> tuple[dict[str, int], float, dict[str, float]]:
     """The table misses what does not shrink with channels (activations, sums, narrow-kernel overheads), so
     the student is timed end to end against the teacher and the table's target rescaled, up to ``rounds``
@@ -206,10 +203,9 @@ def _calibrate_latency(
     asked = fraction
     best = None
     for _ in range(rounds):
-        counts, table_ratio, _ = _search(
-            teacher, example, plan, curves, measure, asked, cfg.target_tolerance, strict=False
-        )
-        probe = prune_to_counts(teacher, example, plan, counts)
+        counts, table_ratio, _ = _search(budget, asked, cfg.target_tolerance, strict=False)
+        teacher, example = budget.model, budget.example
+        probe = prune_to_counts(teacher, example, budget.plan, counts)
         timed, noise = timed_ratio(teacher, probe, example.shape[1:], cfg.latency_batch)
         if best is None or abs(timed - fraction) < abs(best[1] - fraction):
             best = (counts, timed, {"timed_ratio": timed, "noise": noise, "table_ratio": table_ratio})
@@ -256,12 +252,13 @@ def plan_target(
         raise UserError("no layer can be narrowed for a target; check --include/--exclude patterns")
     curves = sensitivity_curves(teacher, images, plan, cfg.signal, batch_size=cfg.batch_size)
     channel_costs(teacher, example, curves, plan, measure)
+    budget = _Budget(teacher, example, plan, curves, measure)
     timing: dict[str, float] = {}
     if kind == "latency" and not custom:
-        counts, achieved, timing = _calibrate_latency(teacher, example, plan, curves, measure, fraction, cfg)
+        counts, achieved, timing = _calibrate_latency(budget, fraction, cfg)
         searches = 0
     else:
-        counts, achieved, searches = _search(teacher, example, plan, curves, measure, fraction, cfg.target_tolerance)
+        counts, achieved, searches = _search(budget, fraction, cfg.target_tolerance)
     overrides, kept = {}, {}
     for c in curves:
         k = counts[c.name]

@@ -11,7 +11,7 @@ from crossdistill.compress import CompressConfig, compress, recalibrate_bn
 from crossdistill.data import Split, few_shot_indices
 from crossdistill.errors import UserError
 from crossdistill.methods import run_method
-from crossdistill.mir import MirConfig, feature_point, holdout_folds, mir_refine
+from crossdistill.mir import MirConfig, MirExtras, feature_point, holdout_folds, mir_refine
 from crossdistill.models import get_model, list_models
 
 FEW = MirConfig(steps=3, batch_size=8)  # a few steps: the test checks plumbing, not accuracy
@@ -159,17 +159,19 @@ def test_holdout_chooses_the_steps_and_falls_back_to_fixed_steps_at_k1():
     student, _ = run_method("l1", teacher, images, keep=0.5)
     labels = torch.arange(4).repeat_interleave(2)
     cfg = MirConfig(steps=10, eval_every=5, holdout_folds=2, lr=1e-3)
-    _, info = mir_refine(student, teacher, images, cfg, labels=labels)
+    _, info = mir_refine(student, teacher, images, cfg, extras=MirExtras(labels=labels))
     assert info["holdout"]["folds"] == 2 and [s for s, _ in info["holdout"]["curve"]] == [0, 5, 10]
     assert info["steps_run"] == info["holdout"]["steps_chosen"]
-    _, info = mir_refine(student, teacher, images, cfg, labels=torch.arange(8))  # K = 1
+    _, info = mir_refine(student, teacher, images, cfg, extras=MirExtras(labels=torch.arange(8)))  # K = 1
     assert info["holdout"] == {"skipped": "K = 1"} and info["steps_run"] == 10
 
 
 def test_validation_images_keep_the_best_weights():
     teacher, images = _teacher(get_model("resnet20", 10, 1), n=8)
     student, _ = run_method("l1", teacher, images, keep=0.5)
-    _, info = mir_refine(student, teacher, images[:4], MirConfig(steps=10, eval_every=5), val_images=images[4:])
+    _, info = mir_refine(
+        student, teacher, images[:4], MirConfig(steps=10, eval_every=5), extras=MirExtras(val_images=images[4:])
+    )
     curve = info["validation"]["curve"]
     assert [s for s, _ in curve] == [0, 5, 10] and info["validation"]["best_loss"] == min(v for _, v in curve)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..mir import MirConfig, method_defaults, mir_refine
+from ..mir import MirConfig, MirExtras, method_defaults, mir_refine
 from .common import finish, resolve_configs, stage_record, start
 from .l1 import prune_l1
 
@@ -37,7 +37,8 @@ def mir(
     run = start("mir", teacher, images, labels, cfg)
     kept = prune_l1(run)
     masks = None if run.structured else kept
-    run.student, info = mir_refine(run.student, run.teacher, run.images, hp, labels=run.labels, masks=masks)
+    extras = MirExtras(labels=run.labels)
+    run.student, info = mir_refine(run.student, run.teacher, run.images, hp, masks=masks, extras=extras)
     run.records.append(stage_record(run, "<mir: features>", info["loss_before"], info["loss_after"], info["seconds"]))
     student, report = finish(run, hp)
     report.refine = info
