@@ -90,6 +90,9 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         "output_error_fit": round(report.output_error, 4),
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "machine": machine(),
         "note": "shared 2-core machine, other jobs running" if device == "cpu" else "",
     }
