@@ -90,6 +90,9 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         "output_error_fit": round(report.output_error, 4),
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "machine": machine(),
         "note": "shared 2-core machine, other jobs running" if device == "cpu" else "",
     }
@@ -122,6 +125,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
     ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
+    ap.add_argument("--again", action="store_true", help="run rows already in the results file once more")
     args = ap.parse_args()
     if args.readme:
         readme_table()
@@ -136,7 +140,7 @@ def main() -> None:
         for n in [50] if model == "resnet56" else args.n:
             for method in args.methods:
                 for capture in captures:
-                    if (model, n, method, capture, args.device) in done:
+                    if (model, n, method, capture, args.device) in done and not args.again:
                         continue
                     cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
                     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -573,34 +573,47 @@ def _solve_groups_batched(
     pad = explicit_padding(layer)
     if layer.padding_mode != "zeros":
         raise TypeError("only convolutions with zero padding are supported by the least-squares solver")
-    GTT = torch.zeros(G, dg, dg, dtype=torch.float64, device=w0.device)
-    GSS = GTT if hT is hS else torch.zeros_like(GTT)
-    GTS = GTT if hT is hS else torch.zeros_like(GTT)
+    # only the Grams the objective's quadratic and linear parts use (LayerStats' rule); the targets'
+    # energy per group comes from the layer's own grouped conv, far cheaper than G_TT
+    need = set()
+    for t in terms:
+        need |= {"TT"} if (t.r * t.r or t.r * t.p) else set()
+        need |= {"SS"} if (t.s * t.s or t.s * t.q) else set()
+        need |= {"TS"} if (t.r * t.s or t.r * t.q or t.s * t.p) else set()
+    zeros = lambda: torch.zeros(G, dg, dg, dtype=torch.float64, device=w0.device)  # noqa: E731
+    GTT, GSS, GTS = zeros(), zeros(), zeros()
+    const = torch.zeros(G, dtype=torch.float64, device=w0.device)
     rows = 0
     per_image = hT[0].numel() * kk * hT.element_size()  # im2col bytes per image (stride 1; less otherwise)
     chunk = max(1, min(opts.batch_size, (256 * 2**20) // max(per_image, 1)))
+
+    def cols(h: torch.Tensor) -> torch.Tensor:  # (G, dg, n*L): each group's im2col, contiguous for bmm
+        u = F.unfold(h, layer.kernel_size, layer.dilation, pad, layer.stride)  # (n, C*kk, L)
+        return u.view(u.shape[0], G, dg, -1).permute(1, 2, 0, 3).reshape(G, dg, -1)
+
     for j in range(0, len(hT), chunk):
-        uT = F.unfold(hT[j : j + chunk], layer.kernel_size, layer.dilation, pad, layer.stride)  # (n, C*kk, L)
-        n, _, L = uT.shape
-        uT = uT.view(n, G, dg, L)
-        GTT += torch.einsum("ngdl,ngel->gde", uT, uT).double()
-        if hT is not hS:
-            uS = F.unfold(hS[j : j + chunk], layer.kernel_size, layer.dilation, pad, layer.stride).view(n, G, dg, L)
-            GSS += torch.einsum("ngdl,ngel->gde", uS, uS).double()
-            GTS += torch.einsum("ngdl,ngel->gde", uT, uS).double()
-        rows += n * L
+        xT, xS = hT[j : j + chunk], hS[j : j + chunk]
+        uT = cols(xT) if need & {"TT", "TS"} else None
+        uS = uT if xS is xT and uT is not None else (cols(xS) if need & {"SS", "TS"} else None)
+        if "TT" in need:
+            GTT += torch.bmm(uT, uT.transpose(1, 2)).double()
+        if "SS" in need:
+            GSS += torch.bmm(uS, uS.transpose(1, 2)).double()
+        if "TS" in need:
+            GTS += torch.bmm(uT, uS.transpose(1, 2)).double()
+        for t in terms:
+            y = F.conv2d(t.p * xT + t.q * xS, wT, None, layer.stride, pad, layer.dilation, G)  # (n, C_out, ...)
+            const += t.weight * y.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
+        rows += (uT if uT is not None else uS).shape[-1]
     GST = GTS.transpose(1, 2)
     A = torch.zeros_like(GTT)
     cross = torch.zeros_like(GTT)
-    target = torch.zeros_like(GTT)
     for t in terms:
         A += t.weight * (t.r**2 * GTT + t.s**2 * GSS + t.r * t.s * (GTS + GST))
         cross += t.weight * (t.r * t.p * GTT + t.r * t.q * GTS + t.s * t.p * GST + t.s * t.q * GSS)
-        target += t.weight * (t.p**2 * GTT + t.q**2 * GSS + t.p * t.q * (GTS + GST))
     wt = wT.reshape(G, cout_g, dg).double()
     W0 = w0.reshape(G, cout_g, dg).double()
     C = cross @ wt.transpose(1, 2)  # (G, dg, cout_g)
-    const = torch.einsum("god,gde,goe->g", wt, target, wt)
 
     def group_loss(W: torch.Tensor) -> torch.Tensor:  # (G,) unnormalised objective per group
         quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const
