@@ -24,7 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .config import CompressConfig
-from .plan import unsupported_reason
+from .plan import input_shapes, spatial_size, unsupported_reason
 from .pruning import ChannelRemover, is_depthwise
 
 __all__ = [
@@ -48,22 +48,9 @@ OVERFIT_FLOOR = 0.05  # ... and is above this relative error (tiny errors on bot
 
 
 def _spatial_inputs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
-    """H*W of each Conv2d's input on ``example`` (SE convs see 1x1 maps)."""
-    sizes: dict[nn.Module, int] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args: sizes.__setitem__(mod, args[0].shape[-2] * args[0].shape[-1]))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    return sizes
+    """H*W of each Conv2d's input on ``example`` (SE convs see 1x1 maps), keyed by module."""
+    shapes = input_shapes(model, example)
+    return {model.get_submodule(n): spatial_size(shape) for n, shape in shapes.items()}
 
 
 def left_whole_layers(

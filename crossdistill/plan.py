@@ -243,7 +243,7 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
     return shapes
 
 
-def _hw(shape: tuple[int, ...] | None) -> int:
+def spatial_size(shape: tuple[int, ...] | None) -> int:
     return shape[-1] * shape[-2] if shape is not None and len(shape) == 4 else 0
 
 
@@ -268,7 +268,7 @@ def se_gated_channels(
     layer = remover.model.get_submodule(name)
     if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
         return []
-    if _hw(shapes.get(name)) <= 1:
+    if spatial_size(shapes.get(name)) <= 1:
         return []
     c_in = layer.weight.shape[1]
     fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
@@ -300,7 +300,7 @@ def se_gated_channels(
         if blocked[j] or len(producers[j]) != 2 or len(consumers[j]) != 1:
             continue
         squeeze = remover.names.get(consumers[j][0])
-        if _hw(shapes.get(squeeze)) != 1:
+        if spatial_size(shapes.get(squeeze)) != 1:
             continue
         for p in producers[j]:
             if p not in fed_by:
