@@ -40,11 +40,12 @@ from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teac
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
-from crossdistill.checkpoint import atomic_write, load_checkpoint
+from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
 from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
+from crossdistill.files import atomic_write
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
 from crossdistill.target import plan_target, pruned_plan
@@ -282,6 +283,9 @@ def main() -> None:
         md = Path(args.out).with_suffix(".md")
         text = "# Compress to a FLOPs target (bench_target.py)\n\n" + table(Path(args.out))
         atomic_write(md, lambda tmp: Path(tmp).write_text(text))
+        from report import fill_readme
+
+        fill_readme({"target_table": table(Path(args.out))})  # README.md, between its target_table markers
         print(text)
         return
     run_cells(args)
