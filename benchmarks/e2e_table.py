@@ -29,32 +29,32 @@ def _cell(values: list[float]) -> str:
 def table(dataset: str) -> str:
     e2e = read_jsonl(RESULTS / f"accuracy_{dataset}_e2e.jsonl")
     main = read_jsonl(RESULTS / f"accuracy_{dataset}.jsonl")
-    acc: dict[tuple, dict[int, float]] = defaultdict(dict)  # (model, k, method) -> seed -> accuracy
+    acc: dict[tuple, dict[int, float]] = defaultdict(dict)  # (model, pruning, k, method) -> seed -> accuracy
     for r in e2e:
-        if r["prune"] == "structured" and r["keep"] == 0.5:
-            acc[r["model"], r["k"], r["method"]][r["seed"]] = r["accuracy"]
+        acc[r["model"], (r["prune"], r["keep"]), r["k"], r["method"]][r["seed"]] = r["accuracy"]
     lines = [
-        f"Structured keep 0.5, test split, top-1 % (mean ± std over the seeds run); `{dataset}` rows of "
-        "`accuracy_*_e2e.jsonl`, NC / Ours-S from the main grid on the same seeds.",
+        f"Test split, top-1 % (mean ± std over the seeds run); `{dataset}` rows of `accuracy_*_e2e.jsonl`, "
+        "NC / Ours-S from the main grid on the same seeds.",
         "",
-        "| model | K | method | accuracy |",
-        "|---|---|---|---|",
+        "| model | pruning | K | method | accuracy |",
+        "|---|---|---|---|---|",
     ]
-    for model, k in sorted({(m, k) for m, k, _ in acc}):
-        seeds = sorted({s for (m, kk, _), v in acc.items() if (m, kk) == (model, k) for s in v})
+    for group in sorted({key[:3] for key in acc}):
+        model, (prune, keep), k = group
+        seeds = sorted({s for key, v in acc.items() if key[:3] == group for s in v})
         for method in REFERENCE:
             ref = [
                 r["accuracy"]
                 for r in main
-                if (r["model"], r["k"], r["method"], r["prune"], r["keep"]) == (model, k, method, "structured", 0.5)
+                if (r["model"], r["k"], r["method"], r["prune"], r["keep"]) == (model, k, method, prune, keep)
                 and r["seed"] in seeds
                 and r.get("solver", "lstsq") == "lstsq"
             ]
             if ref:
-                lines.append(f"| {model} | {k} | {method} (main grid) | {_cell(ref)} |")
-        for (m, kk, method), by_seed in sorted(acc.items()):
-            if (m, kk) == (model, k):
-                lines.append(f"| {model} | {k} | {method} | {_cell(list(by_seed.values()))} |")
+                lines.append(f"| {model} | {prune} {keep} | {k} | {method} (main grid) | {_cell(ref)} |")
+        for key, by_seed in sorted(acc.items()):
+            if key[:3] == group:
+                lines.append(f"| {model} | {prune} {keep} | {k} | {key[3]} | {_cell(list(by_seed.values()))} |")
     return "\n".join(lines)
 
 
