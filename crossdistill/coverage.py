@@ -16,6 +16,7 @@ is named.
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatch
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "shortfall_message",
     "width_mismatches",
     "heldout_errors",
+    "first_tensor",
     "SHORTFALL_FRACTION",
     "OVERFIT_FACTOR",
 ]
@@ -185,8 +187,19 @@ def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict[
     return got, y
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+def first_tensor(out: Any) -> torch.Tensor:
+    """A model's output, or the first tensor of a dict / tuple output (the one compared with the teacher's)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out
+    return next(first_tensor(v) for v in values)
+
+
+def _rel(a: Any, b: Any) -> float:
+    """``||a - b|| / ||b||`` in double precision (``||a - b||`` when ``b`` is zero), as run.output_error."""
+    a, b = first_tensor(a).double(), first_tensor(b).double()
+    diff, ref = float((a - b).pow(2).sum()), float(b.pow(2).sum())
+    return math.sqrt(diff / ref) if ref > 0 else math.sqrt(diff)
 
 
 def heldout_errors(

@@ -31,7 +31,14 @@ from torch import nn
 from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
-from .coverage import ShortfallWarning, heldout_errors, left_whole_layers, shortfall_message, width_mismatches
+from .coverage import (
+    ShortfallWarning,
+    first_tensor,
+    heldout_errors,
+    left_whole_layers,
+    shortfall_message,
+    width_mismatches,
+)
 from .errors import UserError
 from .measure import count_flops, count_params
 from .objectives import Term
@@ -190,14 +197,6 @@ def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0) -> tuple
     return order[n_hold:].sort().values, order[:n_hold].sort().values
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out
-    return next(_first_tensor(v) for v in values)
-
-
-@torch.no_grad()
 def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 128) -> float:
     """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored)."""
     modes = student.training, teacher.training
@@ -208,7 +207,7 @@ def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, b
         for i in range(0, len(images), batch_size):
             yT, yS = teacher(images[i : i + batch_size]), student(images[i : i + batch_size])
             if not isinstance(yT, torch.Tensor):  # a dict / tuple output: compare its first tensor
-                yT, yS = _first_tensor(yT), _first_tensor(yS)
+                yT, yS = first_tensor(yT), first_tensor(yS)
             diff += float((yS - yT).double().pow(2).sum())
             ref += float(yT.double().pow(2).sum())
     finally:
@@ -351,15 +350,17 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         sparsity=sparsity(student, [p.name for p in run.plan]),
         seconds=time.perf_counter() - run.t_start,
         peak_memory_mb=measure_peak_memory_mb(run.device),
-        output_error=output_error(student, run.teacher, run.heldout if run.heldout is not None else run.images),
         output_error_on="held-out" if run.heldout is not None else "fit",
         capture=run.capture,
     )
-    _check_coverage(run, report)
-    if run.heldout is not None:
+    if run.heldout is not None:  # one pass over both image sets gives the output and per-layer errors
         report.heldout = heldout_errors(run.teacher, student, run.images, run.heldout, [p.name for p in run.plan])
-        if report.heldout["warning"]:
-            warnings.warn(report.heldout["warning"], ShortfallWarning, stacklevel=2)
+        report.output_error = report.heldout["output_error"]
+    else:
+        report.output_error = output_error(student, run.teacher, run.images)
+    _check_coverage(run, report)
+    if report.heldout is not None and report.heldout["warning"]:
+        warnings.warn(report.heldout["warning"], ShortfallWarning, stacklevel=2)
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
 
