@@ -74,15 +74,19 @@ class LayerPlan:
     keep: float | None  # fraction of input channels (structured) or weights (unstructured); None: re-fit only
     channels: list[int] | None = None  # structured: the prunable input channels (None: all); keep applies to these
     round_to: int = 1  # structured: the kept count is rounded to a multiple of this (see round_count)
+    tie: int = 1  # structured: channels per unit (GhostNet twins: 2); kept counts are whole units
 
     def n_keep(self, total: int) -> int:
         """Kept input channels / weights out of ``total``: channels outside ``channels`` are always kept."""
         if self.keep is None:
             return total
-        if self.channels is None:
-            return round_count(keep_count(total, self.keep), self.round_to, 1, total)
-        fixed = total - len(self.channels)
-        return round_count(fixed + keep_count(len(self.channels), self.keep), self.round_to, fixed + 1, total)
+        free = total if self.channels is None else len(self.channels)
+        fixed = total - free
+        if self.tie > 1:  # whole units (ChannelRemover.channel_ties), at least one
+            n = fixed + self.tie * keep_count(free // self.tie, self.keep)
+            rounded = round_count(n, self.round_to, fixed + 1, total)
+            return fixed + self.tie * max(1, round((rounded - fixed) / self.tie))
+        return round_count(fixed + keep_count(free, self.keep), self.round_to, fixed + 1, total)
 
 
 def keep_count(total: int, keep: float) -> int:
@@ -211,7 +215,8 @@ def make_plan(
                     channels = sorted(set(channels) | set(se_gated_channels(remover, name, shapes, untouched)))
             if channels:
                 whole = len(channels) == layer.weight.shape[1]
-                plan.append(LayerPlan(name, ratio, None if whole else channels, cfg.round_to))
+                tie = remover.tie_size(name, channels) if remover is not None else 1
+                plan.append(LayerPlan(name, ratio, None if whole else channels, cfg.round_to, tie))
             elif cfg.refit_unpruned:
                 plan.append(LayerPlan(name, None))
         else:

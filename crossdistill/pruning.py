@@ -18,6 +18,11 @@ A layer whose every input channel is removable is *independently prunable*
 (VGG convs 2-13, the inner conv of a residual block, a bottleneck); a
 concatenation consumer is *partly prunable*: only the slices of producers
 that feed it alone can go.
+
+*Tied* channels: two input channels of one layer that share a producer filter (a GhostNet ghost module
+concatenates a primary conv's outputs with a depthwise copy of them: input j and input j + C/2 both come
+from primary filter j). Removing one removes the other, so they are chosen and counted together, as one
+*unit* (:meth:`ChannelRemover.channel_ties`).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class ChannelRemover:
                 p.requires_grad_(False)
         self.names = {m: n for n, m in model.named_modules()}
         self._groups: dict[str, list[int]] = {}
-        self._sources: dict[str, dict[int, tuple[str, int]]] = {}
+        self._ties: dict[str, dict[int, int]] = {}  # layer -> {twin input channel: the channel it is tied to}
         self._shared: set[str] = set()
 
     def _group(self, layer: nn.Module, idxs: list[int]):
@@ -98,7 +103,7 @@ class ChannelRemover:
         if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
             return []
         if name in self._shared:  # every input channel also feeds another layer (seen in an earlier group)
-            self._groups[name], self._sources[name] = [], {}
+            self._groups[name], self._ties[name] = [], {}
             return []
         c_in = layer.weight.shape[1]
         covered: dict[nn.Module, set[int]] = {}  # other consumers -> their input channels shared with ``layer``
@@ -107,7 +112,6 @@ class ChannelRemover:
         producer_width = 0
         reshaped = False
         groups = [-1] * c_in  # group of the grouped producer each channel comes from (-1: not grouped)
-        sources: list[tuple[str, int] | None] = [None] * c_in  # (producer, its output channel)
         for item in self._group(layer, list(range(c_in))):
             mod, handler = item.dep.target.module, item.dep.handler
             roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
@@ -129,7 +133,6 @@ class ChannelRemover:
                 per_group = mod.weight.shape[0] // getattr(mod, "groups", 1)
                 for r, o in zip(roots, item.idxs, strict=True):
                     producers[r] += 1
-                    sources[r] = (self.names.get(mod, "?"), int(o))
                     blocked[r] |= not ok
                     if getattr(mod, "groups", 1) > 1:
                         groups[r] = int(o) // per_group
@@ -148,15 +151,95 @@ class ChannelRemover:
             # (a channel shuffle): its index map is not followed
             return []
         chosen = [j for j in range(c_in) if producers[j] == 1 and not blocked[j]]
+        orphans = {j for j in range(c_in) if producers[j] == 0 and not blocked[j]}
+        ties = self._find_ties(layer, chosen, orphans, blocked) if orphans and chosen else {}
+        chosen = sorted(set(chosen) - {t for t, r in ties.items() if r < 0} | {t for t, r in ties.items() if r >= 0})
+        self._ties[name] = {t: r for t, r in ties.items() if r >= 0}
+        for t, r in self._ties[name].items():
+            groups[t] = groups[r]
         self._groups[name] = [groups[j] for j in chosen]
-        self._sources[name] = {j: sources[j] for j in chosen}
         return chosen
 
-    def channel_sources(self, name: str) -> dict[int, tuple[str, int]]:
-        """Prunable input channel of ``name`` -> (the layer producing it, that layer's output channel)."""
-        if name not in self._sources:
+    def _find_ties(self, layer: nn.Module, chosen: list[int], orphans: set[int], blocked: list[bool]) -> dict[int, int]:
+        """Twin input channels of ``layer``: {twin: the chosen channel whose removal takes it along}. A twin is
+        an input channel with no producer of its own in the full group (torch-pruning reaches the shared
+        filter once, from the other channel); removing the chosen channels alone shows it in ``layer``'s
+        own input indices. ``{chosen channel: -1}`` marks a chosen channel whose twin cannot go (blocked)."""
+        ties: dict[int, int] = {}
+        for item in self._group(layer, chosen):
+            mod, handler = item.dep.target.module, item.dep.handler
+            if mod is not layer or not self.graph.is_in_channel_pruning_fn(handler):
+                continue
+            roots = item.root_idxs if item.root_idxs is not None else item.idxs
+            for r, i in zip(roots, item.idxs, strict=True):
+                r, i = int(r), int(i)
+                if i == r or i in chosen:
+                    continue
+                if i in orphans:
+                    ties[i] = r
+                elif blocked[i]:
+                    ties[r] = -1
+        # a unit whose removal also drops a blocked channel stays, its twins with it
+        return {t: r for t, r in ties.items() if r < 0 or ties.get(r, 0) >= 0}
+
+    def channel_ties(self, name: str) -> torch.Tensor | None:
+        """Unit id of each input channel of ``name``: tied channels (module docstring) share the id of the
+        channel they are tied to, every other channel is its own unit. None when nothing is tied."""
+        if name not in self._ties:
             self.prunable_channels(name)
-        return dict(self._sources.get(name, {}))
+        ties = self._ties.get(name, {})
+        if not ties:
+            return None
+        unit = torch.arange(self.model.get_submodule(name).weight.shape[1])
+        for t, r in ties.items():
+            unit[t] = r
+        return unit
+
+    def tie_size(self, name: str, channels: list[int]) -> int:
+        """Channels per unit among ``channels`` of ``name`` (1: nothing tied, or units of unequal sizes)."""
+        unit = self.channel_ties(name)
+        if unit is None or not channels:
+            return 1
+        sizes = unit[torch.tensor(channels, dtype=torch.long)].unique(return_counts=True)[1]
+        return int(sizes[0]) if bool((sizes == sizes[0]).all()) else 1
+
+    def channel_sources(self, name: str, every: list | None = None) -> dict[int, tuple[str, int]]:
+        """Input channel j of layer ``name`` -> (producer layer, its output filter) for every channel with a
+        producing Conv2d/Linear (through concatenations, depthwise convs and elementwise ops); a tied channel
+        has the producer of its unit. A squeeze-excite gated channel has two producers: the main conv counts,
+        not the SE excite conv (fed by the SE squeeze, another consumer of the same channels). ``every``: a
+        list to which every (channel, producer, filter) is appended, SE excite convs included (their outputs
+        go too)."""
+        layer = self.model.get_submodule(name)
+        producers, consumers = [], set()
+        for item in self._group(layer, list(range(layer.weight.shape[1]))):
+            mod, handler = item.dep.target.module, item.dep.handler
+            if mod is layer or not isinstance(mod, (nn.Conv2d, nn.Linear)) or is_depthwise(mod):
+                continue
+            if self.graph.is_in_channel_pruning_fn(handler):
+                consumers.add(self.names[mod])
+            elif self.graph.is_out_channel_pruning_fn(handler):
+                producers.append(item)
+        out: dict[int, tuple[str, int]] = {}
+        fallback: dict[int, tuple[str, int]] = {}
+        for item in producers:
+            mod = item.dep.target.module
+            # an SE excite conv is fed by the squeeze conv that reads these channels: the main conv counts
+            gate = bool(consumers) and bool(set(self.coupled_layers(mod)[1]) & consumers)
+            roots = item.root_idxs if item.root_idxs is not None else item.idxs
+            for r, i in zip(roots, item.idxs, strict=True):
+                (fallback if gate else out).setdefault(int(r), (self.names[mod], int(i)))
+                if every is not None:
+                    every.append((int(r), self.names[mod], int(i)))
+        out = {**fallback, **out}
+        if name not in self._ties:
+            self.prunable_channels(name)
+        for t, r in self._ties.get(name, {}).items():
+            if r in out:
+                out[t] = out[r]
+                if every is not None:
+                    every.append((t, *out[r]))
+        return out
 
     def channel_groups(self, name: str, channels: list[int] | None = None) -> torch.Tensor | None:
         """Group id of each prunable input channel of ``name`` (in :meth:`prunable_channels` order) whose
@@ -167,6 +250,22 @@ class ChannelRemover:
         if not groups or all(g < 0 for g in groups):
             return None
         return torch.tensor(groups)
+
+    def other_consumers(self, name: str, channels: list[int]) -> dict[str, list[int]]:
+        """Layers other than ``name`` (Conv2d / Linear, not depthwise) whose input channels go with input
+        ``channels`` of ``name``: {layer: its input channels that go}. The squeeze conv of a squeeze-excite
+        block reads the pooled channels it gates (plan.se_gated_channels); nothing else shares a prunable one."""
+        layer = self.model.get_submodule(name)
+        out: dict[str, set[int]] = {}
+        if not channels:
+            return {}
+        for item in self._group(layer, list(channels)):
+            mod, handler = item.dep.target.module, item.dep.handler
+            if mod is layer or not isinstance(mod, (nn.Conv2d, nn.Linear)) or is_depthwise(mod):
+                continue
+            if self.graph.is_in_channel_pruning_fn(handler) and mod in self.names:
+                out.setdefault(self.names[mod], set()).update(int(i) for i in item.idxs)
+        return {n: sorted(idxs) for n, idxs in out.items()}
 
     def independently_prunable(self, name: str) -> bool:
         """Every input channel of ``name`` is removable (see :meth:`prunable_channels`)."""

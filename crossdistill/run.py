@@ -451,6 +451,29 @@ def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
     return stream
 
 
+def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor, solve: Callable[[LayerStep], SolveResult]) -> None:
+    """Re-fit the other readers of the channels about to go from ``name`` (the squeeze conv of a
+    squeeze-excite block: it pools the channels it gates) on the channels kept, before they go. Left as
+    sliced, the squeeze conv loses part of its input and the gates of the kept channels drift. Objective:
+    its own current output from the kept channels alone, ``||W0 h^S - W h^S_kept||^2`` (it was re-fitted
+    towards the teacher already, if planned; its output rows may be narrower than the teacher's)."""
+    assert run.remover is not None
+    total = run.student.get_submodule(name).weight.shape[1]
+    dropped = sorted(set(range(total)) - set(kept.tolist()))
+    for other, gone in run.remover.other_consumers(name, dropped).items():
+        layer = run.student.get_submodule(other)
+        c_in = layer.weight.shape[1]
+        fixed = torch.tensor(sorted(set(range(c_in)) - set(gone)), dtype=torch.long, device=run.device)
+        if len(fixed) == 0 or len(fixed) == c_in:
+            continue
+        hS = capture_input(run.student, other, run.images, run.cfg.batch_size)
+        w0 = layer.weight.detach().clone()
+        problem = LayerProblem([Term(1.0, 0, 1, 0, 1)], w0, w0.clone(), len(fixed), fixed, True)
+        res = solve(LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size))
+        with torch.no_grad():
+            layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
+
+
 def refit_layers(
     run: Run,
     terms_for: Callable[[LayerPlan], list[Term] | None],
@@ -520,8 +543,9 @@ def refit_layers(
         groups = _channel_groups(run, p, total) if run.structured and n_keep < total else None
         if groups is not None:  # a grouped producer: the same share of each of its groups
             n_keep = sum(group_targets(groups, n_keep).values())
+        ties = run.remover.channel_ties(p.name) if run.structured and n_keep < total else None
         w0 = layer.weight.detach().clone()
-        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured, groups)
+        problem = LayerProblem(terms, wT, w0, n_keep, fixed, run.structured, groups, ties)
         res = solve(LayerStep(p.name, layer, problem, hT, hS, cfg.batch_size))
         del hS, hT
 
@@ -530,6 +554,7 @@ def refit_layers(
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
         pruned = run.structured and n_keep < total
         if pruned:
+            _refit_gate_inputs(run, p.name, res.kept, solve)
             res.kept = run.remover.remove_input_channels(p.name, res.kept)
         elif not run.structured:
             apply_mask(layer, res.kept)

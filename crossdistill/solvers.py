@@ -58,6 +58,7 @@ __all__ = [
     "never_worse",
     "group_targets",
     "select_channels",
+    "select_units",
 ]
 
 
@@ -74,6 +75,9 @@ class LayerProblem:
     # structured: group id of each input channel (its producer is a grouped conv); the same share of
     # every group is kept so the producer stays a valid grouped conv (None: no constraint)
     channel_groups: torch.Tensor | None = None
+    # structured: unit id of each input channel; channels of one unit share a producer filter and are
+    # kept or removed together (GhostNet twins; ChannelRemover.channel_ties). None: every channel alone
+    ties: torch.Tensor | None = None
 
 
 def group_targets(groups: torch.Tensor, n_keep: int) -> dict[int, int]:
@@ -84,10 +88,18 @@ def group_targets(groups: torch.Tensor, n_keep: int) -> dict[int, int]:
 
 
 def select_channels(
-    keep: torch.Tensor, scores: torch.Tensor, count: int, groups: torch.Tensor | None, n_keep: int
+    keep: torch.Tensor,
+    scores: torch.Tensor,
+    count: int,
+    groups: torch.Tensor | None,
+    n_keep: int,
+    ties: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``count`` best of ``keep`` (sorted), by ``scores``; with ``groups`` (a group id per input channel)
-    each group keeps its share, falling linearly with ``count`` to its :func:`group_targets` value."""
+    each group keeps its share, falling linearly with ``count`` to its :func:`group_targets` value; with
+    ``ties`` (a unit id per input channel) whole units, ranked by their channels' summed scores."""
+    if ties is not None and groups is None:
+        return select_units(keep, scores, count, ties)
     if groups is None:
         return keep[scores.topk(count).indices.sort().values]
     gk = groups.to(keep.device)[keep]
@@ -102,6 +114,22 @@ def select_channels(
         c = max(target, min(len(idx), round(size - (size - target) * frac)))
         chosen.append(idx[scores[idx].topk(c).indices])
     return keep[torch.cat(chosen).sort().values]
+
+
+def select_units(keep: torch.Tensor, scores: torch.Tensor, count: int, ties: torch.Tensor) -> torch.Tensor:
+    """Whole units of ``keep`` (sorted), best summed score first, up to ``count`` channels: a unit that would
+    overshoot is passed over for a smaller one, so equal units of size u keep ``count`` rounded down to u."""
+    unit = ties.to(keep.device)[keep]
+    ids, inv = unit.unique(return_inverse=True)
+    total = torch.zeros(len(ids), dtype=torch.float64, device=keep.device).index_add_(0, inv, scores.double())
+    sizes = torch.bincount(inv, minlength=len(ids)).tolist()
+    chosen = torch.zeros(len(keep), dtype=torch.bool, device=keep.device)
+    left = count
+    for u in total.argsort(descending=True, stable=True).tolist():
+        if 0 < sizes[u] <= left:
+            chosen |= inv == u
+            left -= sizes[u]
+    return keep[chosen.nonzero().flatten()]
 
 
 @dataclass
@@ -457,7 +485,7 @@ def solve_structured(stats: LayerStats, problem: LayerProblem, opts: LstsqOption
         if count < len(keep):
             scores = channel_scores(W[:, cols], system, cols, kk, opts.channel_criterion)
             scores = scores.masked_fill(pinned[keep], float("inf"))
-            keep = select_channels(keep, scores, count, problem.channel_groups, n_keep)
+            keep = select_channels(keep, scores, count, problem.channel_groups, n_keep, problem.ties)
     keep_cols = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
     keep_cols[kept_columns(keep, w0)] = True
     res = never_worse(system, W, W0, keep_cols, loss_before)
@@ -682,7 +710,7 @@ def adam_solve(
                         norms[fixed] = float("inf")
                     chan = torch.zeros(c_in, dtype=torch.bool, device=W.device)
                     every = torch.arange(c_in, device=W.device)
-                    chan[select_channels(every, norms, count, problem.channel_groups, n_keep)] = True
+                    chan[select_channels(every, norms, count, problem.channel_groups, n_keep, problem.ties)] = True
                     mask = chan.view(1, -1, *([1] * (W.dim() - 2))).expand_as(W)
                 else:
                     mask = weight_mask(W * mask, None, count, "magnitude")

@@ -370,9 +370,8 @@ def test_baselines_prune_the_same_layers_to_the_same_counts_as_compress(arch: st
     for method, settings in BASELINE_SETTINGS.items():
         student, rep = run_method(method, teacher, x, labels, keep=keep, **settings)
         assert _pruned(rep) == expected, method
-        if arch != "ghostnet":  # the ghost module's twin channels: removing one drops both (arch, issue 13)
-            for name, (kept, _total) in expected.items():  # which filters go may differ, not the counts
-                assert student.get_submodule(name).weight.shape[1] == kept, (method, name)
+        for name, (kept, _total) in expected.items():  # which filters go may differ, not the counts
+            assert student.get_submodule(name).weight.shape[1] == kept, (method, name)
         assert torch.isfinite(student(x)).all(), method
 
 

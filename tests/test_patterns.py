@@ -248,3 +248,57 @@ def test_split_holdout_is_disjoint_seeded_and_leaves_images_to_fit() -> None:
     assert torch.equal(split_holdout(x, 0.2, 0)[1], held)
     assert len(split_holdout(x[:2], 0.9, 0)[0]) == 1
     assert len(split_holdout(x, 0.0, 0)[1]) == 0
+
+
+# --------------------------------------------------------------------------- tied channels (GhostNet)
+
+
+class _Ghost(nn.Module):
+    """conv -> ghost module (primary 1x1 to 6, depthwise copy, concat to 12) -> conv: the last conv's input
+    channels j and j + 6 both come from primary filter j."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.ReLU())
+        self.last = nn.Conv2d(12, 10, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.primary(self.stem(x))
+        return self.head(self.last(torch.cat([a, self.cheap(a)], 1)))
+
+
+def test_twin_channels_of_a_ghost_module_are_one_unit_with_one_source() -> None:
+    remover = ChannelRemover(_Ghost().eval(), _images()[:1])
+    assert remover.prunable_channels("last") == list(range(12))
+    ties = remover.channel_ties("last").tolist()
+    assert ties[:6] == ties[6:] and len(set(ties)) == 6
+    sources = remover.channel_sources("last")
+    assert all(sources[j] == sources[j + 6] == ("primary.0", j) for j in range(6))
+    assert remover.tie_size("last", list(range(12))) == 2
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75])
+def test_tied_channels_are_counted_as_reached_and_every_method_builds_the_same_widths(keep: float) -> None:
+    # the plan recorded 12 kept while removing a twin took its partner along (8 reached)
+    x = _images()
+    teacher = _ready(_Ghost, x)
+    widths = set()
+    for method in ["ours", "nc", "l1", "thinet", "cp"]:
+        student, report = run_method(method, teacher, x, keep=keep)
+        rec = {r.name: r for r in report.layers}["last"]
+        assert rec.kept == student.last.in_channels == 2 * student.primary[0].out_channels, method
+        assert report.shortfall is None or "differ" not in report.shortfall, method
+        widths.add(rec.kept)
+    assert widths == {6 if keep == 0.5 else 8}  # whole units: 3 (or floor(4.5) = 4) of the 6 primary filters
+
+
+def test_select_units_keeps_whole_units_by_their_summed_score() -> None:
+    from crossdistill.solvers import select_units
+
+    ties = torch.tensor([0, 1, 2, 0, 1, 2])
+    scores = torch.tensor([1.0, 5.0, 2.0, 4.0, 0.0, 2.5])  # unit sums: 0 -> 5, 1 -> 5 (stable: first), 2 -> 4.5
+    assert select_units(torch.arange(6), scores, 4, ties).tolist() == [0, 1, 3, 4]
+    assert select_units(torch.arange(6), scores, 3, ties).tolist() == [0, 3]  # never half a unit

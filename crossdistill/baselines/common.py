@@ -34,6 +34,7 @@ from ..run import start as start_run
 from ..solvers import GramSystem, LeastSquares, RowSystem, SolveResult, kept_columns, ridge_solve
 
 __all__ = [
+    "unit_select",
     "Run",
     "Needs",
     "resolve_configs",
@@ -225,10 +226,36 @@ def contribution_gram(system: LeastSquares, w: torch.Tensor) -> tuple[torch.Tens
     return G, b
 
 
+def unit_select(
+    select: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor],
+    G: torch.Tensor,
+    b: torch.Tensor,
+    n_keep: int,
+    fixed: torch.Tensor | None,
+    ties: torch.Tensor | None,
+) -> torch.Tensor:
+    """``select(G, b, n_keep, fixed)`` (kept channel indices, from contribution statistics) over whole units
+    when channels are tied (GhostNet twins share a producer filter): a unit contributes the sum of its
+    channels (``P^T G P``, ``P^T b``), and the kept units give back their channels (sorted)."""
+    if ties is None:
+        return select(G, b, n_keep, fixed)
+    ids, inv = ties.to(G.device).unique(return_inverse=True)
+    P = torch.zeros(len(inv), len(ids), dtype=G.dtype, device=G.device)
+    P[torch.arange(len(inv), device=G.device), inv] = 1.0
+    fixed_u = None if fixed is None or len(fixed) == 0 else inv[fixed.to(G.device)].unique()
+    n_fixed = 0 if fixed_u is None else int(P[:, fixed_u].sum())
+    size = int(P.sum(0).max())
+    n_units = (0 if fixed_u is None else len(fixed_u)) + max(1, (n_keep - n_fixed) // size)
+    kept_u = select(P.T @ G @ P, P.T @ b, n_units, fixed_u)
+    return torch.isin(inv, kept_u.to(inv.device)).nonzero().flatten()
+
+
 def layerwise(
     run: Run,
     terms: list[Term],
-    select: Callable[[LeastSquares, torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    select: Callable[
+        [LeastSquares, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+    ],
 ) -> None:
     """compress()'s per-layer step, for the baselines that reconstruct one pruned layer at a time (ThiNet, CP).
 
@@ -238,7 +265,8 @@ def layerwise(
     are captured once, up front, when a term uses them), let ``select(system,
     W0, n_keep, fixed)`` return the new weight (zeros outside the kept channels) and
     the kept input-channel indices (``fixed``: channels that must be kept, the
-    concatenated slices of a concatenation consumer that cannot go; counted in ``n_keep``),
+    concatenated slices of a concatenation consumer that cannot go; counted in ``n_keep``;
+    ``ties``: unit id per channel, or None, for :func:`unit_select`),
     write it, remove the other channels,
     record the objective before/after. BN mode while capturing:
     ``config.bn_mode``, as in compress().
@@ -250,7 +278,7 @@ def layerwise(
         stats.free()
         w0 = step.problem.w0
         loss_before = system.loss(w0)
-        weight, kept = select(system, w0, step.problem.n_keep, step.problem.fixed)
+        weight, kept = select(system, w0, step.problem.n_keep, step.problem.fixed, step.problem.ties)
         return SolveResult(weight, kept, loss_before, system.loss(weight))
 
     train_bn = run.cfg.bn_mode == "train"

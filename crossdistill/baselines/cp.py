@@ -46,7 +46,7 @@ from ..config import CompressConfig
 from ..objectives import Term
 from ..run import CompressReport
 from ..solvers import LeastSquares, kept_columns
-from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start
+from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start, unit_select
 
 __all__ = ["CPConfig", "channel_pruning", "lasso", "lasso_select"]
 
@@ -142,9 +142,9 @@ def channel_pruning(
     cfg, hp = resolve_configs(config, params, CPConfig, overrides)
     run = start("cp", teacher, images, labels, cfg, Needs(structured=True))
 
-    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int, fixed: torch.Tensor | None):
+    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int, fixed: torch.Tensor | None, ties):
         G, b = contribution_gram(system, w0)  # b = <Z_c, W^T * h^T>
-        kept = lasso_select_with_fixed(G, b, n_keep, fixed, hp)
+        kept = unit_select(lambda G, b, n, f: lasso_select_with_fixed(G, b, n, f, hp), G, b, n_keep, fixed, ties)
         W = torch.zeros_like(w0, dtype=torch.float64).flatten(1)
         cols = kept_columns(kept, w0)
         W[:, cols] = system.solve(cols, w0.double().flatten(1), hp.ridge).T

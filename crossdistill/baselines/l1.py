@@ -7,7 +7,8 @@ are those whose *producer* filters have the largest L1 norm
 ``s_j = sum |W_producer[j, :, :, :]|`` (the producer is the layer whose
 output channels the removal couples to, found by :class:`ChannelRemover`;
 behind a concatenation each input channel has its own producer, e.g. the
-two expand convs of a SqueezeNet fire module). Of a concatenation consumer
+two expand convs of a SqueezeNet fire module; :meth:`ChannelRemover.channel_sources`).
+GhostNet's twin channels share one producer filter and go as one unit. Of a concatenation consumer
 only the slices compress() prunes (``LayerPlan.channels``) compete; the
 others are kept.
 The kept channels are then removed physically: the consumer's input slices,
@@ -37,14 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..config import CompressConfig
 from ..plan import LayerPlan
-from ..pruning import apply_mask, is_depthwise
+from ..pruning import apply_mask
 from ..run import CompressReport, LayerRecord
-from ..solvers import select_channels, weight_mask
+from ..solvers import select_channels, select_units, weight_mask
 from .common import Run, finish, resolve_configs, start
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "prune_l1",
     "producer_of",
     "filter_l1_keep",
-    "input_channel_sources",
     "l1_input_keep",
 ]
 
@@ -68,42 +67,8 @@ def producer_of(run: Run, name: str) -> str:
     assert run.remover is not None
     _ins, outs = run.remover.coupled_layers(run.student.get_submodule(name))
     if len(outs) != 1:
-        raise RuntimeError(f"layer {name} has {len(outs)} producers; use input_channel_sources")
+        raise RuntimeError(f"layer {name} has {len(outs)} producers; use ChannelRemover.channel_sources")
     return outs[0]
-
-
-def input_channel_sources(run: Run, name: str, every: list | None = None) -> dict[int, tuple[str, int]]:
-    """Input channel j of layer ``name`` -> (producer layer, its output filter) for every channel with a
-    producing Conv2d/Linear (through concatenations, depthwise convs and elementwise ops). A squeeze-excite
-    gated channel has two producers: the main conv counts, not the SE excite conv (fed by the SE squeeze,
-    another consumer of the same channels). ``every``: a list to which every (channel, producer, filter)
-    is appended, SE excite convs included (their outputs go too)."""
-    assert run.remover is not None
-    layer = run.student.get_submodule(name)
-    c_in = layer.weight.shape[1]
-    fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
-    group = run.remover.graph.get_pruning_group(layer, fn, idxs=list(range(c_in)))
-    out: dict[int, tuple[str, int]] = {}
-    producers, consumers = [], set()
-    for item in group:
-        mod, handler = item.dep.target.module, item.dep.handler
-        if mod is layer or not isinstance(mod, (nn.Conv2d, nn.Linear)) or is_depthwise(mod):
-            continue
-        if run.remover.graph.is_in_channel_pruning_fn(handler):
-            consumers.add(run.remover.names[mod])
-        elif run.remover.graph.is_out_channel_pruning_fn(handler):
-            producers.append(item)
-    fallback: dict[int, tuple[str, int]] = {}
-    for item in producers:
-        mod = item.dep.target.module
-        # an SE excite conv is fed by the squeeze conv that reads these channels: the main conv counts
-        gate = bool(consumers) and bool(set(run.remover.coupled_layers(mod)[1]) & consumers)
-        roots = item.root_idxs if item.root_idxs is not None else item.idxs
-        for r, i in zip(roots, item.idxs, strict=True):
-            (fallback if gate else out).setdefault(int(r), (run.remover.names[mod], int(i)))
-            if every is not None:
-                every.append((int(r), run.remover.names[mod], int(i)))
-    return {**fallback, **out}
 
 
 def filter_l1_keep(producer: nn.Module, n_keep: int) -> torch.Tensor:
@@ -127,15 +92,20 @@ def input_l1_keep(
 def l1_input_keep(run: Run, p: LayerPlan) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Kept input channels of planned layer ``p`` (sorted; ``p.n_keep`` of them) by their producers' filter
     L1 norms, and per producer the kept output filters. Channels outside ``p.channels`` are always kept."""
+    assert run.remover is not None
     layer = run.student.get_submodule(p.name)
     total = layer.weight.shape[1]
     every: list[tuple[int, str, int]] = []
-    sources = input_channel_sources(run, p.name, every)
+    sources = run.remover.channel_sources(p.name, every)
     free = list(range(total)) if p.channels is None else list(p.channels)
     norms = torch.tensor([_filter_norm(run, *sources[j]) for j in free])
     n_free = p.n_keep(total) - (total - len(free))
-    chosen = {free[i] for i in norms.topk(n_free).indices.tolist()}
-    chosen = _each_producer_keeps_one(chosen, dict(zip(free, norms.tolist(), strict=True)), sources)
+    ties = run.remover.channel_ties(p.name)
+    if ties is not None:  # tied channels (GhostNet twins) share their filter: kept or removed as one unit
+        chosen = set(select_units(torch.tensor(free), norms, n_free, ties).tolist())
+    else:
+        chosen = {free[i] for i in norms.topk(n_free).indices.tolist()}
+        chosen = _each_producer_keeps_one(chosen, dict(zip(free, norms.tolist(), strict=True)), sources)
     kept = sorted(set(range(total)) - set(free) | chosen)
     per_producer: dict[str, list[int]] = {}
     kept_set = set(kept)
@@ -198,7 +168,8 @@ def prune_l1(run: Run) -> dict[str, torch.Tensor]:
             sources = run.remover.channel_sources(p.name)  # input channel -> (producer, its filter)
             groups = run.remover.channel_groups(p.name)
             if groups is not None:  # a grouped producer: the same share of each of its groups
-                idx = input_l1_keep(run, sources, p.n_keep(total), groups)
+                free = range(total) if p.channels is None else p.channels
+                idx = input_l1_keep(run, {j: sources[j] for j in free}, p.n_keep(total), groups)
                 per_producer = _per_producer(sources, idx)
             else:
                 idx, per_producer = l1_input_keep(run, p)

@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..objectives import Term
 from ..run import CompressReport
 from ..solvers import LeastSquares, kept_columns, ridge_solve
-from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start
+from .common import Needs, contribution_gram, finish, layerwise, resolve_configs, start, unit_select
 
 __all__ = ["ThiNetConfig", "thinet", "greedy_removal"]
 
@@ -94,9 +94,9 @@ def thinet(
         raise UserError(f"reconstruct must be 'scale' or 'lstsq', got {hp.reconstruct!r}")
     run = start("thinet", teacher, images, labels, cfg, Needs(structured=True))
 
-    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int, fixed: torch.Tensor | None):
+    def select(system: LeastSquares, w0: torch.Tensor, n_keep: int, fixed: torch.Tensor | None, ties):
         G, b = contribution_gram(system, w0)  # target y = W^T * h^S, so b = G 1
-        kept = greedy_removal(G, n_keep, fixed)
+        kept = unit_select(lambda G, _b, n, f: greedy_removal(G, n, f), G, b, n_keep, fixed, ties)
         W = torch.zeros_like(w0, dtype=torch.float64).flatten(1)
         cols = kept_columns(kept, w0)
         if hp.reconstruct == "scale":
