@@ -20,6 +20,7 @@ from torch import nn
 from crossdistill.compress import CompressConfig, compress, recalibrate_bn
 from crossdistill.errors import UserError
 from crossdistill.methods import run_method
+from crossdistill.run import output_error
 from crossdistill.models import load_model_file
 from crossdistill.plan import LayerPlan, load_keep_file, make_plan
 from crossdistill.pruning import ChannelRemover
@@ -404,6 +405,16 @@ def test_se_and_pointwise_linear_networks_reach_the_keep_ratio(arch: str, recwar
     student, report = compress(teacher, x, method="nc", keep=0.5)
     assert report.flops_after <= 0.6 * report.flops_before and report.shortfall is None
     _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 0.8, 0.75)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet", "mobilenet_v3"])
+def test_on_se_networks_ours_is_no_further_from_the_teacher_than_l1_without_refit(arch: str) -> None:
+    # held-out images: the SE squeeze convs are re-fitted on the channels kept (run._refit_gate_inputs)
+    x, held = _images(), _images(seed=7)
+    teacher = _zoo_ready(arch, torch.cat([x, held]))
+    ours, _ = run_method("ours", teacher, x, keep=0.5)
+    l1, _ = run_method("l1", teacher, x, keep=0.5)
+    assert output_error(ours, teacher, held) <= output_error(l1, teacher, held)
 
 
 def test_se_convs_are_narrowed_with_the_width_they_gate() -> None:
