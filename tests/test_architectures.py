@@ -20,10 +20,10 @@ from torch import nn
 from crossdistill.compress import CompressConfig, compress, recalibrate_bn
 from crossdistill.errors import UserError
 from crossdistill.methods import run_method
-from crossdistill.run import output_error
 from crossdistill.models import load_model_file
 from crossdistill.plan import LayerPlan, load_keep_file, make_plan
 from crossdistill.pruning import ChannelRemover
+from crossdistill.run import output_error
 
 N, SIZE = 12, 16
 
