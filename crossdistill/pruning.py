@@ -43,6 +43,31 @@ def is_depthwise(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
 
 
+def _guard_reshapes() -> None:
+    """torch-pruning 1.6 divides by an inferred channel count of 0 at some reshapes (torchvision's
+    ShuffleNetV2: the channel shuffle after a split), while tracing and again in every
+    ``get_pruning_group``, and aborts. Such a reshape is left without an index map instead:
+    :meth:`ChannelRemover.prunable_channels` refuses channels that pass a reshape between convs anyway.
+    Installed once, on import; it only turns that crash into a no-op."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "_crossdistill_guard", False):
+        return
+
+    def guarded(graph, node):  # noqa: ANN001, ANN202 - torch-pruning's own signature
+        try:
+            return original(graph, node)
+        except ZeroDivisionError:
+            return None
+
+    guarded._crossdistill_guard = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = guarded
+
+
+_guard_reshapes()
+
+
 class ChannelRemover:
     """Dependency graph of ``model`` for removing input channels of chosen layers."""
 
@@ -112,7 +137,12 @@ class ChannelRemover:
         producer_width = 0
         reshaped = False
         groups = [-1] * c_in  # group of the grouped producer each channel comes from (-1: not grouped)
-        for item in self._group(layer, list(range(c_in))):
+        try:
+            group = self._group(layer, list(range(c_in)))
+        except (IndexError, ZeroDivisionError, KeyError):  # torch-pruning cannot follow these channels
+            self._groups[name], self._ties[name] = [], {}
+            return []
+        for item in group:
             mod, handler = item.dep.target.module, item.dep.handler
             roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
             if isinstance(mod, (tp.ops._ReshapeOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):

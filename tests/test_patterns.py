@@ -348,3 +348,55 @@ def test_the_se_squeeze_conv_is_refitted_on_the_channels_kept(monkeypatch) -> No
     # changes little here: 0.0163 with, 0.0157 without, 0.127 for L1)
     assert _squeeze_error(refit, teacher, held) < 0.5 * _squeeze_error(sliced, teacher, held)
     assert output_error(refit, teacher, held) <= output_error(l1, teacher, held)
+
+
+# --------------------------------------------------------------------------- torchvision's ShuffleNetV2 unit
+
+
+class _TVShuffleUnit(nn.Module):
+    """torchvision.models.shufflenetv2.InvertedResidual, reduced: stride 2 runs two branches on the input,
+    stride 1 splits it with chunk; both end in a channel shuffle (view, transpose, view)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        h = c_out // 2
+        self.stride = stride
+        self.branch1 = (
+            nn.Sequential(nn.Conv2d(c_in, c_in, 3, 2, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                          nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+            if stride > 1 else nn.Sequential()
+        )  # fmt: skip
+        c2 = c_in if stride > 1 else h
+        self.branch2 = nn.Sequential(nn.Conv2d(c2, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                                     nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                     nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        b, c, hh, ww = out.size()
+        return out.view(b, 2, c // 2, hh, ww).transpose(1, 2).contiguous().view(b, -1, hh, ww)
+
+
+def _tv_shufflenet() -> nn.Module:
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()), nn.MaxPool2d(3, 2, 1),
+        _TVShuffleUnit(8, 16, 2), _TVShuffleUnit(16, 16, 1), _TVShuffleUnit(16, 16, 1), _TVShuffleUnit(16, 32, 2),
+        nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["l1", "nc"])
+def test_torchvision_shufflenet_units_compress_instead_of_crashing_the_trace(method: str) -> None:
+    # torch-pruning divided by an inferred channel count of 0 at the channel shuffle and aborted
+    x = torch.randn(N, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    teacher = _ready(_tv_shufflenet, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student, report = run_method(method, teacher, x, keep=0.5)
+    assert report.params_after < report.params_before and torch.isfinite(student(x)).all()
+    assert any("dependency graph" in r["reason"] or "feed" in r["reason"] for r in report.left_whole)
