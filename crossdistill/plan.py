@@ -212,7 +212,9 @@ def make_plan(
                 remover = remover or ChannelRemover(model, example)
                 channels = remover.prunable_channels(name, untouched)
                 if cfg.prune_se:
-                    channels = sorted(set(channels) | set(se_gated_channels(remover, name, shapes, untouched)))
+                    gated = se_gated_channels(remover, name, shapes, untouched)
+                    if gated:  # their twins (a ghost module behind the gate) go with them: counted too
+                        channels = remover.tie_channels(name, sorted(set(channels) | set(gated)))
             if channels:
                 whole = len(channels) == layer.weight.shape[1]
                 tie = remover.tie_size(name, channels) if remover is not None else 1

@@ -212,6 +212,41 @@ class ChannelRemover:
         # a unit whose removal also drops a blocked channel stays, its twins with it
         return {t: r for t, r in ties.items() if r < 0 or ties.get(r, 0) >= 0}
 
+    def tie_channels(self, name: str, channels: list[int]) -> list[int]:
+        """``channels`` of ``name`` (prunable, or squeeze-excite gated: plan.se_gated_channels) with the twins
+        their removal takes along added and recorded as tied (a GhostNet ghost module behind an SE gate).
+        A twin read by a layer the chosen channels do not feed, or reaching a reshape or the model output,
+        keeps its unit whole (the channel it is tied to is taken out)."""
+        if not channels:
+            return channels
+        layer = self.model.get_submodule(name)
+        readers: set[str] = set()
+        ties: dict[int, int] = {}
+        for item in self._group(layer, list(channels)):
+            mod, handler = item.dep.target.module, item.dep.handler
+            if not self.graph.is_in_channel_pruning_fn(handler) or not isinstance(mod, _PARAM_LAYERS):
+                continue
+            if mod is not layer:
+                readers.add(self.names.get(mod, "?"))
+                continue
+            roots = item.root_idxs if item.root_idxs is not None else item.idxs
+            ties.update({int(i): int(r) for r, i in zip(roots, item.idxs, strict=True) if int(i) not in channels})
+        if not ties:
+            return channels
+        bad: set[int] = set()
+        for item in self._group(layer, sorted(ties)):
+            mod, handler = item.dep.target.module, item.dep.handler
+            roots = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
+            stray = isinstance(mod, (tp.ops._OutputOp, tp.ops._ReshapeOp, tp.ops._UnbindOp, tp.ops._ExpandOp))
+            if isinstance(mod, _PARAM_LAYERS) and mod is not layer and self.graph.is_in_channel_pruning_fn(handler):
+                stray = self.names.get(mod, "?") not in readers
+            if stray:
+                bad.update(r for r in roots if r in ties)
+        kept_whole = {ties[t] for t in bad}
+        accepted = {t: r for t, r in ties.items() if r not in kept_whole}
+        self._ties.setdefault(name, {}).update(accepted)
+        return sorted((set(channels) - kept_whole) | set(accepted))
+
     def channel_ties(self, name: str) -> torch.Tensor | None:
         """Unit id of each input channel of ``name``: tied channels (module docstring) share the id of the
         channel they are tied to, every other channel is its own unit. None when nothing is tied."""

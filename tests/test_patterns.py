@@ -270,6 +270,20 @@ class _Ghost(nn.Module):
         return self.head(self.last(torch.cat([a, self.cheap(a)], 1)))
 
 
+class _GhostSE(_Ghost):
+    """The ghost module's concatenation gated by squeeze-excite before the last conv (timm's GhostNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.squeeze, self.excite = nn.Conv2d(12, 3, 1), nn.Conv2d(3, 12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.primary(self.stem(x))
+        h = torch.cat([a, self.cheap(a)], 1)
+        h = h * torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        return self.head(self.last(h))
+
+
 def test_twin_channels_of_a_ghost_module_are_one_unit_with_one_source() -> None:
     remover = ChannelRemover(_Ghost().eval(), _images()[:1])
     assert remover.prunable_channels("last") == list(range(12))
@@ -280,11 +294,12 @@ def test_twin_channels_of_a_ghost_module_are_one_unit_with_one_source() -> None:
     assert remover.tie_size("last", list(range(12))) == 2
 
 
+@pytest.mark.parametrize("build", [_Ghost, _GhostSE])
 @pytest.mark.parametrize("keep", [0.5, 0.75])
-def test_tied_channels_are_counted_as_reached_and_every_method_builds_the_same_widths(keep: float) -> None:
+def test_tied_channels_are_counted_as_reached_and_every_method_builds_the_same_widths(keep: float, build) -> None:
     # the plan recorded 12 kept while removing a twin took its partner along (8 reached)
     x = _images()
-    teacher = _ready(_Ghost, x)
+    teacher = _ready(build, x)
     widths = set()
     for method in ["ours", "nc", "l1", "thinet", "cp"]:
         student, report = run_method(method, teacher, x, keep=keep)
