@@ -154,6 +154,9 @@ def one_real(row: str, method: str) -> dict | None:
             return {"arch": row, "method": method, "keep": KEEP, "source": source, "size": size,
                     "error": f"{type(e).__name__}: {str(e)[:300]}", "machine": machine()}  # fmt: skip
     seconds = time.perf_counter() - t0
+    from crossdistill.measure import count_flops
+
+    full = (3, 299, 299) if size > 64 else (3, 224, 224)  # the resolution the model was designed for
     return {
         "arch": row,
         "method": method,
@@ -162,6 +165,8 @@ def one_real(row: str, method: str) -> dict | None:
         "size": size,
         "flops_ratio": report.flops_after / report.flops_before,
         "params_ratio": report.params_after / report.params_before,
+        "flops_ratio_full_size": count_flops(student, full) / count_flops(teacher, full),
+        "full_size": full[1],
         "fit_output_error": rel_err(student, teacher, fit),
         "heldout_output_error": rel_err(student, teacher, held),
         "shortfall": report.shortfall,
@@ -179,22 +184,32 @@ def real_table(rows: list[dict]) -> str:
         f"Structured keep {KEEP}, {REAL_FIT} fitted / {REAL_HELD} held-out N(0,1) images, random-init torchvision / "
         "timm models (benchmarks/bench_coverage.py --real; shared, loaded 2-core machine, one thread).",
         "",
-        "| architecture | method | FLOPs | params | output error, fitted | output error, held out | "
+        "| architecture | method | FLOPs | FLOPs at 224 | params | output error, fitted | output error, held out | "
         "layers left whole | shortfall warning | reload equal | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['method']} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['arch']} | {r['method']} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         reload = "yes" if r["reload_equal"] else f"NO ({r.get('reload_error', r.get('reload_max_diff'))})"
+        full = f"x{r['flops_ratio_full_size']:.2f}" if "flops_ratio_full_size" in r else "-"
+        if r.get("full_size", 224) != 224:
+            full += f" ({r['full_size']})"
         lines.append(
-            f"| {r['arch']} | {r['method']} | x{r['flops_ratio']:.2f} | x{r['params_ratio']:.2f} | "
+            f"| {r['arch']} | {r['method']} | x{r['flops_ratio']:.2f} | {full} | x{r['params_ratio']:.2f} | "
             f"{r['fit_output_error']:.3f} | {r['heldout_output_error']:.3f} | {r['left_whole']} | "
             f"{'yes' if r['shortfall'] else 'no'} | {reload} | {r['seconds']:.0f} |"
         )
     sources = sorted({r["source"] for r in rows})
-    lines += ["", f"Sources: {', '.join(sources)}. FLOPs and params are student / teacher."]
+    lines += [
+        "",
+        f"Sources: {', '.join(sources)}. FLOPs and params are student / teacher; FLOPs at the compression",
+        "size (64x64, inception_v3 80x80) and, for the same student, at 224x224 (inception_v3 299x299), where",
+        "the classifier head weighs less. Held-out error: ||F^S(x) - F^T(x)|| / ||F^T(x)|| on 25 images not",
+        "fitted; random-init networks and noise images, so an error near 1 means the output is lost (a zero",
+        "output scores 1): errors compare methods and show overfitting, not accuracy.",
+    ]
     return "\n".join(lines) + "\n"
 
 
