@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, append_jsonl, machine, read_jsonl
+from report import fill_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "tests" / "zoo.py"
@@ -231,6 +232,7 @@ def main_real(table_only: bool) -> None:
     order = {a: i for i, a in enumerate(real_models.ROWS)}
     rows = sorted(read_jsonl(REAL_OUT), key=lambda r: (order.get(r["arch"], 99), METHODS.index(r["method"])))
     REAL_TABLE.write_text(real_table(rows))
+    fill_readme({"coverage_real_table": real_table(rows)})  # README.md, between its coverage_real_table markers
     print(REAL_TABLE.read_text())
 
 

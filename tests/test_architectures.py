@@ -11,6 +11,7 @@ clearly better.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ from crossdistill.models import load_model_file
 from crossdistill.plan import LayerPlan, load_keep_file, make_plan
 from crossdistill.pruning import ChannelRemover
 from crossdistill.run import output_error
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo import TinyDenseNet, TinyMobileNetV2, pooled_mlp_head  # noqa: E402
 
 N, SIZE = 12, 16
 
@@ -84,70 +88,6 @@ def _magnitude_pruned(teacher: nn.Module, student: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- models
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block: expand 1x1 -> depthwise 3x3 -> project 1x1 (+ identity when shapes agree)."""
-
-    def __init__(self, c_in: int, c_out: int, expand: int, stride: int = 1):
-        super().__init__()
-        h = c_in * expand
-        self.expand = nn.Sequential(nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
-        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
-        self.project = nn.Sequential(nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        self.residual = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.dw(self.expand(x)))
-        return x + y if self.residual else y
-
-
-class TinyMobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
-        blocks = [InvertedResidual(8, 8, 4), InvertedResidual(8, 12, 4, 2), InvertedResidual(12, 12, 4)]
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-class DenseLayer(nn.Module):
-    """DenseNet-BC layer: BN-ReLU-1x1 (bottleneck) -> BN-ReLU-3x3, output concatenated to the input."""
-
-    def __init__(self, c_in: int, growth: int):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, 4 * growth, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x))))))
-        return torch.cat([x, y], 1)
-
-
-class TinyDenseNet(nn.Module):
-    def __init__(self, num_classes: int = 5, growth: int = 6):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.block = nn.Sequential(DenseLayer(8, growth), DenseLayer(8 + growth, growth))
-        c = 8 + 2 * growth
-        self.transition = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 10, 1, bias=False))
-        self.head = nn.Sequential(nn.BatchNorm2d(10), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(10, num_classes))  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.transition(self.block(self.stem(x))))
-
-
-def _pooled_mlp_head() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5),
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- MobileNetV2
@@ -257,7 +197,7 @@ def test_densenet_student_has_the_requested_widths_and_stays_close(densenet) -> 
 
 def test_linear_head_neurons_are_pruned_with_include_linear() -> None:
     x = _images()
-    teacher = _ready(_pooled_mlp_head, x)
+    teacher = _ready(pooled_mlp_head, x)
     student, report = compress(teacher, x, method="ours", keep=0.5, include_linear=True)
     assert (student[8].in_features, student[8].out_features) == (8, 16)  # conv 2's channels, via the pooling
     assert (student[10].in_features, student[10].out_features) == (16, 5)  # the hidden neurons
@@ -268,14 +208,14 @@ def test_linear_head_neurons_are_pruned_with_include_linear() -> None:
 
 def test_linear_layers_stay_whole_without_include_linear() -> None:
     x = _images()
-    teacher = _ready(_pooled_mlp_head, x)
+    teacher = _ready(pooled_mlp_head, x)
     student, _ = compress(teacher, x, method="ours", keep=0.5)
     assert student[8].weight.shape == teacher[8].weight.shape and student[10].weight.shape == (5, 32)
 
 
 def test_linear_unstructured_keeps_the_target_weights() -> None:
     x = _images()
-    teacher = _ready(_pooled_mlp_head, x)
+    teacher = _ready(pooled_mlp_head, x)
     student, _ = compress(teacher, x, method="ours", prune="unstructured", keep=0.5, include_linear=True)
     for i in (8, 10):
         assert int(torch.count_nonzero(student[i].weight)) == student[i].weight.numel() // 2

@@ -1,4 +1,4 @@
-"""compress() on tiny instances of the patterns of modern CNNs (tests/patterns.py): grouped convs,
+"""compress() on tiny instances of the patterns of modern CNNs (tests/zoo.py): grouped convs,
 channel split + shuffle, squeeze-excite, inception concat, fire modules; re-fits that never end
 above their masked start; one pass over the student's graph equal to per-layer capture."""
 
@@ -29,7 +29,7 @@ from crossdistill.solvers import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from patterns import PATTERNS, TinyResNeXt, TinySqueezeNet  # noqa: E402
+from zoo import PATTERNS, TinyResNeXt, TinySqueezeNet  # noqa: E402
 
 N, SIZE = 16, 16
 
@@ -112,7 +112,7 @@ def test_fire_module_keeps_at_least_one_channel_of_each_expand_conv() -> None:
     for method in ("nc", "ours"):
         student, report = compress(teacher, x, method=method, keep=0.2)
         for fire in student.features[2:]:
-            assert fire.expand1x1[0].out_channels >= 1 and fire.expand3x3[0].out_channels >= 1
+            assert fire.expand1x1.out_channels >= 1 and fire.expand3x3.out_channels >= 1
         assert report.params_after < report.params_before
 
 
@@ -121,9 +121,9 @@ def test_removing_a_whole_concat_slice_keeps_one_channel_of_it() -> None:
     model = _ready(TinySqueezeNet, x)
     remover = ChannelRemover(model, x[:1])
     # fire 1's squeeze reads expand1x1 (channels 0-1) and expand3x3 (2-15): drop all of expand1x1
-    kept = remover.remove_input_channels("features.3.squeeze.0", torch.arange(2, 16))
+    kept = remover.remove_input_channels("features.3.squeeze", torch.arange(2, 16))
     assert kept.tolist() == list(range(0, 16)) or 0 in kept.tolist()
-    assert model.features[2].expand1x1[0].out_channels == 1
+    assert model.features[2].expand1x1.out_channels == 1
     assert model(x).shape == (N, 5)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crossdistill.compress import CompressConfig, compress
@@ -14,107 +15,10 @@ from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
 from crossdistill.models import get_model, list_models
 
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo import BottleneckResNet, TinySENet, tiny_mobilenet_v2_head  # noqa: E402
+
 # --------------------------------------------------------------------------- torchvision-style tiny models
-
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck: 1x1 -> 3x3 -> 1x1 (x4), downsample = conv1x1 + BN where shapes differ."""
-
-    expansion = 4
-
-    def __init__(self, c_in: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or c_in != planes * 4:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(c_in, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
-
-
-class BottleneckResNet(nn.Module):
-    def __init__(self, num_classes: int = 5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = nn.Sequential(Bottleneck(16, 8), Bottleneck(32, 8), Bottleneck(32, 8))
-        self.layer2 = nn.Sequential(Bottleneck(32, 16, 2), Bottleneck(64, 16), Bottleneck(64, 16))
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, c_in: int, c_out: int, expand: int, stride: int = 1):
-        super().__init__()
-        h = c_in * expand
-        self.expand = nn.Sequential(nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
-        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
-        self.project = nn.Sequential(nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        self.residual = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.dw(self.expand(x)))
-        return x + y if self.residual else y
-
-
-class TinyMobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
-        self.blocks = nn.Sequential(
-            InvertedResidual(8, 8, 6), InvertedResidual(8, 16, 6, 2), InvertedResidual(16, 16, 6)
-        )
-        self.head = nn.Sequential(
-            nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(64, num_classes),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-class SEBlock(nn.Module):
-    """Conv-BN-ReLU x2 with squeeze-excitation on the second output, then a residual sum."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.fc1 = nn.Conv2d(c, c // 4, 1)
-        self.fc2 = nn.Conv2d(c // 4, c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(out, 1)))))
-        return F.relu(out * scale + x)
-
-
-class TinySENet(nn.Module):
-    def __init__(self, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
-        self.blocks = nn.Sequential(SEBlock(24), SEBlock(24), SEBlock(24))
-        self.fc = nn.Linear(24, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
 def _ready(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -157,7 +61,7 @@ def test_params_target_is_met() -> None:
     _check_met(_ready(get_model("resnet20", 10, 1), x), x, "params", 0.6)
 
 
-@pytest.mark.parametrize("build", [BottleneckResNet, TinyMobileNetV2, TinySENet])
+@pytest.mark.parametrize("build", [BottleneckResNet, tiny_mobilenet_v2_head, TinySENet])
 def test_flops_target_is_met_on_torchvision_style_models(build) -> None:
     x = torch.randn(8, 3, 12, 12)
     model = _ready(build(), x)

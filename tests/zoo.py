@@ -13,11 +13,17 @@ Every builder returns a randomly initialised model for 3x16x16 images and 5 clas
 - ``densenet``: dense blocks (concatenation), transitions;
 - ``ghostnet``: ghost modules (primary 1x1 + cheap depthwise, concatenated);
 - ``squeezenet``: fire modules (squeeze 1x1, expand 1x1 and 3x3, concatenated).
+
+Below them, the one shared set of tiny torchvision-style classes the other tests build directly:
+``PATTERNS`` (grouped bottleneck, ShuffleNetV2 split + shuffle, MBConv + SE, inception, fire;
+tests/test_patterns.py), ``BottleneckResNet``, ``TinySENet``, ``TinyMobileNetV2`` (two configurations),
+``TinyDenseNet`` and ``pooled_mlp_head`` (tests/test_target.py, tests/test_architectures.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NUM_CLASSES = 5
@@ -229,11 +235,13 @@ def ghostnet() -> nn.Module:
 
 
 class Fire(nn.Module):
-    def __init__(self, c_in: int, squeeze: int, expand: int):
+    """SqueezeNet fire module: squeeze 1x1 feeding expand 1x1 and expand 3x3, concatenated."""
+
+    def __init__(self, c_in: int, squeeze: int, expand: int, expand3x3: int | None = None):
         super().__init__()
         self.squeeze = nn.Conv2d(c_in, squeeze, 1)
         self.expand1x1 = nn.Conv2d(squeeze, expand, 1)
-        self.expand3x3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand if expand3x3 is None else expand3x3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = torch.relu(self.squeeze(x))
@@ -248,3 +256,265 @@ def squeezenet() -> nn.Module:
 
 
 ALL = ["bn_act", "inverted_residual", "efficientnet", "mobilenet_v3", "convnext", "densenet", "ghostnet", "squeezenet"]
+
+
+# --------------------------------------------------------------------------- pattern models
+# Classes used directly by tests/test_patterns.py, tests/test_target.py and tests/test_architectures.py
+# (one definition each; the builders above are for load_model_file).
+
+
+def _cbr(c_in: int, c_out: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt / RegNet block: 1x1 -> grouped 3x3 -> 1x1, plus the identity."""
+
+    def __init__(self, c: int, width: int, groups: int):
+        super().__init__()
+        self.a, self.b = _cbr(c, width), _cbr(width, width, 3, groups=groups)
+        self.c = _cbr(width, c, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.c(self.b(self.a(x))))
+
+
+class TinyResNeXt(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = _cbr(3, 16, 3)
+        self.blocks = nn.Sequential(GroupedBottleneck(16, 16, 4), GroupedBottleneck(16, 16, 4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 unit, stride 1: split the channels in half, transform one half, concat, shuffle."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(_cbr(h, h), _cbr(h, h, 3, groups=h, act=False), _cbr(h, h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((x1, self.branch(x2)), 1), 2)
+
+
+class TinyShuffleNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = _cbr(3, 16, 3)
+        self.units = nn.Sequential(ShuffleUnit(16), ShuffleUnit(16))
+        self.conv_last = _cbr(16, 24)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv_last(self.units(self.stem(x))))
+
+
+class MBConvSE(nn.Module):
+    """EfficientNet MBConv: expand 1x1 -> depthwise 3x3 -> squeeze-excite -> project 1x1 (+ identity)."""
+
+    def __init__(self, c: int, expand: int = 4):
+        super().__init__()
+        h = c * expand
+        self.expand, self.dw = _cbr(c, h), _cbr(h, h, 3, groups=h)
+        self.se, self.project = SqueezeExcite(h, h // 4, nn.ReLU), _cbr(h, c, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.se(self.dw(self.expand(x))))
+
+
+class TinyEfficientNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = _cbr(3, 8, 3, 2)
+        self.blocks = nn.Sequential(MBConvSE(8), MBConvSE(8))
+        self.head = nn.Sequential(_cbr(8, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class Inception(nn.Module):
+    """GoogLeNet module: 1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | pool -> 1x1, concatenated."""
+
+    def __init__(self, c_in: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, cp: int):
+        super().__init__()
+        self.b1 = _cbr(c_in, c1)
+        self.b2 = nn.Sequential(_cbr(c_in, c3r), _cbr(c3r, c3, 3))
+        self.b3 = nn.Sequential(_cbr(c_in, c5r), _cbr(c5r, c5, 5))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), _cbr(c_in, cp))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class TinyGoogLeNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = _cbr(3, 16, 3)
+        self.inc1, self.inc2 = Inception(16, 8, 8, 12, 4, 6, 6), Inception(32, 8, 8, 12, 4, 6, 6)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inc2(self.inc1(self.stem(x))))
+
+
+class TinySqueezeNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True),
+                                      Fire(16, 4, 2, 14), Fire(16, 4, 8, 8))  # fmt: skip
+        self.classifier = nn.Sequential(nn.Conv2d(16, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+PATTERNS = {
+    "grouped": TinyResNeXt,
+    "shuffle": TinyShuffleNet,
+    "squeeze-excite": TinyEfficientNet,
+    "inception": TinyGoogLeNet,
+    "fire": TinySqueezeNet,
+}
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1x1 -> 3x3 -> 1x1 (x4), downsample = conv1x1 + BN where shapes differ."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class BottleneckResNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(Bottleneck(16, 8), Bottleneck(32, 8), Bottleneck(32, 8))
+        self.layer2 = nn.Sequential(Bottleneck(32, 16, 2), Bottleneck(64, 16), Bottleneck(64, 16))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class SEBlock(nn.Module):
+    """Conv-BN-ReLU x2 with squeeze-excitation on the second output, then a residual sum."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.fc1 = nn.Conv2d(c, c // 4, 1)
+        self.fc2 = nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(out, 1)))))
+        return F.relu(out * scale + x)
+
+
+class TinySENet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.blocks = nn.Sequential(SEBlock(24), SEBlock(24), SEBlock(24))
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: expand 1x1 -> depthwise 3x3 -> project 1x1 (+ identity when shapes agree)."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int, stride: int = 1):
+        super().__init__()
+        h = c_in * expand
+        self.expand = nn.Sequential(nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.dw(self.expand(x)))
+        return x + y if self.residual else y
+
+
+class TinyMobileNetV2(nn.Module):
+    """Three inverted residuals (the second strided); the defaults are tests/test_architectures.py's,
+    :func:`tiny_mobilenet_v2_head` is tests/test_target.py's (stride-1 stem, expand 6, a 1x1 head conv)."""
+
+    def __init__(self, num_classes: int = 5, stem_stride: int = 2, expand: int = 4, width: int = 12, head: int = 0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        blocks = [InvertedResidual(8, 8, expand), InvertedResidual(8, width, expand, 2),
+                  InvertedResidual(width, width, expand)]  # fmt: skip
+        self.blocks = nn.Sequential(*blocks)
+        conv = [nn.Conv2d(width, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU6()] if head else []
+        self.head = nn.Sequential(*conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head or width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def tiny_mobilenet_v2_head(num_classes: int = 5) -> TinyMobileNetV2:
+    return TinyMobileNetV2(num_classes, stem_stride=1, expand=6, width=16, head=64)
+
+
+class TinyDenseNet(nn.Module):
+    def __init__(self, num_classes: int = 5, growth: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.block = nn.Sequential(DenseLayer(8, growth), DenseLayer(8 + growth, growth))
+        c = 8 + 2 * growth
+        self.transition = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 10, 1, bias=False))
+        self.head = nn.Sequential(nn.BatchNorm2d(10), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(10, num_classes))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transition(self.block(self.stem(x))))
+
+
+def pooled_mlp_head() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5),
+    )  # fmt: skip
