@@ -44,7 +44,7 @@ from .measure import count_flops, count_params
 from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
-from .solvers import LayerProblem, LayerStats, SolveResult, group_targets
+from .solvers import LayerProblem, LayerStats, LstsqOptions, SolveResult, group_targets, solve_structured
 from .structure import layer_widths
 
 __all__ = [
@@ -451,12 +451,14 @@ def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
     return stream
 
 
-def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor, solve: Callable[[LayerStep], SolveResult]) -> None:
+def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
     """Re-fit the other readers of the channels about to go from ``name`` (the squeeze conv of a
     squeeze-excite block: it pools the channels it gates) on the channels kept, before they go. Left as
     sliced, the squeeze conv loses part of its input and the gates of the kept channels drift. Objective:
     its own current output from the kept channels alone, ``||W0 h^S - W h^S_kept||^2`` (it was re-fitted
-    towards the teacher already, if planned; its output rows may be narrower than the teacher's)."""
+    towards the teacher already, if planned; its output rows may be narrower than the teacher's), solved
+    exactly with the run's ridge whatever the method (a baseline's own selection has nothing to choose
+    here: every kept column is fixed). The solve's never-worse rule applies."""
     assert run.remover is not None
     total = run.student.get_submodule(name).weight.shape[1]
     dropped = sorted(set(range(total)) - set(kept.tolist()))
@@ -469,7 +471,10 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor, solve: Callable[
         hS = capture_input(run.student, other, run.images, run.cfg.batch_size)
         w0 = layer.weight.detach().clone()
         problem = LayerProblem([Term(1.0, 0, 1, 0, 1)], w0, w0.clone(), len(fixed), fixed, True)
-        res = solve(LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size))
+        stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
+        ridge = run.cfg.ridge if isinstance(run.cfg.ridge, float) else LstsqOptions.ridge
+        res = solve_structured(stats, problem, LstsqOptions(ridge=ridge))
+        stats.free()
         with torch.no_grad():
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
 
@@ -554,7 +559,7 @@ def refit_layers(
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
         pruned = run.structured and n_keep < total
         if pruned:
-            _refit_gate_inputs(run, p.name, res.kept, solve)
+            _refit_gate_inputs(run, p.name, res.kept)
             res.kept = run.remover.remove_input_channels(p.name, res.kept)
         elif not run.structured:
             apply_mask(layer, res.kept)
