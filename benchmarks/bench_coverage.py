@@ -259,9 +259,11 @@ def table(rows: list[dict]) -> str:
         "Notes: FLOPs and params are student / teacher. The L1 student has the same kept counts as ours/nc but",
         "may keep other producers' filters behind a concatenation (SqueezeNet: L1 prefers the costlier 3x3",
         "expand filters, so its FLOPs differ). The random-init SqueezeNet (no BN) gives nearly",
-        "input-independent outputs: its errors say little. GhostNet stays at x0.69: the ghost module's",
-        "twin channels are removed together, and the kept counts recorded differ from the widths reached",
-        "(named in its shortfall warning).",
+        "input-independent outputs: its errors say little. GhostNet stays at x0.69: only the second ghost",
+        "module's inputs are prunable (the first reads the residual stream); its twin channels (primary",
+        "output and its depthwise copy) are one unit, so the kept counts recorded are the widths reached.",
+        "The ghostnet, efficientnet and mobilenet_v3 rows were re-run after the twin-channel and SE squeeze",
+        "re-fit changes (session 4).",
     ]
     return "\n".join(lines) + "\n"
 
