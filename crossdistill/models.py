@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import torchvision_style as tv
 from .errors import UserError
+from .torchvision_style import MobileNetV2
+from .torchvision_style import ResNet as TorchvisionResNet
 
 __all__ = [
     "register_model",
@@ -276,12 +277,12 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
 
 
 @register_model
-def resnet18(num_classes: int = 10, in_channels: int = 3) -> tv.ResNet:
+def resnet18(num_classes: int = 10, in_channels: int = 3) -> TorchvisionResNet:
     """torchvision's ResNet-18 with a 3x3 stride-2 stem (keeps the max pool): 0.065 GFLOPs at 28x28."""
-    return tv.ResNet((2, 2, 2, 2), num_classes, in_channels)
+    return TorchvisionResNet((2, 2, 2, 2), num_classes, in_channels)
 
 
 @register_model
-def mobilenet_v2(num_classes: int = 10, in_channels: int = 3) -> tv.MobileNetV2:
+def mobilenet_v2(num_classes: int = 10, in_channels: int = 3) -> MobileNetV2:
     """torchvision's MobileNetV2 (``in_channels`` inputs): 0.011 GFLOPs at 28x28."""
-    return tv.MobileNetV2(num_classes, in_channels)
+    return MobileNetV2(num_classes, in_channels)
