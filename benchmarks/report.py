@@ -179,6 +179,8 @@ def fill_readme(sections: dict[str, str]) -> None:
 def main() -> None:
     sections = {"teacher_rows": teacher_table(), "results_tables": "", "solver_table": "", "speed_section": ""}
     for path in sorted(RESULTS.glob("accuracy_*.jsonl")):
+        if "_e2e" in path.stem:  # end-to-end / MiR cells: benchmarks/e2e_table.py renders those
+            continue
         text = accuracy_tables(path)
         sections["results_tables"] += text + "\n"
         (RESULTS / f"{path.stem}.md").write_text(
