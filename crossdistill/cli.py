@@ -125,7 +125,9 @@ def _internal(e: BaseException) -> typer.Exit:
 
 @app.command("train-teacher")
 def train_teacher_cmd(
-    model: str = typer.Option("resnet20", help="registered model name (resnet20, resnet32, resnet56, vgg16, lenet5)"),
+    model: str = typer.Option(
+        "resnet20", help="registered model name (resnet20/32/56, vgg16, lenet5, resnet18, mobilenet_v2)"
+    ),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist | mnist | cifar10 | cifar100"),
     epochs: int = typer.Option(6, help="training epochs"),
     lr: float = typer.Option(0.1, help="peak learning rate of the one-cycle schedule"),

@@ -10,6 +10,8 @@ serves Fashion-MNIST (1 channel, 28x28) and CIFAR (3 channels, 32x32).
   (BN after every conv, classifier Linear(512,512)-BN-ReLU-Linear(512,C)).
   Global average pooling replaces the fixed 2x2 pool so 28x28 inputs work.
 - LeNet-5: LeCun et al. 1998 with ReLU and max pooling.
+- ResNet-18 and MobileNetV2: torchvision's layout and module names, adapted
+  to 28x28 grey images (crossdistill/torchvision_style.py says how).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .torchvision_style import MobileNetV2
+from .torchvision_style import ResNet as TorchvisionResNet
 
 __all__ = [
     "register_model",
@@ -51,12 +55,16 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build a registered model by name, e.g. ``get_model("resnet56", 10, 1)``."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in _MODELS:
+    """Build a registered model by name, e.g. ``get_model("resnet56", 10, 1)`` (case, - and _ ignored)."""
+    by_key = {_key(n): fn for n, fn in _MODELS.items()}
+    if _key(name) not in by_key:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    return _MODELS[key](num_classes=num_classes, in_channels=in_channels)
+    return by_key[_key(name)](num_classes=num_classes, in_channels=in_channels)
 
 
 # mu of models without an official value: the VGG-16 setting (the release's default)
@@ -263,3 +271,18 @@ class LeNet5(nn.Module):
 @register_model
 def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
     return LeNet5(num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------- torchvision families
+
+
+@register_model
+def resnet18(num_classes: int = 10, in_channels: int = 3) -> TorchvisionResNet:
+    """torchvision's ResNet-18 with a 3x3 stride-2 stem (keeps the max pool): 0.065 GFLOPs at 28x28."""
+    return TorchvisionResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
+@register_model
+def mobilenet_v2(num_classes: int = 10, in_channels: int = 3) -> MobileNetV2:
+    """torchvision's MobileNetV2 (``in_channels`` inputs): 0.011 GFLOPs at 28x28."""
+    return MobileNetV2(num_classes, in_channels)

@@ -1,6 +1,6 @@
 """Train the shipped Fashion-MNIST teachers (resumable; rerun to continue).
 
-    python scripts/train_teachers.py [resnet20 resnet56 vgg16]
+    python scripts/train_teachers.py [resnet20 resnet56 vgg16 resnet18 mobilenet_v2]
 
 Recipes are the ones below; each run writes teachers/<model>_fashion-mnist.safetensors + .json.
 """
@@ -14,6 +14,9 @@ RECIPES = {
     "resnet20": TrainConfig(model="resnet20", epochs=6),
     "resnet56": TrainConfig(model="resnet56", epochs=6),
     "vgg16": TrainConfig(model="vgg16", epochs=2, lr=0.05, fp16_storage=True),  # 2 epochs: what a session affords
+    # torchvision families (crossdistill/torchvision_style.py); 2 epochs: what a shared 2-core session affords
+    "resnet18": TrainConfig(model="resnet18", epochs=2),
+    "mobilenet_v2": TrainConfig(model="mobilenet_v2", epochs=2),
 }
 
 if __name__ == "__main__":

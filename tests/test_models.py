@@ -8,7 +8,7 @@ from crossdistill.models import get_model, list_models, official_mu
 
 
 def test_registry_lists_the_paper_models() -> None:
-    assert {"resnet20", "resnet32", "resnet56", "vgg16", "lenet5"} <= set(list_models())
+    assert {"resnet20", "resnet32", "resnet56", "vgg16", "lenet5", "resnet18", "mobilenet_v2"} <= set(list_models())
 
 
 @pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
@@ -30,6 +30,7 @@ def test_forward_backward(name: str, in_channels: int, size: int) -> None:
 
 def test_name_is_normalised() -> None:
     assert type(get_model("ResNet-20", 10, 1)) is type(get_model("resnet20", 10, 1))
+    assert type(get_model("MobileNetV2", 10, 1)) is type(get_model("mobilenet_v2", 10, 1))
 
 
 def test_unknown_model_names_the_choices() -> None:
