@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gram import explicit_padding, gram, output_rows
 from .objectives import Term
 
 __all__ = [
@@ -134,18 +135,6 @@ def layer_fn(layer: nn.Module):
     raise TypeError(f"cannot solve for layer type {type(layer).__name__}")
 
 
-def explicit_padding(layer) -> tuple[int, ...]:
-    """A conv's padding as numbers: 'valid' is 0, 'same' (odd effective kernel) is (k-1)*d/2 per side."""
-    if layer.padding == "valid":
-        return (0, 0)
-    if layer.padding == "same":
-        pads = [(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
-        if any(p % 2 for p in pads):
-            raise TypeError("padding='same' with an even kernel (asymmetric padding) is not supported")
-        return tuple(p // 2 for p in pads)
-    return layer.padding
-
-
 def unfold(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """im2col: (N, C, H, W) -> (N*L, C*kh*kw) in the column order of ``W.flatten(1)``."""
     if isinstance(layer, nn.Linear):
@@ -178,7 +167,7 @@ class LayerStats:
         self.G_TT = self.G_SS = self.G_TS = None
         self.U_T: list[torch.Tensor] | None = []
         self.U_S: list[torch.Tensor] | None = []
-        self.terms, self.wt = terms, None if wT is None else wT.flatten(1)
+        self.terms, self.wT = terms, wT
         self.const: float | None = None
         self.need = {"TT", "SS", "TS"}
         if terms is not None and wT is not None:
@@ -193,31 +182,51 @@ class LayerStats:
                     self.need.add("TS")
 
     def add_batch(self, hT: torch.Tensor, hS: torch.Tensor) -> None:
-        UT = unfold(hT, self.layer)  # (M, d)
-        US = UT if hS is hT else unfold(hS, self.layer)
-        self.rows += UT.shape[0]
-        if self.U_T is not None and 2 * self.rows < UT.shape[1]:
+        if getattr(self.layer, "groups", 1) != 1:
+            raise TypeError("grouped convolutions are solved group by group (solve_grouped), not by LayerStats")
+        same = hS is hT
+        m = output_rows(self.layer, hT)
+        self.rows += m
+        d = self.layer.weight[0].numel()
+        if self.U_T is not None and 2 * self.rows < d:  # few rows: keep them (row-space solve)
+            UT = unfold(hT, self.layer)  # (M, d)
             self.U_T.append(UT)
-            self.U_S.append(US)
+            self.U_S.append(UT if same else unfold(hS, self.layer))
             return
         if self.U_T:  # crossed over: fold the rows kept so far into the Grams
-            UT, US = torch.cat(self.U_T + [UT]), torch.cat(self.U_S + [US])
+            UT, US = torch.cat(self.U_T), torch.cat(self.U_S)
+            self._add_grams(lambda a, b: (a.T @ b).double(), UT, US, UT is US)
+            if self.const is not None:
+                wt = self.wT.flatten(1).to(UT.dtype)  # (C_out, d)
+                for t in self.terms:
+                    self.const += t.weight * float(((t.p * UT + t.q * US) @ wt.T).double().pow(2).sum())
         self.U_T = self.U_S = None
-        grams = {}
-        if "TT" in self.need:
-            grams["TT"] = (UT.T @ UT).double()
-        if "SS" in self.need:
-            grams["SS"] = grams["TT"] if US is UT and "TT" in grams else (US.T @ US).double()
-        if "TS" in self.need:
-            grams["TS"] = grams["TT"] if US is UT and "TT" in grams else (UT.T @ US).double()
+        self._add_grams(lambda a, b: gram(self.layer, a, b), hT, hS, same)
+        if self.const is not None:
+            fn = layer_fn(self.layer)
+            wt = self.wT.to(hT.dtype)
+            for t in self.terms:
+                x = t.p * hT + t.q * hS if t.p * t.q else (t.p * hT if t.p else t.q * hS)
+                self.const += t.weight * float(fn(x, wt).double().pow(2).sum())
+
+    def _add_grams(self, product, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
+        """Add the needed Grams of inputs ``a`` (teacher) and ``b`` (student); one product when they are
+        the same tensor, and G_TS from G_TT / G_SS then too."""
+        grams: dict[str, torch.Tensor] = {}
+        for key in ("TT", "SS", "TS"):
+            if key not in self.need:
+                continue
+            if same and grams:
+                grams[key] = next(iter(grams.values()))
+            elif key == "TT":
+                grams[key] = product(a, a)
+            elif key == "SS":
+                grams[key] = product(b, b)
+            else:
+                grams[key] = product(a, b)
         for key, g in grams.items():
             attr = f"G_{key}"
             setattr(self, attr, g.clone() if getattr(self, attr) is None else getattr(self, attr) + g)
-        if self.const is not None:
-            wt = self.wt.to(UT.dtype)
-            for t in self.terms:
-                y = (t.p * UT + t.q * US) @ wt.T if t.p * t.q else (t.p * UT if t.p else t.q * US) @ wt.T
-                self.const += t.weight * float(y.double().pow(2).sum())
 
     def system(self, terms: list[Term], wT: torch.Tensor) -> LeastSquares:
         """The objective as a least-squares system in W^S: row form while M is small, else Gram form."""
