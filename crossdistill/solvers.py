@@ -330,21 +330,27 @@ class GramSystem(LeastSquares):
 
     def loss(self, W):
         w = W.flatten(1).double()
-        val = torch.einsum("od,de,oe->", w, self.G, w) - 2 * torch.einsum("od,do->", w, self.C) + self.const
+        val = ((w @ self.G) * w).sum() - 2 * (w * self.C.T).sum() + self.const
         return max(float(val), 0.0) / (self.rows * w.shape[0])
 
     def diag(self):
         return self.G.diagonal()
 
     def blocks(self, cols, kk):
-        c = len(cols) // kk
-        ar = torch.arange(c, device=self.G.device)
-        return self.G[cols][:, cols].reshape(c, kk, c, kk)[ar, :, ar, :]
+        channels = cols[::kk] // kk  # cols are whole channels (kept_columns)
+        G4 = self.G.view(self.G.shape[0] // kk, kk, -1, kk)
+        return G4[channels, :, channels, :]  # (C, kk, kk): only the diagonal blocks are gathered
 
     def solve(self, cols, W0, ridge, row=None):
         C_K = self.C[cols] if row is None else self.C[cols, row : row + 1]
         W0_K = W0[:, cols].T if row is None else W0[row, cols][:, None]
-        return ridge_solve(self.G[cols][:, cols], C_K, ridge, W0_K)
+        return ridge_solve(self._sub(cols), C_K, ridge, W0_K)
+
+    def _sub(self, cols: torch.Tensor) -> torch.Tensor:
+        """G restricted to ``cols`` (sorted, distinct): G itself when that is every column."""
+        if len(cols) == self.G.shape[0]:
+            return self.G
+        return self.G.index_select(0, cols).index_select(1, cols)
 
 
 class RowSystem(LeastSquares):
@@ -431,7 +437,7 @@ def channel_scores(W: torch.Tensor, system: LeastSquares, cols: torch.Tensor, kk
     if criterion == "norm":
         return Wc.pow(2).sum((0, 2)).sqrt()
     if criterion == "energy":
-        return torch.einsum("ocx,cxy,ocy->c", Wc, system.blocks(cols, kk), Wc)
+        return ((Wc.transpose(0, 1) @ system.blocks(cols, kk)) * Wc.transpose(0, 1)).sum((1, 2))  # (C,)
     raise ValueError(f"unknown channel criterion {criterion!r}; choose 'energy' or 'norm'")
 
 
