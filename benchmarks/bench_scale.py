@@ -1,11 +1,12 @@
 """Compression at real sizes: time, peak memory and the ratio to one teacher forward pass.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py                      # the default grid, resumable
+    OMP_NUM_THREADS=1 /work/tvenv/bin/python benchmarks/bench_scale.py     # the default grid, resumable
     python benchmarks/bench_scale.py --models resnet18 --n 100 --methods ours nc --device cuda
 
-Models: resnet18, resnet50, mobilenet_v2, efficientnet_b0 (benchmarks/tv_models.py: faithful
-re-definitions of the torchvision architectures, random init, BN statistics re-estimated on the
-images so activations are realistic) at 224x224 on N random normalised images, structured keep 0.5;
+Models: resnet18, resnet50, mobilenet_v2, efficientnet_b0 (benchmarks/tv_models.py: torchvision's
+own definitions when torchvision is importable, else faithful re-definitions; ``definitions`` in each
+row says which; random init, BN statistics re-estimated on the images so activations are realistic)
+at 224x224 on N random normalised images, structured keep 0.5; all N=100 rows before the N=1000 rows;
 and resnet56 on its Fashion-MNIST teacher with the K=5 few-shot draw (50 images), also with the old
 per-layer capture (``capture=per-layer``) for comparison. Each run is a fresh subprocess (its peak RSS is
 its own, including the Python/torch baseline) and appends one JSONL line to
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import RESULTS, append_jsonl, machine, read_jsonl, teacher_path
 
@@ -32,7 +34,7 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from crossdistill.compress import compress
+    from crossdistill.methods import run_method
     from crossdistill.run import recalibrate_bn
 
     dev = torch.device(device)
@@ -43,10 +45,12 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         teacher, _meta = load_checkpoint(teacher_path("resnet56", "fashion-mnist"))
         images, _ = load_few_shot("fashion-mnist", 5, 0)
         mu = 0.9
+        definitions = "crossdistill.models"
     else:
         sys.path.insert(0, os.path.dirname(__file__))
-        from tv_models import MODELS
+        from tv_models import MODELS, SOURCE
 
+        definitions = SOURCE
         torch.manual_seed(0)
         teacher = MODELS[model]()
         images = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
@@ -71,15 +75,17 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
             times.append(time.perf_counter() - t0)
         forward_s = sorted(times)[1]
     t0 = time.perf_counter()
-    student, report = compress(teacher, images, method=method, mu=mu, keep=0.5, capture=capture, device=device)
+    extra = {"mu": mu, "capture": capture} if method != "l1" else {}  # l1 has no objective and no capture
+    student, report = run_method(method, teacher, images, keep=0.5, device=device, **extra)
     sync()
     seconds = time.perf_counter() - t0
     return {
         "model": model,
+        "definitions": definitions,
         "n": len(images),
         "size": images.shape[-1],
         "method": method,
-        "capture": report.capture,
+        "capture": report.capture if method != "l1" else "none",
         "device": device,
         "seconds": round(seconds, 2),
         "teacher_forward_s": round(forward_s, 3),
@@ -90,24 +96,28 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         "output_error_fit": round(report.output_error, 4),
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": os.environ.get("BENCH_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": machine(),
         "note": "shared 2-core machine, other jobs running" if device == "cpu" else "",
     }
 
 
-def readme_table() -> None:
-    """Write the rows of scale.jsonl into README.md between the scale_table markers."""
+def readme_table(out: Path = OUT) -> None:
+    """Write the rows of ``out`` into README.md between the scale_table markers (the last row per cell)."""
     import re
 
-    head = "| model | N | method | capture | compress s | teacher forward s | ratio | peak RSS MB | params | FLOPs |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in read_jsonl(OUT):
+    head = (
+        "| model | definitions | N | method | capture | compress s | teacher forward s | ratio | peak RSS MB "
+        "| params | FLOPs | output error | commit |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = {_key(r): r for r in read_jsonl(out)}
+    for r in sorted(rows.values(), key=lambda r: (r["n"] > 100, _ORDER.get(r["model"], 9), r["method"], r["capture"])):
         lines.append(
-            f"| {r['model']} | {r['n']} | {r['method']} | {r['capture']} | {r['seconds']} | {r['teacher_forward_s']} "
-            f"| {r['ratio']} | {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} |"
+            f"| {r['model']} | {r.get('definitions', 're-definition')} | {r['n']} | {r['method']} | {r['capture']} "
+            f"| {r['seconds']} | {r['teacher_forward_s']} | {r['ratio']} | {int(r['peak_memory_mb'])} "
+            f"| x{r['params_ratio']} | x{r['flops_ratio']} | {r['output_error_fit']} | {r.get('commit', '')} |"
         )
     readme = RESULTS.parent.parent / "README.md"
     text = readme.read_text()
@@ -115,44 +125,70 @@ def readme_table() -> None:
     readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
 
 
+_ORDER = {"resnet56": 0, "resnet18": 1, "resnet50": 2, "mobilenet_v2": 3, "efficientnet_b0": 4}
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r.get("definitions", "re-definition"), r["n"], r["method"], r["capture"], r["device"])
+
+
+def _cells(models: list[str], ns: list[int], methods: list[str]) -> list[tuple[str, int, str, str]]:
+    """(model, n, method, capture) in run order: every N=100 row before the larger N (resnet56: its K=5 draw)."""
+    cells = []
+    for n in sorted(ns):
+        for model in models:
+            if model == "resnet56" and n != min(ns):
+                continue
+            for method in methods:
+                if method == "l1":
+                    cells.append((model, 50 if model == "resnet56" else n, method, "none"))
+                    continue
+                for capture in ["one-pass", "per-layer"] if model == "resnet56" else ["one-pass"]:
+                    cells.append((model, 50 if model == "resnet56" else n, method, capture))
+    return cells
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--models", nargs="+", default=["resnet56", "resnet18", "mobilenet_v2", "efficientnet_b0", "resnet50"]
     )
-    ap.add_argument("--n", nargs="+", type=int, default=[100])
-    ap.add_argument("--methods", nargs="+", default=["ours", "nc"])
+    ap.add_argument("--n", nargs="+", type=int, default=[100, 1000])
+    ap.add_argument("--methods", nargs="+", default=["ours", "nc", "l1"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=OUT, help="results file (JSONL, appended)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="leave out a row that runs longer (said so)")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
     ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
     ap.add_argument("--again", action="store_true", help="run rows already in the results file once more")
     args = ap.parse_args()
     if args.readme:
-        readme_table()
+        readme_table(args.out)
         return
     if args.child:
         model, n, method, capture = args.child
         print(json.dumps(one_run(model, int(n), method, capture, args.device)))
         return
-    done = {(r["model"], r["n"], r["method"], r["capture"], r["device"]) for r in read_jsonl(OUT)}
-    for model in args.models:
-        captures = ["one-pass", "per-layer"] if model == "resnet56" else ["one-pass"]
-        for n in [50] if model == "resnet56" else args.n:
-            for method in args.methods:
-                for capture in captures:
-                    if (model, n, method, capture, args.device) in done and not args.again:
-                        continue
-                    cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
-                        continue
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    append_jsonl(OUT, row)
-                    print(
-                        json.dumps({k: row[k] for k in ("model", "n", "method", "capture", "seconds", "ratio")}),
-                        flush=True,
-                    )
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tv_models import SOURCE
+
+    done = {_key(r) for r in read_jsonl(args.out)}
+    for model, n, method, capture in _cells(args.models, args.n, args.methods):
+        definitions = "crossdistill.models" if model == "resnet56" else SOURCE
+        if (model, definitions, n, method, capture, args.device) in done and not args.again:
+            continue
+        cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds)
+        except subprocess.TimeoutExpired:
+            print(f"{model} {n} {method} {capture}: left out, longer than {args.max_seconds:.0f} s", flush=True)
+            continue
+        if proc.returncode != 0:
+            print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        append_jsonl(args.out, row)
+        print(json.dumps({k: row[k] for k in ("model", "n", "method", "capture", "seconds", "ratio")}), flush=True)
 
 
 if __name__ == "__main__":
