@@ -14,8 +14,9 @@ more flops than the layer's own forward; three structures make it cheaper:
   i does not read, gives all blocks with the offset: about 3x fewer flops,
   and when ``a is b`` only the upper blocks are computed (block (j, i) is
   block (i, j) transposed). Offsets shared by one block only are summed directly.
-- Grouped convs: the same, batched over groups; depthwise convs (one channel
-  per group) as elementwise products, never a batch of 1x1 matrix products.
+- Grouped convs: the same, batched over groups. Depthwise convs (one channel
+  per group), any stride: one product map per tap offset summed over the
+  images, then each block is a sum over that map (no im2col, no tiny matmuls).
 
 Other convs (stride > 1, kernel > 1) use the im2col. Products run in the
 input's dtype; blocks are combined in float64, so subtracting the strips
@@ -147,6 +148,54 @@ def _shift_gram(x: torch.Tensor, y: torch.Tensor, same: bool, layer: nn.Conv2d) 
     return out.view(g, c * kk, c * kk)
 
 
+def _depthwise_gram(x: torch.Tensor, y: torch.Tensor, same: bool, layer: nn.Conv2d) -> torch.Tensor:
+    """Gram of a conv with one input channel per group (depthwise), any stride: (G, kk, kk).
+
+    Per offset D between two taps, the product map ``P_D(q) = sum_n x(q) y(q + D)`` (G, h, w) over
+    every position where both exist; block (i, j) is the sum of P_D over the positions tap i reads
+    (every stride-th one, inside its window). The images are summed once per offset (13 for a 3x3
+    kernel when ``a is b``), not once per pair of taps, and nothing like an im2col is built.
+    ``x``, ``y``: (G, 1, N, H, W).
+    """
+    g, _, _, H, W = x.shape
+    kh, kw = layer.kernel_size
+    dh, dw = layer.dilation
+    ph, pw = explicit_padding(layer)
+    sh, sw = layer.stride
+    ho, wo = _out_size(H, kh, dh, ph, sh), _out_size(W, kw, dw, pw, sw)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    kk = len(taps)
+    out = torch.zeros(g, kk, kk, dtype=torch.float64, device=x.device)
+    maps: dict[tuple[int, int], torch.Tensor] = {}
+
+    def first_last(start: int, stride: int, n_out: int, lo: int, hi: int) -> tuple[int, int] | None:
+        """Index range [first, last] of the positions start + o*stride (o < n_out) inside [lo, hi)."""
+        o0 = max(0, -((start - lo) // stride))  # ceil((lo - start) / stride)
+        o1 = min(n_out - 1, (hi - 1 - start) // stride)
+        return (start + o0 * stride, start + o1 * stride) if o0 <= o1 else None
+
+    for t1 in range(kk):
+        for t2 in range(t1 if same else 0, kk):
+            (i1, j1), (i2, j2) = taps[t1], taps[t2]
+            dr, dc = (i2 - i1) * dh, (j2 - j1) * dw
+            full_r, full_c = (max(0, -dr), min(H, H - dr)), (max(0, -dc), min(W, W - dc))
+            rows = first_last(i1 * dh - ph, sh, ho, *full_r)
+            cols = first_last(j1 * dw - pw, sw, wo, *full_c)
+            if rows is None or cols is None:
+                continue  # tap i1 reads no position where both values exist: the block stays zero
+            if (dr, dc) not in maps:
+                (r0, r1), (c0, c1) = full_r, full_c
+                prod = x[:, 0, :, r0:r1, c0:c1] * y[:, 0, :, r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+                maps[(dr, dc)] = prod.sum(1).double()  # (G, h, w): summed over the images
+            m = maps[(dr, dc)]
+            rs = slice(rows[0] - full_r[0], rows[1] - full_r[0] + 1, sh)
+            cs = slice(cols[0] - full_c[0], cols[1] - full_c[0] + 1, sw)
+            out[:, t1, t2] = m[:, rs, cs].sum((1, 2))
+            if same and t2 != t1:
+                out[:, t2, t1] = out[:, t1, t2]
+    return out
+
+
 def _im2col_gram(a: torch.Tensor, b: torch.Tensor, same: bool, layer: nn.Conv2d) -> torch.Tensor:
     """The straightforward Gram through F.unfold, per group: (G, d_g, d_g) float64."""
     pad = explicit_padding(layer)
@@ -183,6 +232,9 @@ def gram(layer: nn.Module, a: torch.Tensor, b: torch.Tensor | None = None) -> to
             a, b = a[..., ::sh, ::sw], b[..., ::sh, ::sw]
         x = _grouped_channels_first(a, groups)  # (G, c, N, H, W)
         G = _product(x, x if same else _grouped_channels_first(b, groups))
+    elif layer.in_channels == groups:  # depthwise: one input channel per group
+        x = _grouped_channels_first(a, groups)
+        G = _depthwise_gram(x, x if same else _grouped_channels_first(b, groups), same, layer)
     elif tuple(layer.stride) == (1, 1):
         x = _grouped_channels_first(a, groups)
         G = _shift_gram(x, x if same else _grouped_channels_first(b, groups), same, layer)

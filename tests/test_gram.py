@@ -46,6 +46,10 @@ CONVS = [
     dict(c_in=6, k=5, padding=2, groups=6),
     dict(c_in=6, k=3, padding=1, groups=6, stride=2),
     dict(c_in=6, k=1, padding=0, groups=2),
+    dict(c_in=4, k=3, padding=2, dilation=2, groups=4),
+    dict(c_in=4, k=5, padding=2, groups=4, stride=2),
+    dict(c_in=4, k=(3, 5), padding=(0, 2), groups=4, stride=(2, 1)),
+    dict(c_in=4, k=3, padding=1, groups=4, stride=3),
 ]
 
 
@@ -55,7 +59,7 @@ CONVS = [
 def test_conv_gram_equals_the_im2col_gram(spec: dict, hw: tuple[int, int], same: bool) -> None:
     spec = dict(spec)
     c_in = spec.pop("c_in")
-    layer = nn.Conv2d(c_in, 6, spec.pop("k"), bias=False, **spec)
+    layer = nn.Conv2d(c_in, 2 * c_in, spec.pop("k"), bias=False, **spec)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(3, c_in, *hw, generator=gen)
     b = a if same else torch.randn(3, c_in, *hw, generator=gen)
@@ -74,3 +78,32 @@ def test_linear_gram_equals_the_product_on_token_grids() -> None:
     a, b = torch.randn(2, 4, 4, 5), torch.randn(2, 4, 4, 5)
     torch.testing.assert_close(gram(layer, a, b), _reference(layer, a, b), rtol=1e-5, atol=1e-5)
     assert output_rows(layer, a) == 32
+
+
+@pytest.mark.parametrize("method", ["nc", "ours", "ours-s", "correction", "imitation"])
+@pytest.mark.parametrize("batches", [1, 4])
+def test_direct_statistics_give_the_system_of_the_three_grams(method: str, batches: int) -> None:
+    """LayerStats with the objective known (student-side Grams, C = G W^T' + residual products, the
+    targets' energy from the layer's forward) builds the same system as from G_TT, G_SS, G_TS; with 4
+    batches of 1 image it starts in row mode and folds the rows in when it crosses over."""
+    from crossdistill.objectives import objective_terms
+    from crossdistill.solvers import GramSystem, LayerStats
+
+    gen = torch.Generator().manual_seed(1)
+    layer = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    hT = torch.randn(4, 3, 3, 3, generator=gen)  # 9 rows per image, d = 27: rows first, then Grams
+    hS = hT + 0.3 * torch.randn(4, 3, 3, 3, generator=gen)
+    wT = torch.randn(5, 3, 3, 3, generator=gen)
+    terms = objective_terms(method, mu=0.6, alpha=0.3, beta=0.7)
+    direct, general = LayerStats(layer, terms, wT), LayerStats(layer)
+    step = len(hT) // batches
+    for i in range(0, len(hT), step):
+        direct.add_batch(hT[i : i + step], hS[i : i + step])
+        general.add_batch(hT[i : i + step], hS[i : i + step])
+    a, b = direct.system(terms, wT), general.system(terms, wT)
+    assert isinstance(a, GramSystem) and isinstance(b, GramSystem)
+    torch.testing.assert_close(a.G, b.G, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.C, b.C, rtol=1e-5, atol=1e-4)
+    assert a.const == pytest.approx(b.const, rel=1e-5)
+    W = torch.randn(5, 27, generator=gen)
+    assert a.loss(W) == pytest.approx(b.loss(W), rel=1e-5)
