@@ -189,9 +189,12 @@ class LayerStats:
     (im2col ``U_t``) and target ``Y_t = W^T * (p h^T + q h^S)`` (the teacher
     layer's forward), ``G = sum w U_t'U_t`` (symmetric Grams of the student-side
     inputs only; one for NC and Ours-S, two for the mu-mix), ``C = sum w U_t'Y_t``
-    as ``G W^T' + sum w U_t'(Y_t - U_t W^T')`` (the second part a backward-weight
-    convolution, absent for the mu-mix; no cross Gram ``U_T'U_S``) and
-    ``const = sum w ||Y_t||^2``, all float64. Without them it keeps the three
+    as ``G W^T' + C_res``, ``C_res = sum w U_t'R_t`` with ``R_t = Y_t - U_t W^T'`` the
+    residual of the teacher's weights (a backward-weight convolution; absent for
+    the mu-mix, where ``R_t = 0``; no cross Gram ``U_T'U_S``) and ``const = sum w
+    ||Y_t||^2 = tr(W^T G W^T') + 2 tr(W^T C_res) + sum w ||R_t||^2``, all float64:
+    the targets themselves are never computed, and a target ``W^T`` reaches is
+    solved by ``W^T`` with loss 0 to rounding. Without them it keeps the three
     Grams ``G_TT, G_SS, G_TS`` and builds any objective from them.
 
     While the total number of rows stays below ``d = C_in*k*k`` it keeps the
@@ -237,7 +240,8 @@ class LayerStats:
             self._add_grams(lambda a, b: gram(self.layer, a, b), hT, hS, same)
 
     def _add_direct(self, hT: torch.Tensor, hS: torch.Tensor, rows: bool) -> None:
-        """Add G, C_res and const of the known objective for inputs (or, ``rows``, im2col rows) hT and hS."""
+        """Add G, C_res and the residuals' energy of the known objective for inputs (or, ``rows``, im2col
+        rows) hT and hS."""
         wt = self.wT.to(hT.dtype)
         fn = (lambda h, w: h @ w.flatten(1).T) if rows else layer_fn(self.layer)
         grams: dict[int, torch.Tensor] = {}  # by input tensor: equal student-side inputs share one Gram
@@ -246,13 +250,12 @@ class LayerStats:
             if id(x) not in grams:
                 grams[id(x)] = (x.T @ x).double() if rows else gram(self.layer, x)
             self.G = self.G + t.weight * grams[id(x)]
-            y = fn(_mix(hT, hS, t.p, t.q), wt)  # the target: the teacher layer on its input mix
-            self.const += t.weight * float(y.double().pow(2).sum())
             a, b = _residual_mix(t)
-            if a or b:  # U_x'(Y - U_x W^T'): the target's part that W^S = W^T does not reach
+            if a or b:  # R = Y - U_x W^T': the target's part that W^S = W^T does not reach
                 res = fn(_mix(hT, hS, a, b), wt)
                 c = (x.T @ res).double() if rows else weight_product(self.layer, x, res)
                 self.C_res = self.C_res + t.weight * c
+                self.const += t.weight * float(res.double().pow(2).sum())
 
     def _add_grams(self, product, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
         """Add the Grams of inputs ``a`` (teacher) and ``b`` (student); one product when they are the same."""
@@ -278,7 +281,9 @@ class LayerStats:
             # target that W^T reaches exactly is solved by W^T to rounding (no float32 mismatch between
             # G and C for the solve to amplify); the second part is small where the student is close
             C = self.G @ wt.T + self.C_res
-            return GramSystem(self.G, C, self.const, self.rows)
+            # sum w ||Y||^2 = tr(W G W') + 2 tr(W C_res) + sum w ||R||^2: no forward of the targets
+            const = float(((wt @ self.G) * wt).sum()) + 2 * float((wt * torch.as_tensor(self.C_res).T).sum())
+            return GramSystem(self.G, C, const + self.const, self.rows)
         G_TT, G_SS, G_TS = self.G_TT, self.G_SS, self.G_TS
         G_ST = G_TS.T
         G = torch.zeros_like(G_TT)
@@ -630,7 +635,7 @@ def _solve_groups_batched(
     if layer.padding_mode != "zeros":
         raise TypeError("only convolutions with zero padding are supported by the least-squares solver")
     # LayerStats' direct statistics, per group: Grams of the student-side inputs only, the linear part as
-    # A W^T' plus a backward-weight grouped conv against the residual, the targets' energy from their output
+    # A W^T' plus a backward-weight grouped conv against the residual, the targets' energy from both
     A = torch.zeros(G, dg, dg, dtype=torch.float64, device=w0.device)
     C_res = torch.zeros(G, dg, cout_g, dtype=torch.float64, device=w0.device)
     const = torch.zeros(G, dtype=torch.float64, device=w0.device)
@@ -648,14 +653,16 @@ def _solve_groups_batched(
             if id(x) not in grams:
                 grams[id(x)] = gram(layer, x).view(G, dg, dg)
             A += t.weight * grams[id(x)]
-            y = conv(_mix(xT, xS, t.p, t.q))  # (n, C_out, ...)
-            const += t.weight * y.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
             a, b = _residual_mix(t)
             if a or b:
-                C_res += t.weight * weight_product(layer, x, conv(_mix(xT, xS, a, b)))
+                res = conv(_mix(xT, xS, a, b))  # (n, C_out, ...)
+                C_res += t.weight * weight_product(layer, x, res)
+                const += t.weight * res.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
         rows += output_rows(layer, xT)
     W0 = w0.reshape(G, cout_g, dg).double()
-    C = A @ wT.reshape(G, cout_g, dg).double().transpose(1, 2) + C_res  # (G, dg, cout_g), as in LayerStats
+    wt = wT.reshape(G, cout_g, dg).double()
+    C = A @ wt.transpose(1, 2) + C_res  # (G, dg, cout_g), as in LayerStats
+    const = const + ((wt @ A) * wt).sum((1, 2)) + 2 * (wt * C_res.transpose(1, 2)).sum((1, 2))
 
     def group_loss(W: torch.Tensor) -> torch.Tensor:  # (G,) unnormalised objective per group
         quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const
