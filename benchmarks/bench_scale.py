@@ -12,7 +12,8 @@ per-layer capture (``capture=per-layer``) for comparison. Each run is a fresh su
 its own, including the Python/torch baseline) and appends one JSONL line to
 benchmarks/results/scale.jsonl; rows already there are skipped. ``teacher_forward_s`` is one
 forward pass of the teacher over the same images (batch 128, eval, no grad), timed in the same
-process before and after the compression (median of 3 each, then their mean); ``ratio`` = compression
+process before and after the compression (median of 3 each, one each for passes over 5 s; then their
+mean); ``ratio`` = compression
 seconds / teacher_forward_s. ``*_cpu*``: the same in CPU seconds of the process (time.process_time),
 which a shared, loaded machine disturbs far less than wall time (one thread: OMP_NUM_THREADS=1).
 """
@@ -65,11 +66,11 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def forward_pass() -> tuple[float, float]:
-        """(wall, CPU) seconds of one teacher forward pass over the images, median of 3."""
+    def forward_pass(repeats: int) -> tuple[float, float]:
+        """(wall, CPU) seconds of one teacher forward pass over the images, median of ``repeats``."""
         walls, cpus = [], []
         with torch.no_grad():
-            for _ in range(3):
+            for _ in range(repeats):
                 sync()
                 w0, c0 = time.perf_counter(), time.process_time()
                 for i in range(0, len(images), 128):
@@ -77,17 +78,20 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
                 sync()
                 walls.append(time.perf_counter() - w0)
                 cpus.append(time.process_time() - c0)
-        return sorted(walls)[1], sorted(cpus)[1]
+        return sorted(walls)[repeats // 2], sorted(cpus)[repeats // 2]
 
     with torch.no_grad():
         teacher(images[:2])  # warm-up
-    before = forward_pass()
+    before = forward_pass(1)
+    repeats = 3 if before[1] < 5 else 1  # a pass of minutes (N=1000 at 224x224) is timed once each side
+    if repeats > 1:
+        before = forward_pass(repeats)
     w0, c0 = time.perf_counter(), time.process_time()
     extra = {"mu": mu, "capture": capture} if method != "l1" else {}  # l1 has no objective and no capture
     student, report = run_method(method, teacher, images, keep=0.5, device=device, **extra)
     sync()
     seconds, cpu_seconds = time.perf_counter() - w0, time.process_time() - c0
-    after = forward_pass()
+    after = forward_pass(repeats)
     # wall times on a loaded machine follow the load; CPU time of this one-thread process much less so
     forward_s, forward_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     return {
