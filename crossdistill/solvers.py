@@ -282,7 +282,8 @@ class LayerStats:
             # G and C for the solve to amplify); the second part is small where the student is close
             C = self.G @ wt.T + self.C_res
             # sum w ||Y||^2 = tr(W G W') + 2 tr(W C_res) + sum w ||R||^2: no forward of the targets
-            const = float(((wt @ self.G) * wt).sum()) + 2 * float((wt * torch.as_tensor(self.C_res).T).sum())
+            lin = 0.0 if isinstance(self.C_res, float) else float((wt * self.C_res.T).sum())
+            const = float(((wt @ self.G) * wt).sum()) + 2 * lin
             return GramSystem(self.G, C, const + self.const, self.rows)
         G_TT, G_SS, G_TS = self.G_TT, self.G_SS, self.G_TS
         G_ST = G_TS.T
@@ -566,12 +567,21 @@ def solve_unstructured(
     return res
 
 
-class _GroupView:
-    """The conv parameters of one group of a grouped conv, as a groups=1 layer for :func:`unfold`."""
-
-    def __init__(self, layer: nn.Conv2d):
-        self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
-        self.padding, self.padding_mode, self.groups = layer.padding, layer.padding_mode, 1
+def _group_view(layer: nn.Conv2d) -> nn.Conv2d:
+    """One group of a grouped conv as a groups=1 conv with the same geometry, for :class:`LayerStats`
+    (weights on the meta device: only its shape and conv parameters are read)."""
+    cin_g, cout_g = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+    return nn.Conv2d(
+        cin_g,
+        cout_g,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        bias=False,
+        padding_mode=layer.padding_mode,
+        device="meta",
+    )
 
 
 def solve_grouped(
@@ -592,7 +602,7 @@ def solve_grouped(
         return _solve_groups_batched(layer, problem, hT, hS, opts)
     wT, w0, bs = problem.wT, problem.w0, opts.batch_size
     G = layer.groups
-    view = _GroupView(layer)
+    view = _group_view(layer)
     cin_g, cout_g = wT.shape[1], wT.shape[0] // G
     mask = weight_mask(w0.flatten(1), None, problem.n_keep, opts.weight_criterion).view_as(w0)
     W = torch.empty_like(w0)
@@ -600,7 +610,7 @@ def solve_grouped(
     fell_back = False
     for g in range(G):
         i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
-        stats = LayerStats(view)  # type: ignore[arg-type]
+        stats = LayerStats(view)
         for j in range(0, len(hT), bs):
             stats.add_batch(hT[j : j + bs, i], hS[j : j + bs, i])
         group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
