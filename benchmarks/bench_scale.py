@@ -1,17 +1,21 @@
 """Compression at real sizes: time, peak memory and the ratio to one teacher forward pass.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py                      # the default grid, resumable
+    OMP_NUM_THREADS=1 /work/tvenv/bin/python benchmarks/bench_scale.py     # the default grid, resumable
     python benchmarks/bench_scale.py --models resnet18 --n 100 --methods ours nc --device cuda
 
-Models: resnet18, resnet50, mobilenet_v2, efficientnet_b0 (benchmarks/tv_models.py: faithful
-re-definitions of the torchvision architectures, random init, BN statistics re-estimated on the
-images so activations are realistic) at 224x224 on N random normalised images, structured keep 0.5;
+Models: resnet18, resnet50, mobilenet_v2, efficientnet_b0 (benchmarks/tv_models.py: torchvision's
+own definitions when torchvision is importable, else faithful re-definitions; ``definitions`` in each
+row says which; random init, BN statistics re-estimated on the images so activations are realistic)
+at 224x224 on N random normalised images, structured keep 0.5; all N=100 rows before the N=1000 rows;
 and resnet56 on its Fashion-MNIST teacher with the K=5 few-shot draw (50 images), also with the old
 per-layer capture (``capture=per-layer``) for comparison. Each run is a fresh subprocess (its peak RSS is
 its own, including the Python/torch baseline) and appends one JSONL line to
 benchmarks/results/scale.jsonl; rows already there are skipped. ``teacher_forward_s`` is one
 forward pass of the teacher over the same images (batch 128, eval, no grad), timed in the same
-process right before the compression (median of 3); ``ratio`` = compression seconds / teacher_forward_s.
+process before and after the compression (median of 3 each, one each for passes over 1 s; then their
+mean); ``ratio`` = compression
+seconds / teacher_forward_s. ``*_cpu*``: the same in CPU seconds of the process (time.process_time),
+which a shared, loaded machine disturbs far less than wall time (one thread: OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import RESULTS, append_jsonl, machine, read_jsonl, teacher_path
 
@@ -32,7 +37,7 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from crossdistill.compress import compress
+    from crossdistill.methods import run_method
     from crossdistill.run import recalibrate_bn
 
     dev = torch.device(device)
@@ -43,10 +48,12 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         teacher, _meta = load_checkpoint(teacher_path("resnet56", "fashion-mnist"))
         images, _ = load_few_shot("fashion-mnist", 5, 0)
         mu = 0.9
+        definitions = "crossdistill.models"
     else:
         sys.path.insert(0, os.path.dirname(__file__))
-        from tv_models import MODELS
+        from tv_models import MODELS, SOURCE
 
+        definitions = SOURCE
         torch.manual_seed(0)
         teacher = MODELS[model]()
         images = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
@@ -59,55 +66,82 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    def forward_pass(repeats: int) -> tuple[float, float]:
+        """(wall, CPU) seconds of one teacher forward pass over the images, median of ``repeats``."""
+        walls, cpus = [], []
+        with torch.no_grad():
+            for _ in range(repeats):
+                sync()
+                w0, c0 = time.perf_counter(), time.process_time()
+                for i in range(0, len(images), 128):
+                    teacher(images[i : i + 128])
+                sync()
+                walls.append(time.perf_counter() - w0)
+                cpus.append(time.process_time() - c0)
+        return sorted(walls)[repeats // 2], sorted(cpus)[repeats // 2]
+
     with torch.no_grad():
         teacher(images[:2])  # warm-up
-        times = []
-        for _ in range(3):  # median of 3: one pass is noisy on a shared machine
-            sync()
-            t0 = time.perf_counter()
-            for i in range(0, len(images), 128):
-                teacher(images[i : i + 128])
-            sync()
-            times.append(time.perf_counter() - t0)
-        forward_s = sorted(times)[1]
-    t0 = time.perf_counter()
-    student, report = compress(teacher, images, method=method, mu=mu, keep=0.5, capture=capture, device=device)
+    before = forward_pass(1)
+    repeats = 3 if before[1] < 1 else 1  # a pass of seconds or more (224x224 images) is timed once each side
+    if repeats > 1:
+        before = forward_pass(repeats)
+    w0, c0 = time.perf_counter(), time.process_time()
+    extra = {"mu": mu, "capture": capture} if method != "l1" else {}  # l1 has no objective and no capture
+    student, report = run_method(method, teacher, images, keep=0.5, device=device, **extra)
     sync()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - w0, time.process_time() - c0
+    after = forward_pass(repeats)
+    # wall times on a loaded machine follow the load; CPU time of this one-thread process much less so
+    forward_s, forward_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     return {
         "model": model,
+        "definitions": definitions,
         "n": len(images),
         "size": images.shape[-1],
         "method": method,
-        "capture": report.capture,
+        "capture": report.capture if method != "l1" else "none",
         "device": device,
         "seconds": round(seconds, 2),
         "teacher_forward_s": round(forward_s, 3),
         "ratio": round(seconds / forward_s, 1),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "teacher_forward_cpu_s": round(forward_cpu, 3),
+        "ratio_cpu": round(cpu_seconds / forward_cpu, 1),
         "peak_memory_mb": round(report.peak_memory_mb or 0.0, 0),
         "params_ratio": round(report.params_after / report.params_before, 3),
         "flops_ratio": round(report.flops_after / report.flops_before, 3),
         "output_error_fit": round(report.output_error, 4),
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": os.environ.get("BENCH_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": machine(),
         "note": "shared 2-core machine, other jobs running" if device == "cpu" else "",
     }
 
 
-def readme_table() -> None:
-    """Write the rows of scale.jsonl into README.md between the scale_table markers."""
+def readme_table(out: Path = OUT) -> None:
+    """Write the rows of ``out`` into README.md between the scale_table markers: per cell the run with the
+    median CPU-time ratio (wall-time ratio for rows without one) and how many runs there were."""
     import re
 
-    head = "| model | N | method | capture | compress s | teacher forward s | ratio | peak RSS MB | params | FLOPs |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in read_jsonl(OUT):
+    head = (
+        "| model | definitions | N | method | capture | runs | compress s | teacher forward s | ratio (wall) "
+        "| ratio (CPU) | peak RSS MB | params | FLOPs | output error | commit |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    cells: dict[tuple, list[dict]] = {}
+    for r in read_jsonl(out):
+        cells.setdefault(_key(r), []).append(r)
+    order = lambda rs: (rs[0]["n"] > 100, _ORDER.get(rs[0]["model"], 9), rs[0]["method"], rs[0]["capture"])  # noqa: E731
+    for runs in sorted(cells.values(), key=order):
+        r = sorted(runs, key=lambda r: r.get("ratio_cpu", r["ratio"]))[len(runs) // 2]
         lines.append(
-            f"| {r['model']} | {r['n']} | {r['method']} | {r['capture']} | {r['seconds']} | {r['teacher_forward_s']} "
-            f"| {r['ratio']} | {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} |"
+            f"| {r['model']} | {r.get('definitions', 're-definition')} | {r['n']} | {r['method']} | {r['capture']} "
+            f"| {len(runs)} | {r['seconds']} | {r['teacher_forward_s']} | {r['ratio']} | {r.get('ratio_cpu', '')} "
+            f"| {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} | {r['output_error_fit']} "
+            f"| {r.get('commit', '')} |"
         )
     readme = RESULTS.parent.parent / "README.md"
     text = readme.read_text()
@@ -115,44 +149,71 @@ def readme_table() -> None:
     readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
 
 
+_ORDER = {"resnet56": 0, "resnet18": 1, "resnet50": 2, "mobilenet_v2": 3, "efficientnet_b0": 4}
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r.get("definitions", "re-definition"), r["n"], r["method"], r["capture"], r["device"])
+
+
+def _cells(models: list[str], ns: list[int], methods: list[str]) -> list[tuple[str, int, str, str]]:
+    """(model, n, method, capture) in run order: every N=100 row before the larger N (resnet56: its K=5 draw)."""
+    cells = []
+    for n in sorted(ns):
+        for model in models:
+            if model == "resnet56" and n != min(ns):
+                continue
+            for method in methods:
+                if method == "l1":
+                    cells.append((model, 50 if model == "resnet56" else n, method, "none"))
+                    continue
+                for capture in ["one-pass", "per-layer"] if model == "resnet56" else ["one-pass"]:
+                    cells.append((model, 50 if model == "resnet56" else n, method, capture))
+    return cells
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--models", nargs="+", default=["resnet56", "resnet18", "mobilenet_v2", "efficientnet_b0", "resnet50"]
     )
-    ap.add_argument("--n", nargs="+", type=int, default=[100])
-    ap.add_argument("--methods", nargs="+", default=["ours", "nc"])
+    ap.add_argument("--n", nargs="+", type=int, default=[100, 1000])
+    ap.add_argument("--methods", nargs="+", default=["ours", "nc", "l1"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=OUT, help="results file (JSONL, appended)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="leave out a row that runs longer (said so)")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
     ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
     ap.add_argument("--again", action="store_true", help="run rows already in the results file once more")
     args = ap.parse_args()
     if args.readme:
-        readme_table()
+        readme_table(args.out)
         return
     if args.child:
         model, n, method, capture = args.child
         print(json.dumps(one_run(model, int(n), method, capture, args.device)))
         return
-    done = {(r["model"], r["n"], r["method"], r["capture"], r["device"]) for r in read_jsonl(OUT)}
-    for model in args.models:
-        captures = ["one-pass", "per-layer"] if model == "resnet56" else ["one-pass"]
-        for n in [50] if model == "resnet56" else args.n:
-            for method in args.methods:
-                for capture in captures:
-                    if (model, n, method, capture, args.device) in done and not args.again:
-                        continue
-                    cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
-                        continue
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    append_jsonl(OUT, row)
-                    print(
-                        json.dumps({k: row[k] for k in ("model", "n", "method", "capture", "seconds", "ratio")}),
-                        flush=True,
-                    )
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tv_models import SOURCE
+
+    done = {_key(r) for r in read_jsonl(args.out)}
+    for model, n, method, capture in _cells(args.models, args.n, args.methods):
+        definitions = "crossdistill.models" if model == "resnet56" else SOURCE
+        if (model, definitions, n, method, capture, args.device) in done and not args.again:
+            continue
+        cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds)
+        except subprocess.TimeoutExpired:
+            print(f"{model} {n} {method} {capture}: left out, longer than {args.max_seconds:.0f} s", flush=True)
+            continue
+        if proc.returncode != 0:
+            print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        append_jsonl(args.out, row)
+        keys = ("model", "n", "method", "capture", "seconds", "ratio", "ratio_cpu")
+        print(json.dumps({k: row[k] for k in keys}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Small faithful re-definitions of four torchvision ImageNet architectures (torchvision is not a
-dependency: installing it pulls a CUDA torch). Same layer structure, widths, strides, activations and
+"""Four torchvision ImageNet architectures: torchvision's own definitions when torchvision is importable
+(e.g. /work/tvenv), else small faithful re-definitions (torchvision is not a dependency: installing it
+pulls a CUDA torch). The re-definitions have the same layer structure, widths, strides, activations and
 module nesting as torchvision 0.20 (resnet18, resnet50, mobilenet_v2, efficientnet_b0); random init as
-torchvision initialises them; no pretrained weights, no dropout/stochastic depth at eval (identity)."""
+torchvision initialises them; no pretrained weights, no dropout/stochastic depth at eval (identity).
+``SOURCE`` says which one ``MODELS`` holds; ``CROSSDISTILL_TV_MODELS=redefined`` forces the re-definitions."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -241,3 +244,23 @@ def efficientnet_b0(num_classes: int = 1000) -> EfficientNet:
 
 
 MODELS = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2, "efficientnet_b0": efficientnet_b0}
+SOURCE = "re-definition"
+
+
+def _torchvision_models() -> dict | None:
+    """torchvision's constructors (random init, no download) for the same names, plus shufflenet_v2_x1_0."""
+    if os.environ.get("CROSSDISTILL_TV_MODELS") == "redefined":
+        return None
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    names = [*MODELS, "shufflenet_v2_x1_0"]
+    return {n: (lambda n=n: getattr(torchvision.models, n)(weights=None)) for n in names}
+
+
+_tv = _torchvision_models()
+if _tv is not None:
+    import torchvision
+
+    MODELS, SOURCE = _tv, f"torchvision {torchvision.__version__}"

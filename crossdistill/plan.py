@@ -180,6 +180,7 @@ def make_plan(
         raise UserError("the model has no Conv2d layer; crossdistill compresses convolutional networks")
     first = convs[0]
     skip = set(getattr(model, "prune_skip", ()))
+    has_squeeze = any(spatial_size(s) == 1 for s in shapes.values())
     plan: list[LayerPlan] = []
     untouched: set[str] = set()  # unsupported layers left alone: neither re-fitted nor narrowed as producers
     for name in order:
@@ -211,7 +212,9 @@ def make_plan(
             if name not in skip and ratio < 1.0:
                 remover = remover or ChannelRemover(model, example)
                 channels = remover.prunable_channels(name, untouched)
-                if cfg.prune_se:
+                # an SE squeeze conv reads a 1x1 map: without one (or with every channel free already)
+                # se_gated_channels finds nothing, and its dependency walk is most of the plan's time
+                if cfg.prune_se and has_squeeze and len(channels) < layer.weight.shape[1]:
                     gated = se_gated_channels(remover, name, shapes, untouched)
                     if gated:  # their twins (a ghost module behind the gate) go with them: counted too
                         channels = remover.tie_channels(name, sorted(set(channels) | set(gated)))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs
+from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs, record_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .coverage import (
@@ -197,15 +197,25 @@ def split_holdout(images: torch.Tensor, fraction: float, seed: int = 0) -> tuple
     return order[n_hold:].sort().values, order[:n_hold].sort().values
 
 
-def output_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, batch_size: int = 128) -> float:
-    """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored)."""
+def output_error(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 128,
+    teacher_output: torch.Tensor | None = None,
+) -> float:
+    """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored).
+    ``teacher_output``: F^T(images) in eval mode already computed (then the teacher is not run)."""
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
     diff = ref = 0.0
     try:
         for i in range(0, len(images), batch_size):
-            yT, yS = teacher(images[i : i + batch_size]), student(images[i : i + batch_size])
+            x = images[i : i + batch_size]
+            with torch.no_grad():
+                yT = teacher(x) if teacher_output is None else teacher_output[i : i + batch_size]
+                yS = student(x)
             if not isinstance(yT, torch.Tensor):  # a dict / tuple output: compare its first tensor
                 yT, yS = first_tensor(yT), first_tensor(yS)
             diff += float((yS - yT).double().pow(2).sum())
@@ -246,6 +256,9 @@ class Run:
     remover: ChannelRemover | None = None  # structured only; set by plan_layers
     records: list[LayerRecord] = field(default_factory=list)
     heldout: torch.Tensor | None = None  # images held out of the fit (config.holdout), for the report's error
+    # (images, F^T(images)) in eval mode, kept from the pass that captured the teacher's inputs (finish
+    # reuses it for the output error instead of running the teacher again)
+    teacher_output: tuple[torch.Tensor, torch.Tensor] | None = None
     capture: str = "per-layer"  # how refit_layers captured the student's inputs
 
     @property
@@ -357,7 +370,9 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         report.heldout = heldout_errors(run.teacher, student, run.images, run.heldout, [p.name for p in run.plan])
         report.output_error = report.heldout["output_error"]
     else:
-        report.output_error = output_error(student, run.teacher, run.images)
+        kept = run.teacher_output
+        known = kept[1] if kept is not None and kept[0] is run.images else None
+        report.output_error = output_error(student, run.teacher, run.images, teacher_output=known)
     _check_coverage(run, report)
     if report.heldout is not None and report.heldout["warning"]:
         warnings.warn(report.heldout["warning"], ShortfallWarning, stacklevel=2)
@@ -411,7 +426,12 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
     cache_mb = len(run.images) * sum(t.numel() * t.element_size() for t in one.values()) / 2**20
     if cache_mb > run.cfg.teacher_cache_mb:
         return None
-    return capture_inputs(run.teacher, names, run.images, run.cfg.batch_size)
+    bs = run.cfg.batch_size
+    with torch.no_grad(), record_inputs(run.teacher, names) as store:
+        outs = [run.teacher(run.images[i : i + bs]) for i in range(0, len(run.images), bs)]
+    if not run.teacher.training and all(isinstance(o, torch.Tensor) for o in outs):
+        run.teacher_output = (run.images, torch.cat(outs))  # eval mode: what finish's output error needs
+    return {n: torch.cat(v) for n, v in store.items()}
 
 
 def _channel_groups(run: Run, p: LayerPlan, total: int) -> torch.Tensor | None:

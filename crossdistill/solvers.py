@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gram import explicit_padding, gram, output_rows
 from .objectives import Term
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "solve_grouped",
     "adam_solve",
     "weight_mask",
+    "weight_product",
     "explicit_padding",
     "conditioned_ridge",
     "never_worse",
@@ -162,18 +164,6 @@ def layer_fn(layer: nn.Module):
     raise TypeError(f"cannot solve for layer type {type(layer).__name__}")
 
 
-def explicit_padding(layer) -> tuple[int, ...]:
-    """A conv's padding as numbers: 'valid' is 0, 'same' (odd effective kernel) is (k-1)*d/2 per side."""
-    if layer.padding == "valid":
-        return (0, 0)
-    if layer.padding == "same":
-        pads = [(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
-        if any(p % 2 for p in pads):
-            raise TypeError("padding='same' with an even kernel (asymmetric padding) is not supported")
-        return tuple(p // 2 for p in pads)
-    return layer.padding
-
-
 def unfold(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """im2col: (N, C, H, W) -> (N*L, C*kh*kw) in the column order of ``W.flatten(1)``."""
     if isinstance(layer, nn.Linear):
@@ -186,66 +176,123 @@ def unfold(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N*L, C*kh*kw)
 
 
+def _mix(hT: torch.Tensor, hS: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``a hT + b hS``, returning the tensor itself for (1, 0) / (0, 1) so equal inputs stay recognisable."""
+    if b == 0:
+        return hT if a == 1 else a * hT
+    if a == 0:
+        return hS if b == 1 else b * hS
+    return a * hT + b * hS
+
+
+def _residual_mix(t: Term) -> tuple[float, float]:
+    """Coefficients of ``(p - r) h^T + (q - s) h^S``, the input of the residual ``Y - U_x W^T'`` of a term;
+    differences within rounding (Ours-S with alpha + beta = 1) count as zero."""
+    a, b = t.p - t.r, t.q - t.s
+    return (0.0 if abs(a) <= 1e-9 else a), (0.0 if abs(b) <= 1e-9 else b)
+
+
+def weight_product(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``U_x' Y`` for the layer's im2col ``U_x`` of input ``x`` and an output-shaped ``y``: the gradient of
+    ``<y, layer(x)>`` with respect to the weight, one backward-weight convolution (the cost of one layer
+    forward), no im2col. float64 (d, C_out), or (G, d_g, C_out/G) for a conv with G groups."""
+    if isinstance(layer, nn.Linear):
+        return (x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1])).double()
+    w_shape = (y.shape[1], *layer.weight.shape[1:])
+    gw = torch.nn.grad.conv2d_weight(
+        x, w_shape, y, layer.stride, explicit_padding(layer), layer.dilation, layer.groups
+    ).double()  # (C_out, C_in/G, kh, kw)
+    g = layer.groups
+    if g == 1:
+        return gw.flatten(1).T
+    return gw.reshape(g, y.shape[1] // g, -1).transpose(1, 2)
+
+
 class LayerStats:
     """Streaming statistics of one layer's teacher and student inputs.
 
-    Keeps the Gram matrices ``G_TT, G_SS, G_TS`` (float64). While the total
-    number of rows stays below ``d = C_in*k*k`` it also keeps the im2col rows
-    themselves: late layers see few output positions (M << d on a few-shot
-    batch), and solving through the Woodbury identity in the row space then
-    costs O(M^2 d) instead of O(d^3).
+    With the objective known up front (``terms`` and ``wT``, as in every
+    compression) it keeps exactly what the least-squares system needs: per
+    term ``w ||Y_t - U_t W^S'||^2`` with student-side input ``x_t = r h^T + s h^S``
+    (im2col ``U_t``) and target ``Y_t = W^T * (p h^T + q h^S)`` (the teacher
+    layer's forward), ``G = sum w U_t'U_t`` (symmetric Grams of the student-side
+    inputs only; one for NC and Ours-S, two for the mu-mix), ``C = sum w U_t'Y_t``
+    as ``G W^T' + C_res``, ``C_res = sum w U_t'R_t`` with ``R_t = Y_t - U_t W^T'`` the
+    residual of the teacher's weights (a backward-weight convolution; absent for
+    the mu-mix, where ``R_t = 0``; no cross Gram ``U_T'U_S``) and ``const = sum w
+    ||Y_t||^2 = tr(W^T G W^T') + 2 tr(W^T C_res) + sum w ||R_t||^2``, all float64:
+    the targets themselves are never computed, and a target ``W^T`` reaches is
+    solved by ``W^T`` with loss 0 to rounding. Without them it keeps the three
+    Grams ``G_TT, G_SS, G_TS`` and builds any objective from them.
+
+    While the total number of rows stays below ``d = C_in*k*k`` it keeps the
+    im2col rows themselves instead: late layers see few output positions (M << d
+    on a few-shot batch), and solving through the Woodbury identity in the row
+    space then costs O(M^2 d) instead of O(d^3).
     """
 
     def __init__(self, layer: nn.Module, terms: list[Term] | None = None, wT: torch.Tensor | None = None):
-        """``terms`` and ``wT`` (optional, the ones :meth:`system` will get): then only the Gram matrices
-        the objective's quadratic and linear parts use are accumulated, and its constant part (the
-        targets' energy) is summed directly at the cost of one layer forward, not of a Gram matrix
-        (NC needs no G_TT, the mu-mix no G_TS: a third less work)."""
+        """``terms`` and ``wT``: the ones :meth:`system` will get (then the direct statistics above)."""
+        if getattr(layer, "groups", 1) != 1:
+            raise TypeError("grouped convolutions are solved group by group (solve_grouped), not by LayerStats")
         self.layer = layer
         self.rows = 0
         self.G_TT = self.G_SS = self.G_TS = None
         self.U_T: list[torch.Tensor] | None = []
         self.U_S: list[torch.Tensor] | None = []
-        self.terms, self.wt = terms, None if wT is None else wT.flatten(1)
-        self.const: float | None = None
-        self.need = {"TT", "SS", "TS"}
-        if terms is not None and wT is not None:
-            self.const = 0.0
-            self.need = set()
-            for t in terms:
-                if t.r * t.r or t.r * t.p:
-                    self.need.add("TT")
-                if t.s * t.s or t.s * t.q:
-                    self.need.add("SS")
-                if t.r * t.s or t.r * t.q or t.s * t.p:
-                    self.need.add("TS")
+        self.terms, self.wT = terms, wT
+        self.direct = terms is not None and wT is not None
+        self.G: torch.Tensor | float = 0.0
+        self.C_res: torch.Tensor | float = 0.0
+        self.const = 0.0
 
     def add_batch(self, hT: torch.Tensor, hS: torch.Tensor) -> None:
-        UT = unfold(hT, self.layer)  # (M, d)
-        US = UT if hS is hT else unfold(hS, self.layer)
-        self.rows += UT.shape[0]
-        if self.U_T is not None and 2 * self.rows < UT.shape[1]:
+        same = hS is hT
+        self.rows += output_rows(self.layer, hT)
+        d = self.layer.weight[0].numel()
+        if self.U_T is not None and 2 * self.rows < d:  # few rows: keep them (row-space solve)
+            UT = unfold(hT, self.layer)  # (M, d)
             self.U_T.append(UT)
-            self.U_S.append(US)
+            self.U_S.append(UT if same else unfold(hS, self.layer))
             return
-        if self.U_T:  # crossed over: fold the rows kept so far into the Grams
-            UT, US = torch.cat(self.U_T + [UT]), torch.cat(self.U_S + [US])
+        if self.U_T:  # crossed over: fold the rows kept so far into the statistics
+            UT, US = torch.cat(self.U_T), torch.cat(self.U_S)
+            if self.direct:
+                self._add_direct(UT, US, rows=True)
+            else:
+                self._add_grams(lambda a, b: (a.T @ b).double(), UT, US, UT is US)
         self.U_T = self.U_S = None
-        grams = {}
-        if "TT" in self.need:
-            grams["TT"] = (UT.T @ UT).double()
-        if "SS" in self.need:
-            grams["SS"] = grams["TT"] if US is UT and "TT" in grams else (US.T @ US).double()
-        if "TS" in self.need:
-            grams["TS"] = grams["TT"] if US is UT and "TT" in grams else (UT.T @ US).double()
+        if self.direct:
+            self._add_direct(hT, hS, rows=False)
+        else:
+            self._add_grams(lambda a, b: gram(self.layer, a, b), hT, hS, same)
+
+    def _add_direct(self, hT: torch.Tensor, hS: torch.Tensor, rows: bool) -> None:
+        """Add G, C_res and the residuals' energy of the known objective for inputs (or, ``rows``, im2col
+        rows) hT and hS."""
+        wt = self.wT.to(hT.dtype)
+        fn = (lambda h, w: h @ w.flatten(1).T) if rows else layer_fn(self.layer)
+        grams: dict[int, torch.Tensor] = {}  # by input tensor: equal student-side inputs share one Gram
+        for t in self.terms or []:
+            x = _mix(hT, hS, t.r, t.s)
+            if id(x) not in grams:
+                grams[id(x)] = (x.T @ x).double() if rows else gram(self.layer, x)
+            self.G = self.G + t.weight * grams[id(x)]
+            a, b = _residual_mix(t)
+            if a or b:  # R = Y - U_x W^T': the target's part that W^S = W^T does not reach
+                res = fn(_mix(hT, hS, a, b), wt)
+                c = (x.T @ res).double() if rows else weight_product(self.layer, x, res)
+                self.C_res = self.C_res + t.weight * c
+                self.const += t.weight * float(res.double().pow(2).sum())
+
+    def _add_grams(self, product, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
+        """Add the Grams of inputs ``a`` (teacher) and ``b`` (student); one product when they are the same."""
+        grams: dict[str, torch.Tensor] = {"TT": product(a, a)}
+        grams["SS"] = grams["TT"] if same else product(b, b)
+        grams["TS"] = grams["TT"] if same else product(a, b)
         for key, g in grams.items():
             attr = f"G_{key}"
             setattr(self, attr, g.clone() if getattr(self, attr) is None else getattr(self, attr) + g)
-        if self.const is not None:
-            wt = self.wt.to(UT.dtype)
-            for t in self.terms:
-                y = (t.p * UT + t.q * US) @ wt.T if t.p * t.q else (t.p * UT if t.p else t.q * US) @ wt.T
-                self.const += t.weight * float(y.double().pow(2).sum())
 
     def system(self, terms: list[Term], wT: torch.Tensor) -> LeastSquares:
         """The objective as a least-squares system in W^S: row form while M is small, else Gram form."""
@@ -255,24 +302,33 @@ class LayerStats:
             A = torch.cat([math.sqrt(t.weight) * (t.r * UT + t.s * US) for t in terms])  # (terms*M, d)
             B = torch.cat([math.sqrt(t.weight) * (t.p * UT + t.q * US) for t in terms]) @ wt.T  # (terms*M, C_out)
             return RowSystem(A, B, self.rows)
-        some = next(g for g in (self.G_TT, self.G_SS, self.G_TS) if g is not None)
-        zero = torch.zeros_like(some)
-        G_TT, G_SS, G_TS = (zero if g is None else g for g in (self.G_TT, self.G_SS, self.G_TS))
+        if self.direct:
+            if list(terms) != list(self.terms) or not torch.equal(wT, self.wT):
+                raise ValueError("LayerStats was built for another objective; pass the same terms and wT")
+            # C = G W^T' + U'(Y - U W^T'): the first part from the same G as the quadratic term, so a
+            # target that W^T reaches exactly is solved by W^T to rounding (no float32 mismatch between
+            # G and C for the solve to amplify); the second part is small where the student is close
+            C = self.G @ wt.T + self.C_res
+            # sum w ||Y||^2 = tr(W G W') + 2 tr(W C_res) + sum w ||R||^2: no forward of the targets
+            lin = 0.0 if isinstance(self.C_res, float) else float((wt * self.C_res.T).sum())
+            const = float(((wt @ self.G) * wt).sum()) + 2 * lin
+            return GramSystem(self.G, C, const + self.const, self.rows)
+        G_TT, G_SS, G_TS = self.G_TT, self.G_SS, self.G_TS
         G_ST = G_TS.T
-        G = torch.zeros_like(some)
-        cross = torch.zeros_like(some)
-        target = torch.zeros_like(some)
+        G = torch.zeros_like(G_TT)
+        cross = torch.zeros_like(G_TT)
+        target = torch.zeros_like(G_TT)
         for t in terms:
             G += t.weight * (t.r**2 * G_TT + t.s**2 * G_SS + t.r * t.s * (G_TS + G_ST))
             cross += t.weight * (t.r * t.p * G_TT + t.r * t.q * G_TS + t.s * t.p * G_ST + t.s * t.q * G_SS)
-            if self.const is None:
-                target += t.weight * (t.p**2 * G_TT + t.q**2 * G_SS + t.p * t.q * (G_TS + G_ST))
+            target += t.weight * (t.p**2 * G_TT + t.q**2 * G_SS + t.p * t.q * (G_TS + G_ST))
         C = cross @ wt.T  # (d, C_out)
-        const = self.const if self.const is not None else float(torch.einsum("od,de,oe->", wt, target, wt))
+        const = float(((wt @ target) * wt).sum())
         return GramSystem(G, C, const, self.rows)
 
     def free(self) -> None:
         self.G_TT = self.G_SS = self.G_TS = self.U_T = self.U_S = None
+        self.G = self.C_res = 0.0
 
 
 def _lstsq(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -349,21 +405,27 @@ class GramSystem(LeastSquares):
 
     def loss(self, W):
         w = W.flatten(1).double()
-        val = torch.einsum("od,de,oe->", w, self.G, w) - 2 * torch.einsum("od,do->", w, self.C) + self.const
+        val = ((w @ self.G) * w).sum() - 2 * (w * self.C.T).sum() + self.const
         return max(float(val), 0.0) / (self.rows * w.shape[0])
 
     def diag(self):
         return self.G.diagonal()
 
     def blocks(self, cols, kk):
-        c = len(cols) // kk
-        ar = torch.arange(c, device=self.G.device)
-        return self.G[cols][:, cols].reshape(c, kk, c, kk)[ar, :, ar, :]
+        channels = cols[::kk] // kk  # cols are whole channels (kept_columns)
+        G4 = self.G.view(self.G.shape[0] // kk, kk, -1, kk)
+        return G4[channels, :, channels, :]  # (C, kk, kk): only the diagonal blocks are gathered
 
     def solve(self, cols, W0, ridge, row=None):
         C_K = self.C[cols] if row is None else self.C[cols, row : row + 1]
         W0_K = W0[:, cols].T if row is None else W0[row, cols][:, None]
-        return ridge_solve(self.G[cols][:, cols], C_K, ridge, W0_K)
+        return ridge_solve(self._sub(cols), C_K, ridge, W0_K)
+
+    def _sub(self, cols: torch.Tensor) -> torch.Tensor:
+        """G restricted to ``cols`` (sorted, distinct): G itself when that is every column."""
+        if len(cols) == self.G.shape[0]:
+            return self.G
+        return self.G.index_select(0, cols).index_select(1, cols)
 
 
 class RowSystem(LeastSquares):
@@ -450,7 +512,7 @@ def channel_scores(W: torch.Tensor, system: LeastSquares, cols: torch.Tensor, kk
     if criterion == "norm":
         return Wc.pow(2).sum((0, 2)).sqrt()
     if criterion == "energy":
-        return torch.einsum("ocx,cxy,ocy->c", Wc, system.blocks(cols, kk), Wc)
+        return ((Wc.transpose(0, 1) @ system.blocks(cols, kk)) * Wc.transpose(0, 1)).sum((1, 2))  # (C,)
     raise ValueError(f"unknown channel criterion {criterion!r}; choose 'energy' or 'norm'")
 
 
@@ -533,12 +595,21 @@ def solve_unstructured(
     return res
 
 
-class _GroupView:
-    """The conv parameters of one group of a grouped conv, as a groups=1 layer for :func:`unfold`."""
-
-    def __init__(self, layer: nn.Conv2d):
-        self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
-        self.padding, self.padding_mode, self.groups = layer.padding, layer.padding_mode, 1
+def _group_view(layer: nn.Conv2d) -> nn.Conv2d:
+    """One group of a grouped conv as a groups=1 conv with the same geometry, for :class:`LayerStats`
+    (weights on the meta device: only its shape and conv parameters are read)."""
+    cin_g, cout_g = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+    return nn.Conv2d(
+        cin_g,
+        cout_g,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        bias=False,
+        padding_mode=layer.padding_mode,
+        device="meta",
+    )
 
 
 def solve_grouped(
@@ -559,7 +630,7 @@ def solve_grouped(
         return _solve_groups_batched(layer, problem, hT, hS, opts)
     wT, w0, bs = problem.wT, problem.w0, opts.batch_size
     G = layer.groups
-    view = _GroupView(layer)
+    view = _group_view(layer)
     cin_g, cout_g = wT.shape[1], wT.shape[0] // G
     mask = weight_mask(w0.flatten(1), None, problem.n_keep, opts.weight_criterion).view_as(w0)
     W = torch.empty_like(w0)
@@ -567,7 +638,7 @@ def solve_grouped(
     fell_back = False
     for g in range(G):
         i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
-        stats = LayerStats(view)  # type: ignore[arg-type]
+        stats = LayerStats(view)
         for j in range(0, len(hT), bs):
             stats.add_batch(hT[j : j + bs, i], hS[j : j + bs, i])
         group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
@@ -589,9 +660,9 @@ def _solve_groups_batched(
 ) -> SolveResult:
     """Every group of a grouped conv at once, all input channels kept: Grams (G, d_g, d_g), one batched solve.
 
-    im2col of the whole input puts group g's columns in one contiguous block
-    (channel-major column order), so the per-group Grams are one batched
-    product; images go through in chunks that keep the im2col under ~256 MB.
+    The per-group Grams come from :func:`crossdistill.gram.gram` (batched over
+    groups; depthwise convs as elementwise products, no im2col at stride 1);
+    images go through in chunks of at most ~256 MB of im2col-equivalent.
     A group whose solve ends above its start keeps its start weights.
     """
     terms, wT, w0 = problem.terms, problem.wT, problem.w0
@@ -601,47 +672,35 @@ def _solve_groups_batched(
     pad = explicit_padding(layer)
     if layer.padding_mode != "zeros":
         raise TypeError("only convolutions with zero padding are supported by the least-squares solver")
-    # only the Grams the objective's quadratic and linear parts use (LayerStats' rule); the targets'
-    # energy per group comes from the layer's own grouped conv, far cheaper than G_TT
-    need = set()
-    for t in terms:
-        need |= {"TT"} if (t.r * t.r or t.r * t.p) else set()
-        need |= {"SS"} if (t.s * t.s or t.s * t.q) else set()
-        need |= {"TS"} if (t.r * t.s or t.r * t.q or t.s * t.p) else set()
-    zeros = lambda: torch.zeros(G, dg, dg, dtype=torch.float64, device=w0.device)  # noqa: E731
-    GTT, GSS, GTS = zeros(), zeros(), zeros()
+    # LayerStats' direct statistics, per group: Grams of the student-side inputs only, the linear part as
+    # A W^T' plus a backward-weight grouped conv against the residual, the targets' energy from both
+    A = torch.zeros(G, dg, dg, dtype=torch.float64, device=w0.device)
+    C_res = torch.zeros(G, dg, cout_g, dtype=torch.float64, device=w0.device)
     const = torch.zeros(G, dtype=torch.float64, device=w0.device)
     rows = 0
     per_image = hT[0].numel() * kk * hT.element_size()  # im2col bytes per image (stride 1; less otherwise)
     chunk = max(1, min(opts.batch_size, (256 * 2**20) // max(per_image, 1)))
-
-    def cols(h: torch.Tensor) -> torch.Tensor:  # (G, dg, n*L): each group's im2col, contiguous for bmm
-        u = F.unfold(h, layer.kernel_size, layer.dilation, pad, layer.stride)  # (n, C*kk, L)
-        return u.view(u.shape[0], G, dg, -1).permute(1, 2, 0, 3).reshape(G, dg, -1)
-
+    same = hS is hT
     for j in range(0, len(hT), chunk):
-        xT, xS = hT[j : j + chunk], hS[j : j + chunk]
-        uT = cols(xT) if need & {"TT", "TS"} else None
-        uS = uT if xS is xT and uT is not None else (cols(xS) if need & {"SS", "TS"} else None)
-        if "TT" in need:
-            GTT += torch.bmm(uT, uT.transpose(1, 2)).double()
-        if "SS" in need:
-            GSS += torch.bmm(uS, uS.transpose(1, 2)).double()
-        if "TS" in need:
-            GTS += torch.bmm(uT, uS.transpose(1, 2)).double()
+        xT = hT[j : j + chunk]
+        xS = xT if same else hS[j : j + chunk]
+        grams: dict[int, torch.Tensor] = {}
+        conv = lambda h: F.conv2d(h, wT, None, layer.stride, pad, layer.dilation, G)  # noqa: E731
         for t in terms:
-            y = F.conv2d(t.p * xT + t.q * xS, wT, None, layer.stride, pad, layer.dilation, G)  # (n, C_out, ...)
-            const += t.weight * y.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
-        rows += (uT if uT is not None else uS).shape[-1]
-    GST = GTS.transpose(1, 2)
-    A = torch.zeros_like(GTT)
-    cross = torch.zeros_like(GTT)
-    for t in terms:
-        A += t.weight * (t.r**2 * GTT + t.s**2 * GSS + t.r * t.s * (GTS + GST))
-        cross += t.weight * (t.r * t.p * GTT + t.r * t.q * GTS + t.s * t.p * GST + t.s * t.q * GSS)
-    wt = wT.reshape(G, cout_g, dg).double()
+            x = _mix(xT, xS, t.r, t.s)
+            if id(x) not in grams:
+                grams[id(x)] = gram(layer, x).view(G, dg, dg)
+            A += t.weight * grams[id(x)]
+            a, b = _residual_mix(t)
+            if a or b:
+                res = conv(_mix(xT, xS, a, b))  # (n, C_out, ...)
+                C_res += t.weight * weight_product(layer, x, res)
+                const += t.weight * res.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
+        rows += output_rows(layer, xT)
     W0 = w0.reshape(G, cout_g, dg).double()
-    C = cross @ wt.transpose(1, 2)  # (G, dg, cout_g)
+    wt = wT.reshape(G, cout_g, dg).double()
+    C = A @ wt.transpose(1, 2) + C_res  # (G, dg, cout_g), as in LayerStats
+    const = const + ((wt @ A) * wt).sum((1, 2)) + 2 * (wt * C_res.transpose(1, 2)).sum((1, 2))
 
     def group_loss(W: torch.Tensor) -> torch.Tensor:  # (G,) unnormalised objective per group
         quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const

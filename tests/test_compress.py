@@ -333,3 +333,13 @@ def test_per_layer_teacher_capture_gives_the_same_student_as_the_cache() -> None
     cached, _ = compress(model, x, method="nc")
     streamed, _ = compress(model, x, method="nc", teacher_cache_mb=0)
     assert torch.allclose(cached(x), streamed(x), atol=1e-5)
+
+
+def test_reported_output_error_equals_a_fresh_teacher_and_student_pass() -> None:
+    """The output error reuses the teacher's output from the capture pass: it must equal the error of the
+    returned student against the teacher run anew on the same images."""
+    from crossdistill.run import output_error
+
+    teacher, x = _resnet20().eval(), _images(6)
+    student, report = compress(teacher, x, method="nc", keep=0.5)
+    assert report.output_error == pytest.approx(output_error(student, teacher, x), rel=1e-6)
