@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .allocate import (
+    CurveGrid,
     LayerCurve,
     allocate,
     channel_costs,
@@ -38,6 +39,7 @@ from .allocate import (
 )
 from .config import DEPTHS, TARGET_KINDS, parse_target
 from .errors import UserError
+from .greedy import follow, greedy_order, layer_grids, steps_saving
 from .measure import count_params
 from .plan import LayerPlan, make_plan
 
@@ -99,6 +101,13 @@ class _Budget:
     plan: list[LayerPlan]
     curves: list[LayerCurve]  # one per planned layer, with channel costs
     measure: Callable[[nn.Module], float]  # model -> the target's quantity (FLOPs, params, table ms)
+    steps: list[tuple[str, int]] | None = None  # signal "greedy": its order of steps (crossdistill.greedy)
+
+    def allocate(self, saving: float) -> dict[str, int]:
+        return allocate(self.curves, saving) if self.steps is None else follow(self.steps, self.curves, saving)
+
+    def max_saving(self) -> float:
+        return max_saving(self.curves) if self.steps is None else steps_saving(self.steps, self.curves)
 
 
 def _search(
@@ -113,18 +122,18 @@ def _search(
     tried: list[tuple[dict[str, int], float]] = []
 
     def ratio(saving: float) -> tuple[dict[str, int], float]:
-        counts = allocate(curves, saving)
+        counts = budget.allocate(saving)
         tried.append((counts, measure(prune_to_counts(model, example, plan, counts)) / base))
         return tried[-1]
 
-    hi = max_saving(curves)
+    hi = budget.max_saving()
     counts_hi, r_hi = ratio(hi)
     if r_hi > fraction * (1 + tolerance):
         if not strict:
             return counts_hi, r_hi, 1
         raise UserError(
-            f"the smallest student reachable by narrowing channels keeps {r_hi:.3f} of the teacher "
-            f"(target {fraction}); raise the target, or drop blocks too (depth='mixed')"
+            f"the smallest student reachable by narrowing channels (down to alloc_floor) keeps {r_hi:.3f} of "
+            f"the teacher (target {fraction}); raise the target, lower alloc_floor, or drop blocks (depth='mixed')"
         )
     lo = 0.0
     best = (counts_hi, r_hi)
@@ -250,9 +259,22 @@ def plan_target(
     plan = pruned_plan(teacher, example, cfg)
     if not plan:
         raise UserError("no layer can be narrowed for a target; check --include/--exclude patterns")
-    curves = sensitivity_curves(teacher, images, plan, cfg.signal, batch_size=cfg.batch_size)
+    if cfg.signal == "greedy":
+        curves = layer_grids(teacher, plan, CurveGrid(min_keep=cfg.alloc_floor, points=8))
+    else:
+        grid = CurveGrid(min_keep=cfg.alloc_floor)
+        curves = sensitivity_curves(teacher, images, plan, cfg.signal, batch_size=cfg.batch_size, grid=grid)
     channel_costs(teacher, example, curves, plan, measure)
     budget = _Budget(teacher, example, plan, curves, measure)
+    if cfg.signal == "greedy":
+        # narrow until the real count is past the target (latency: the table, whose target is rescaled
+        # by the calibration, hence the margin), checked on the counts the greedy has reached
+        base, stop = measure(teacher), fraction * (0.7 if kind == "latency" else 1 - 3 * cfg.target_tolerance)
+        budget.steps = greedy_order(
+            teacher, images, plan, curves,
+            lambda counts: measure(prune_to_counts(teacher, example, plan, counts)) / base <= stop,
+            batch_size=cfg.batch_size,
+        )  # fmt: skip
     timing: dict[str, float] = {}
     if kind == "latency" and not custom:
         counts, achieved, timing = _calibrate_latency(budget, fraction, cfg)
