@@ -86,6 +86,7 @@ class LayerCurve:
     counts: list[int]  # kept prunable channels, descending from ``prunable``
     errors: list[float]  # relative error at each count (0 at full width)
     cost: float = 0.0  # cost saved per removed prunable channel (FLOPs, params or ms)
+    floor: int = 1  # the allocator keeps at least this many prunable channels
 
 
 def _grid(n: int, lowest: int, points: int) -> list[int]:
@@ -304,12 +305,14 @@ def allocate(curves: list[LayerCurve], saving: float) -> dict[str, int]:
     for _, c, k_from, k_to in segments:
         if left <= 0:
             break
-        take = min(k_from - k_to, math.ceil(left / c.cost))
+        if k_from <= c.floor:
+            continue
+        take = min(k_from - max(k_to, c.floor), math.ceil(left / c.cost))
         counts[c.name] = k_from - take
         left -= take * c.cost
     return counts
 
 
 def max_saving(curves: list[LayerCurve]) -> float:
-    """Cost saved (cost model) with every layer at the lowest count of its curve."""
-    return sum((c.prunable - c.counts[-1]) * c.cost for c in curves)
+    """Cost saved (cost model) with every layer at the lowest count of its curve (or its floor)."""
+    return sum((c.prunable - max(c.counts[-1], c.floor)) * c.cost for c in curves)

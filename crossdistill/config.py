@@ -68,9 +68,11 @@ class CompressConfig:
     mir: Any = None  # a crossdistill.mir.MirConfig: settings of refine="mir" and of method "mir" (None: defaults)
     # --- budget (crossdistill.target): per-layer keeps allocated from the few images instead of one keep
     target: dict[str, float] | None = None  # {"flops"|"params"|"latency": fraction of the teacher's}
-    signal: str = "recon"  # recon (layer reconstruction error) | penultimate (error at the penultimate features)
+    # target: how a layer's sensitivity is measured (SIGNALS; crossdistill.allocate), chosen on validation
+    # images with the floor (crossdistill.target's docstring): cross-fitted reconstruction error
+    signal: str = "recon-cv"
     depth: str = "channels"  # channels | blocks (drop residual blocks) | mixed (blocks and channels)
-    alloc_floor: float = 0.1  # target: no layer keeps less than this fraction of its prunable channels
+    alloc_floor: float = 0.4  # target: no layer keeps less than this fraction of its channels (lowered if need be)
     target_tolerance: float = 0.01  # relative: FLOPs/params of the student within 1 % of the target
     latency_batch: int = 64  # batch size at which a latency target is measured
     # structured: layer -> the teacher's input channels to keep, chosen elsewhere (e.g. Torch-Pruning's

@@ -186,6 +186,15 @@ def test_every_signal_meets_the_target(signal: str, floor: float) -> None:
     assert min(alloc["kept_fraction"].values()) >= floor - 1e-9
 
 
+def test_a_floor_that_cannot_reach_the_target_is_lowered_with_a_warning() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    with pytest.warns(UserWarning, match="alloc_floor 0.9 cannot meet the target"):
+        alloc = _check_met(model, x, "flops", 0.5, signal="recon-cv", alloc_floor=0.9)
+    assert 0.1 <= alloc["floor"] < 0.9
+    assert min(alloc["kept_fraction"].values()) >= alloc["floor"] - 1e-9
+
+
 def test_greedy_meets_a_params_target_on_a_chain_model() -> None:
     x = torch.randn(10, 3, 12, 12)
     _check_met(_ready(BottleneckResNet(), x), x, "params", 0.6, signal="greedy")
