@@ -16,7 +16,9 @@ A ``+<criterion>`` suffix (``+norm``) re-fits with that ``channel_criterion`` (w
 solver removes) instead of the default ``energy``.
 
 Each re-fitted with ``--refits`` (default nc and ours-s). ``--summary`` prints mean accuracy and the
-paired difference to uniform per (model, variant, re-fit).
+paired difference to uniform per (model, variant, re-fit), and writes it next to the JSONL (.md).
+Variants named ``@<floor>`` (all cells but ResNet-56 seed 2) sampled the curves from the floor up; now a clamp
+on curves sampled from 0.1 (crossdistill.allocate), which moves the hull's segments slightly.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from crossdistill.compress import CompressConfig, compress
 from crossdistill.config import SIGNALS
 from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
 from crossdistill.evaluate import accuracy, count_flops
+from crossdistill.files import atomic_write
 from crossdistill.target import plan_target, pruned_plan
 
 VARIANTS = ["uniform", *(f"alloc-{s}" for s in SIGNALS), "tp-magnitude", "tp-magnitude-counts"]
@@ -138,8 +141,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "target_signal_validation_fashion-mnist.jsonl"))
     ap.add_argument("--summary", action="store_true", help="only print the summary table of --out")
     args = ap.parse_args()
-    if args.summary:
-        print(summary(Path(args.out)))
+    if args.summary:  # printed and written next to the JSONL
+        text = "# Allocation signal on validation images (select_signal.py)\n\n" + summary(Path(args.out))
+        md = Path(args.out).with_suffix(".md")
+        atomic_write(md, lambda tmp: Path(tmp).write_text(text))
+        print(text)
         return
     run_cells(args)
 
