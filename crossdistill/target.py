@@ -174,7 +174,9 @@ def _search(
         counts = dict(counts)
         for _ in range(200):
             options = sorted(
-                (_marginal(c, counts[c.name]) / c.cost, c.name) for c in curves if c.cost > 0 and counts[c.name] > max(1, c.floor)
+                (_marginal(c, counts[c.name]) / c.cost, c.name)
+                for c in curves
+                if c.cost > 0 and counts[c.name] > max(1, c.floor)
             )
             for _, name in options:
                 trial = {**counts, name: counts[name] - 1}
