@@ -6,8 +6,10 @@ Per (model, FLOPs target, K, seed), every variant sees the same few-shot draw:
 
 - ``uniform``: one keep ratio for every pruned layer, the one (on a 1/256 grid)
   whose FLOPs come nearest the target;
-- ``alloc-recon`` / ``alloc-penultimate``: per-layer keeps from
-  :func:`crossdistill.target.plan_target` with either sensitivity signal;
+- ``alloc-<signal>``: per-layer keeps from :func:`crossdistill.target.plan_target` with that
+  sensitivity signal: ``alloc-recon-cv`` is the library default (cross-fitted, ``alloc_floor`` 0.4,
+  chosen on validation images by ``select_signal.py``); ``alloc-recon`` / ``alloc-penultimate`` keep
+  the floor of their first cells (0.1, the curves' lowest point) so old and new cells compare;
 - ``blocks`` / ``mixed``: residual blocks dropped (alone / with channels),
   :mod:`crossdistill.blockdrop` (models with residual blocks only);
 - ``tp-magnitude`` / ``tp-taylor``: Torch-Pruning's MetaPruner with
@@ -46,15 +48,19 @@ from crossdistill.data import dataset_info, load_dataset, load_few_shot
 from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
 from crossdistill.files import atomic_write
+from crossdistill.measure import measure_latency_pair
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
 from crossdistill.target import plan_target, pruned_plan
 from crossdistill.train import accuracy
 
 VARIANTS = [
-    "uniform", "alloc-recon", "alloc-penultimate", "blocks", "mixed", "tp-magnitude", "tp-taylor",
+    "uniform", "alloc-recon-cv", "alloc-recon", "alloc-penultimate", "blocks", "mixed", "tp-magnitude", "tp-taylor",
     "tp-magnitude-counts",
 ]  # fmt: skip
+
+
+LATENCY_BATCH = 16  # student / teacher time, alternately timed once per allocation (loaded machine: noisy)
 
 
 def flops_fraction(model: nn.Module, shape, base: float) -> float:
@@ -188,6 +194,8 @@ def run_cells(args) -> None:
                             cfg = copy.deepcopy(base_cfg)
                             cfg.target = {"flops": fraction}
                             cfg.signal = variant.removeprefix("alloc-")
+                            if cfg.signal in ("recon", "penultimate"):
+                                cfg.alloc_floor = 0.1
                             alloc = plan_target(teacher, images, cfg)
                             overrides = alloc.keep_overrides
                             extra["kept_fraction"] = alloc.kept_fraction
@@ -210,6 +218,7 @@ def run_cells(args) -> None:
                                 for p in plan
                             }
                         alloc_seconds = time.perf_counter() - t0
+                        latency: dict = {}  # the same architecture for every re-fit: timed once
                         for refit in todo:
                             t1 = time.perf_counter()
                             if refit == "none":
@@ -229,6 +238,9 @@ def run_cells(args) -> None:
                                     extra["kept_fraction"] = report.allocation["kept_fraction"]
                             seconds = time.perf_counter() - t1 + alloc_seconds
                             acc = accuracy(student, test.images, test.labels, info)
+                            if not latency and refit != "none":
+                                t, s = measure_latency_pair(teacher, student, shape, LATENCY_BATCH, 2, 7)
+                                latency = {"latency_ratio": s / t, "latency_batch": LATENCY_BATCH}
                             row = {
                                 "model": model_name, "dataset": info.name, "target": fraction, "k": k,
                                 "seed": seed, "variant": variant, "refit": refit, "accuracy": acc,
@@ -236,6 +248,7 @@ def run_cells(args) -> None:
                                 "params": sum(p.numel() for p in student.parameters()),
                                 "teacher_accuracy": meta["test_accuracy"], "dropped_blocks": dropped,
                                 "test_images": len(test.labels), "seconds": seconds, "machine": env, **extra,
+                                **latency,
                             }  # fmt: skip
                             append_jsonl(out, row)
                             msg = f"acc {acc:.4f} flops {row['flops_fraction']:.3f} ({seconds:.0f} s)"

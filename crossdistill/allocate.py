@@ -1,21 +1,35 @@
 """Per-layer sensitivity curves from the few images, and a global allocator over them.
 
-Signals (``signal=``), both label-free and computed on the *teacher*:
+Signals (``signal=``), all label-free and computed on the *teacher*:
 
-- ``recon`` (default): for each pruned layer, the least-squares elimination
-  path of :func:`crossdistill.solvers.solve_structured` walked on the
-  teacher's own input (h^S = h^T, the NC objective), from all channels down
-  to ``min_keep``: at each kept count, the layer's best reconstruction error
+- ``recon``: for each pruned layer, the least-squares elimination path of
+  :func:`crossdistill.solvers.solve_structured` walked on the teacher's own
+  input (h^S = h^T, the NC objective), from all channels down to
+  ``min_keep``: at each kept count, the layer's best reconstruction error
   after re-solving, divided by the energy of its output. One Gram matrix per
-  layer, no extra forward pass: the cheapest signal, and it is exactly the
-  quantity the re-fit will minimise. Blind to how much a layer's error
-  matters downstream (every layer's relative error counts alike).
+  layer, no extra forward pass. Blind where it matters most: solved and
+  scored on the same few images, a layer with fewer im2col rows than unknowns
+  (late VGG-16 layers at K=1: 10 images x 2x2 positions vs 512x9 unknowns)
+  reproduces them exactly at any width, so its curve is flat at 0 and the
+  allocator strips it to ``min_keep`` (VGG-16 FLOPs 0.5: -12 pt vs uniform).
 - ``penultimate``: the same path, but each solution is written into the
   teacher (that layer alone narrowed) and the error is measured at the
   penultimate features (input of the last Linear, or the output if there is
-  none), relative to their energy. Sees how errors propagate and how much
-  the rest of the network absorbs, at the price of one forward pass of the
-  few images per (layer, count).
+  none), relative to their energy: one forward pass of the few images per
+  (layer, count). Same blindness as ``recon``.
+- ``recon-cv`` / ``penultimate-cv``: cross-fitted: the path is solved on one
+  half of the draw (alternate images, so classes split) and the error scored
+  on the other half, both ways, averaged. Sees what the re-fit will not
+  recover on images it did not fit.
+- ``magnitude``: no images: removed channels' squared L2 weight norms (the
+  consumer's input columns) in units of the layer's mean channel, the
+  normalised-magnitude ranking Torch-Pruning's global pruning uses.
+- ``greedy`` (:mod:`crossdistill.greedy`): not a per-layer curve but a
+  NetAdapt-style iterative greedy in the network as already narrowed,
+  cross-fitted, scored at the penultimate features.
+
+The default, and the comparison that chose it on validation images, is
+in :mod:`crossdistill.target`'s docstring.
 
 Allocator (:func:`allocate`): greedy on marginal error per unit of cost
 saved, taken along each curve's lower convex hull (so a flat stretch after a
@@ -72,6 +86,7 @@ class LayerCurve:
     counts: list[int]  # kept prunable channels, descending from ``prunable``
     errors: list[float]  # relative error at each count (0 at full width)
     cost: float = 0.0  # cost saved per removed prunable channel (FLOPs, params or ms)
+    floor: int = 1  # the allocator keeps at least this many prunable channels
 
 
 def _grid(n: int, lowest: int, points: int) -> list[int]:
@@ -97,6 +112,45 @@ class CurveGrid:
     ridge: float = 1e-3  # recon: ridge of the least-squares re-fit at each count (x mean diag of the Gram)
 
 
+def _folds(n: int, cross: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fit, check) image indices: all/all, or (``cross``) the two halves of the draw, each way.
+    The draw is in class order, so alternate images split every class that has two or more."""
+    idx = torch.arange(n)
+    if not cross or n < 2:
+        return [(idx, idx)]
+    a, b = idx[0::2], idx[1::2]
+    return [(a, b), (b, a)]
+
+
+def _magnitude_curve(wT: torch.Tensor, prunable: torch.Tensor, counts: list[int]) -> list[float]:
+    """Summed squared L2 norm of the removed input channels (smallest first), in units of the layer's mean
+    channel: Torch-Pruning's global magnitude ranking with its ``mean`` normaliser, as a curve."""
+    imp = wT.detach().double().transpose(0, 1).flatten(1).pow(2).sum(1)[prunable]
+    imp = imp / (imp.mean() or 1.0)
+    cum = torch.cat([torch.zeros(1, dtype=imp.dtype), imp.sort().values.cumsum(0)])
+    n = len(prunable)
+    return [float(cum[n - k]) for k in counts]
+
+
+def _walk(system, W0: torch.Tensor, pinned: torch.Tensor, counts: list[int], kk: int, ridge: float):
+    """solve_structured's elimination path on ``system``: for each kept count (descending), the re-solved
+    weights (zeros on removed channels). Yields (count, W)."""
+    c_in = len(pinned)
+    keep = torch.arange(c_in, device=W0.device)
+    W = W0  # the solution for the current channel set (all channels: the teacher's weights)
+    for count in counts:
+        n_now = int((~pinned[keep.cpu()]).sum())
+        if count < n_now:  # eliminate by the current solution, then re-solve
+            cols = (keep[:, None] * kk + torch.arange(kk, device=W0.device)).flatten()
+            scores = channel_scores(W[:, cols], system, cols, kk, "energy")
+            scores = scores.masked_fill(pinned[keep.cpu()].to(scores.device), float("inf"))
+            keep = keep[scores.topk(len(keep) - (n_now - count)).indices.sort().values]
+            cols = (keep[:, None] * kk + torch.arange(kk, device=W0.device)).flatten()
+            W = torch.zeros_like(W0)
+            W[:, cols] = system.solve(cols, W0, ridge).T
+        yield count, W
+
+
 @torch.no_grad()
 def sensitivity_curves(
     teacher: nn.Module,
@@ -111,61 +165,63 @@ def sensitivity_curves(
     min_keep, points, ridge = grid.min_keep, grid.points, grid.ridge
     if signal not in SIGNALS:
         raise UserError(f"unknown allocation signal {signal!r}; choose one of {', '.join(SIGNALS)}")
+    if signal == "greedy":
+        raise UserError("signal 'greedy' is not a per-layer curve: use crossdistill.greedy.greedy_order")
     teacher = teacher.eval()
     pruned = [p for p in plan if p.keep is not None]
-    hT_all = capture_inputs(teacher, [p.name for p in pruned], images, batch_size)
-    tap = None
-    if signal == "penultimate":
+    folds = _folds(len(images), cross=signal.endswith("-cv"))
+    hT_all = {} if signal == "magnitude" else capture_inputs(teacher, [p.name for p in pruned], images, batch_size)
+    tap, refs = None, {}
+    if signal.startswith("penultimate"):
         order = forward_order(teacher, images[:1])
         linears = [n for n in order if isinstance(teacher.get_submodule(n), nn.Linear)]
         tap = linears[-1] if linears else None
         ref = _features(teacher, images, tap, batch_size)
-        ref_energy = float(ref.double().pow(2).sum()) or 1.0
+        refs = {i: (ref[check], float(ref[check].double().pow(2).sum()) or 1.0) for i, (_, check) in enumerate(folds)}
     terms = objective_terms("nc")
     curves = []
     for p in pruned:
         layer = teacher.get_submodule(p.name)
         wT = layer.weight.detach()
-        hT = hT_all.pop(p.name)
-        stats = LayerStats(layer)
-        for j in range(0, len(hT), batch_size):
-            stats.add_batch(hT[j : j + batch_size], hT[j : j + batch_size])
-        system = stats.system(terms, wT)
         c_in = wT.shape[1]
-        kk = wT[0, 0].numel() if wT.dim() == 4 else 1
-        W0 = wT.flatten(1).double()  # (C_out, C_in*kk)
-        energy = system.loss(torch.zeros_like(W0)) or 1.0
         prunable = torch.arange(c_in) if p.channels is None else torch.tensor(p.channels)
-        pinned = torch.ones(c_in, dtype=torch.bool)
-        pinned[prunable] = False
         n = len(prunable)
         counts = _grid(n, max(1, math.ceil(min_keep * n)), points)
-        keep = torch.arange(c_in, device=wT.device)
-        W = W0  # the solution for the current channel set (all channels: the teacher's weights)
-        errors = []
-        for count in counts:
-            n_now = int((~pinned[keep.cpu()]).sum())
-            if count < n_now:  # eliminate by the current solution, then re-solve (solve_structured's rule)
-                cols = (keep[:, None] * kk + torch.arange(kk, device=wT.device)).flatten()
-                scores = channel_scores(W[:, cols], system, cols, kk, "energy")
-                scores = scores.masked_fill(pinned[keep.cpu()].to(scores.device), float("inf"))
-                keep = keep[scores.topk(len(keep) - (n_now - count)).indices.sort().values]
-                cols = (keep[:, None] * kk + torch.arange(kk, device=wT.device)).flatten()
-                W = torch.zeros_like(W0)
-                W[:, cols] = system.solve(cols, W0, ridge).T
-            if signal == "recon":
-                errors.append(system.loss(W) / energy if count < n else 0.0)
-            elif count == n:
-                errors.append(0.0)
-            else:
-                saved = layer.weight.detach().clone()
-                layer.weight.copy_(W.reshape(wT.shape).to(wT.dtype))
-                try:
-                    out = _features(teacher, images, tap, batch_size)
-                finally:
-                    layer.weight.copy_(saved)
-                errors.append(float((out.double() - ref.double()).pow(2).sum()) / ref_energy)
-        stats.free()
+        if signal == "magnitude":
+            curves.append(LayerCurve(p.name, c_in, n, counts, _magnitude_curve(wT, prunable, counts)))
+            continue
+        hT = hT_all.pop(p.name)
+        pinned = torch.ones(c_in, dtype=torch.bool)
+        pinned[prunable] = False
+        kk = wT[0, 0].numel() if wT.dim() == 4 else 1
+        W0 = wT.flatten(1).double()  # (C_out, C_in*kk)
+        errors = [0.0] * len(counts)
+        for i, (fit, check) in enumerate(folds):
+            systems = []
+            for rows in (fit,) if fit is check else (fit, check):
+                stats = LayerStats(layer)
+                for j in range(0, len(rows), batch_size):
+                    h = hT[rows[j : j + batch_size]]
+                    stats.add_batch(h, h)
+                systems.append(stats.system(terms, wT))
+                stats.free()
+            check_system = systems[-1]
+            energy = check_system.loss(torch.zeros_like(W0)) or 1.0
+            for at, (count, W) in enumerate(_walk(systems[0], W0, pinned, counts, kk, ridge)):
+                if count == n:
+                    continue
+                if signal.startswith("recon"):
+                    err = check_system.loss(W) / energy
+                else:  # the layer alone narrowed in the teacher, error at the penultimate features
+                    saved = layer.weight.detach().clone()
+                    layer.weight.copy_(W.reshape(wT.shape).to(wT.dtype))
+                    try:
+                        out = _features(teacher, images[check], tap, batch_size)
+                    finally:
+                        layer.weight.copy_(saved)
+                    ref_i, ref_energy = refs[i]
+                    err = float((out.double() - ref_i.double()).pow(2).sum()) / ref_energy
+                errors[at] += err / len(folds)
         curves.append(LayerCurve(p.name, c_in, n, counts, errors))
     return curves
 
@@ -241,19 +297,22 @@ def hull_segments(curves: list[LayerCurve]) -> list[tuple[float, LayerCurve, int
 
 def allocate(curves: list[LayerCurve], saving: float) -> dict[str, int]:
     """Kept prunable channels per layer that save ``saving`` (in the curves' cost units) at the least summed
-    error: greedy on the flattest hull segments first, the last one cut at channel granularity."""
+    error: greedy on the flattest hull segments first (:func:`hull_segments`), the last one cut at channel
+    granularity."""
     segments = hull_segments(curves)
     counts = {c.name: c.prunable for c in curves}
     left = saving
     for _, c, k_from, k_to in segments:
         if left <= 0:
             break
-        take = min(k_from - k_to, math.ceil(left / c.cost))
+        if k_from <= c.floor:
+            continue
+        take = min(k_from - max(k_to, c.floor), math.ceil(left / c.cost))
         counts[c.name] = k_from - take
         left -= take * c.cost
     return counts
 
 
 def max_saving(curves: list[LayerCurve]) -> float:
-    """Cost saved (cost model) with every layer at the lowest count of its curve."""
-    return sum((c.prunable - c.counts[-1]) * c.cost for c in curves)
+    """Cost saved (cost model) with every layer at the lowest count of its curve (or its floor)."""
+    return sum((c.prunable - max(c.counts[-1], c.floor)) * c.cost for c in curves)

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import CompressConfig
+from .config import SIGNALS, CompressConfig
 from .errors import UserError
 
 if TYPE_CHECKING:  # the library is imported inside the commands: `crossdistill --help` stays fast
@@ -372,7 +372,10 @@ def compress(
         None, help="student latency on this device (at --latency-batch) as a fraction of the teacher's"
     ),
     latency_batch: int = typer.Option(DEFAULTS.latency_batch, help="batch size of a latency target"),
-    signal: str = typer.Option(DEFAULTS.signal, help="target: sensitivity signal, recon | penultimate"),
+    signal: str = typer.Option(DEFAULTS.signal, help="target: sensitivity signal, " + " | ".join(SIGNALS)),
+    alloc_floor: float = typer.Option(
+        DEFAULTS.alloc_floor, help="target: smallest kept fraction of a layer (lowered, warned, if the target needs)"
+    ),
     depth: str = typer.Option(DEFAULTS.depth, help="target: channels | blocks (drop residual blocks) | mixed"),
     # --- holistic refinement (crossdistill.mir): --refine mir, and the settings of --method mir ---
     refine: str | None = typer.Option(None, help="mir: then train end to end to the teacher's pre-pool features"),
@@ -482,6 +485,7 @@ def compress(
             raise UserError("give one of --target-flops, --target-params, --target-latency")
         if targets:
             cfg.target, cfg.signal, cfg.depth, cfg.latency_batch = targets, signal, depth, latency_batch
+            cfg.alloc_floor = alloc_floor
         # --- holistic refinement settings (crossdistill.mir) ---
         from .mir import MirConfig, method_defaults
 

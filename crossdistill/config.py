@@ -15,7 +15,8 @@ from .errors import UserError
 __all__ = ["CompressConfig", "TARGET_KINDS", "SIGNALS", "DEPTHS", "parse_target"]
 
 TARGET_KINDS = ("flops", "params", "latency")  # a target: this measure of the student / the teacher's
-SIGNALS = ("recon", "penultimate")  # how a layer's sensitivity to narrowing is measured (crossdistill.allocate)
+# how a layer's sensitivity to narrowing is measured (crossdistill.allocate; greedy: crossdistill.greedy)
+SIGNALS = ("recon", "penultimate", "recon-cv", "penultimate-cv", "magnitude", "greedy")
 DEPTHS = ("channels", "blocks", "mixed")  # what a target may remove: channels, residual blocks, or both
 
 
@@ -67,8 +68,11 @@ class CompressConfig:
     mir: Any = None  # a crossdistill.mir.MirConfig: settings of refine="mir" and of method "mir" (None: defaults)
     # --- budget (crossdistill.target): per-layer keeps allocated from the few images instead of one keep
     target: dict[str, float] | None = None  # {"flops"|"params"|"latency": fraction of the teacher's}
-    signal: str = "recon"  # recon (layer reconstruction error) | penultimate (error at the penultimate features)
+    # target: how a layer's sensitivity is measured (SIGNALS; crossdistill.allocate), chosen on validation
+    # images with the floor (crossdistill.target's docstring): cross-fitted reconstruction error
+    signal: str = "recon-cv"
     depth: str = "channels"  # channels | blocks (drop residual blocks) | mixed (blocks and channels)
+    alloc_floor: float = 0.4  # target: no layer keeps less than this fraction of its channels (lowered if need be)
     target_tolerance: float = 0.01  # relative: FLOPs/params of the student within 1 % of the target
     latency_batch: int = 64  # batch size at which a latency target is measured
     # structured: layer -> the teacher's input channels to keep, chosen elsewhere (e.g. Torch-Pruning's
@@ -118,6 +122,8 @@ class CompressConfig:
             raise UserError(f"unknown allocation signal {self.signal!r}; choose one of {', '.join(SIGNALS)}")
         if self.depth not in DEPTHS:
             raise UserError(f"unknown depth {self.depth!r}; choose one of {', '.join(DEPTHS)}")
+        if not 0.0 < self.alloc_floor <= 1.0:
+            raise UserError(f"alloc_floor must lie in (0, 1], got {self.alloc_floor}")
         if not 0.0 < self.target_tolerance < 0.5:
             raise UserError(f"target_tolerance must lie in (0, 0.5), got {self.target_tolerance}")
 

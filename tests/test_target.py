@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from crossdistill.allocate import CurveGrid, sensitivity_curves
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
 from crossdistill.models import get_model, list_models
+from crossdistill.target import pruned_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo import BottleneckResNet, TinySENet, tiny_mobilenet_v2_head  # noqa: E402
@@ -76,6 +78,46 @@ def test_penultimate_signal_also_meets_the_target() -> None:
     assert len(set(alloc["kept_fraction"].values())) > 1  # not uniform
 
 
+@pytest.mark.parametrize(
+    ("signal", "floor"), [("recon-cv", 0.1), ("recon-cv", 0.4), ("penultimate-cv", 0.1), ("magnitude", 0.1),
+                          ("greedy", 0.1), ("greedy", 0.4)]
+)  # fmt: skip
+def test_every_signal_meets_the_target(signal: str, floor: float) -> None:
+    x = torch.randn(10, 1, 16, 16)
+    alloc = _check_met(_ready(get_model("resnet20", 10, 1), x), x, "flops", 0.5, signal=signal, alloc_floor=floor)
+    assert alloc["signal"] == signal
+    assert len(set(alloc["kept_fraction"].values())) > 1  # not uniform
+    assert min(alloc["kept_fraction"].values()) >= floor - 1e-9
+
+
+def test_a_floor_that_cannot_reach_the_target_is_lowered_with_a_warning() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    with pytest.warns(UserWarning, match="alloc_floor 0.9 cannot meet the target"):
+        alloc = _check_met(model, x, "flops", 0.5, signal="recon-cv", alloc_floor=0.9)
+    assert 0.1 <= alloc["floor"] < 0.9
+    assert min(alloc["kept_fraction"].values()) >= alloc["floor"] - 1e-9
+
+
+def test_greedy_meets_a_params_target_on_a_chain_model() -> None:
+    x = torch.randn(10, 3, 12, 12)
+    _check_met(_ready(BottleneckResNet(), x), x, "params", 0.6, signal="greedy")
+
+
+def test_cross_fitted_recon_sees_what_fitting_and_scoring_on_the_same_images_hides() -> None:
+    """Few images, late layers: fewer im2col rows than unknowns, so a narrowed layer re-solved on the images
+    reproduces them exactly (recon ~0, the VGG-16 K=1 failure); scored on the other half it does not."""
+    x = torch.randn(4, 1, 16, 16)  # the last stage of ResNet-20 runs at 4x4: 4 * 16 rows < 64 * 9 unknowns
+    model = _ready(get_model("resnet20", 10, 1), x)
+    last = pruned_plan(model, x[:1], CompressConfig())[-1:]
+    grid = CurveGrid(min_keep=0.5, points=2)
+    same = sensitivity_curves(model, x, last, "recon", grid=grid)[0]
+    cross = sensitivity_curves(model, x, last, "recon-cv", grid=grid)[0]
+    assert same.errors[0] == cross.errors[0] == 0.0  # full width: the teacher itself
+    assert same.errors[-1] < 1e-6
+    assert cross.errors[-1] > 1e-3
+
+
 def test_unreachable_target_names_the_smallest_reachable() -> None:
     x = torch.randn(4, 1, 16, 16)
     with pytest.raises(UserError, match="smallest student reachable"):
@@ -97,6 +139,7 @@ def test_unreachable_target_names_the_smallest_reachable() -> None:
         ({"flops": 0.5}, {"keep": 0.3}, "either keep"),
         ({"flops": 0.5}, {"prune": "unstructured"}, "structured"),
         ({"flops": 0.5}, {"signal": "magic"}, "unknown allocation signal"),
+        ({"flops": 0.5}, {"alloc_floor": 0.0}, "alloc_floor"),
         ({"flops": 0.5}, {"depth": "layers"}, "unknown depth"),
     ],
 )
