@@ -74,6 +74,7 @@ from torch import nn
 
 from .data import augment
 from .errors import UserError
+from .models import model_family
 from .run import recalibrate_bn
 
 __all__ = [
@@ -85,6 +86,7 @@ __all__ = [
     "holdout_folds",
     "zero_masks",
     "method_defaults",
+    "refine_defaults",
 ]
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
@@ -131,16 +133,41 @@ class MirConfig:
             raise UserError(f"mir pad must be >= 0 pixels, got {self.pad}")
 
 
-def method_defaults() -> MirConfig:
-    """Settings of method ``mir`` (L1 start): the student starts far from the teacher (about 11 % on
-    Fashion-MNIST), so a larger lr and more steps than for refining a layer-wise solution, and BN
-    statistics re-estimated on the few images first (the paper trains in BN train mode, which does
-    this implicitly). Chosen on validation images (benchmarks/sweep_hparams.py, ResNet-20: at K=1
-    lr 1e-3 beats 1e-4 at every step count up to 400, 89.7 vs 87.6 % at 400, still rising; at K=5
-    recalibration first gives 75.3 % before any step and 90.8 vs 89.9 % after 300). Not for plain
-    chains: on VGG-16 (K=1 validation) lr 1e-3 collapses the start, lr 1e-4 reaches 58 % after 300
-    steps, still rising; pass ``lr=1e-4`` (and more steps) there until a per-family default exists."""
-    return MirConfig(lr=1e-3, steps=400, recalibrate_bn=True)
+# Settings per model family (crossdistill.models.model_family), chosen on validation images of the
+# training split (benchmarks/sweep_hparams.py; numbers in method_defaults / refine_defaults)
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "residual": {"lr": 1e-3, "steps": 400},
+    "plain": {"lr": 1e-4, "steps": 600},
+}
+_REFINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "residual": {"lr": 1e-4, "steps": 300},
+    "plain": {"lr": 1e-4, "steps": 300},
+}
+
+
+def _family(model: nn.Module | None) -> str:
+    return "residual" if model is None else model_family(model)
+
+
+def method_defaults(model: nn.Module | None = None) -> MirConfig:
+    """Settings of method ``mir`` (L1 start) for ``model``'s family (None: residual).
+
+    The student starts far from the teacher (about 11 % on Fashion-MNIST), so BN statistics are
+    re-estimated on the few images first (the paper trains in BN train mode, which does this
+    implicitly), and it needs a larger lr / more steps than refining a layer-wise solution.
+    Chosen on validation images (benchmarks/sweep_hparams.py, results/sweep_hparams_fashion-mnist.md):
+    ResNet-20 K=1: lr 1e-3 beats 1e-4 at every step count up to 400 (89.7 vs 87.6 % at 400); K=5:
+    recalibration first gives 75.3 % before any step and 90.8 vs 89.9 % after 300. VGG-16 (plain
+    chain) K=1: lr 1e-3 collapses the start, lr 1e-4 reaches 58 % after 300 steps, still rising."""
+    return MirConfig(recalibrate_bn=True, **_METHOD_DEFAULTS[_family(model)])
+
+
+def refine_defaults(model: nn.Module | None = None) -> MirConfig:
+    """Settings of ``refine="mir"`` (after a layer-wise method) for ``model``'s family (None: residual).
+
+    The start is already close to the teacher: a small lr, BN statistics kept. Chosen on validation
+    images (benchmarks/sweep_hparams.py): ResNet-20 K=1 NC+MiR lr 1e-4 89.3 % after 300 steps (NC 88.7)."""
+    return MirConfig(**_REFINE_DEFAULTS[_family(model)])
 
 
 # --------------------------------------------------------------------------- feature point
