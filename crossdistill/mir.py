@@ -75,7 +75,7 @@ from torch import nn
 from .data import augment
 from .errors import UserError
 from .models import model_family
-from .run import recalibrate_bn
+from .run import Run, recalibrate_bn
 
 __all__ = [
     "MirConfig",
@@ -87,6 +87,7 @@ __all__ = [
     "zero_masks",
     "method_defaults",
     "refine_defaults",
+    "refine_step",
 ]
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
@@ -168,6 +169,19 @@ def refine_defaults(model: nn.Module | None = None) -> MirConfig:
     The start is already close to the teacher: a small lr, BN statistics kept. Chosen on validation
     images (benchmarks/sweep_hparams.py): ResNet-20 K=1 NC+MiR lr 1e-4 89.3 % after 300 steps (NC 88.7)."""
     return MirConfig(**_REFINE_DEFAULTS[_family(model)])
+
+
+def refine_step(run: Run) -> dict[str, Any] | None:
+    """``refine="mir"`` on a finished run (nc / ours / ours-s or a baseline; :func:`crossdistill.run.finish`
+    calls it after the BN recalibration): :func:`mir_refine` of ``run.student`` with ``run.cfg.mir``
+    (None: :func:`refine_defaults` of the teacher's family), unstructured zeros kept. Returns its info,
+    or None when the run asks for no refinement (method ``mir`` is the refinement already)."""
+    if run.cfg.refine != "mir" or run.name == "mir":
+        return None
+    masks = None if run.structured else zero_masks(run.student, [p.name for p in run.plan])
+    params = run.cfg.mir if run.cfg.mir is not None else refine_defaults(run.teacher)
+    run.student, info = mir_refine(run.student, run.teacher.eval(), run.images, params, masks=masks)
+    return info
 
 
 # --------------------------------------------------------------------------- feature point
