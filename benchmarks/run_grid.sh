@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
 PY=${PY:-/work/main/.venv/bin/python}
 R=benchmarks/results
-METHODS="l1 l1+bp fitnet nc ours ours-s mir nc+mir ours-s+mir"
+METHODS="l1 l1+bp nc ours ours-s mir nc+mir ours-s+mir fitnet"
 grid() {
   "$PY" benchmarks/bench_accuracy.py --ks 1 2 5 10 --prunes structured:0.5 \
     --out $R/accuracy_fashion-mnist_grid.jsonl \
