@@ -227,7 +227,7 @@ def test_settings_per_model_family_registry_and_traced_user_models():
     for make in (method_defaults, refine_defaults):
         assert make(resnet).lr <= 1e-4 and make(vgg).lr <= 1e-4  # 1e-3 collapses both families (validation)
     assert method_defaults(resnet).recalibrate_bn and not refine_defaults(resnet).recalibrate_bn
-    assert default_params("fitnet", resnet).lr != default_params("fitnet", vgg).lr
+    assert default_params("fitnet", resnet).lr == 1e-4 and default_params("l1+bp", vgg).lr == 1e-4
     assert default_params("thinet", resnet) == default_params("thinet", vgg)  # no per-family setting
 
 
