@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results file (default results/accuracy_<dataset>.jsonl)")
     ap.add_argument("--reuse", nargs="*", default=[], help="other results files whose matching rows are reused")
     ap.add_argument("--dry-run", action="store_true", help="only list the cells: done / reused / to run")
+    ap.add_argument("--reuse-only", action="store_true", help="only copy the matching --reuse rows, run nothing")
     args = ap.parse_args()
 
     out = RESULTS / f"accuracy_{args.dataset}.jsonl" if args.out is None else Path(args.out)
@@ -186,6 +187,8 @@ def main() -> None:
                                 row = {**r, "settings": settings, "reused_from": src.name}
                                 append_jsonl(out, row)
                                 rows.setdefault(cell, []).append((out, row))
+                            continue
+                        if args.reuse_only:
                             continue
                         if images is None:
                             images, labels = load_few_shot(info.name, k, seed)
