@@ -5,8 +5,8 @@ plots, and per (model, K) whether our best (a layer-wise solve + MiR refinement)
     python benchmarks/grid_table.py          # writes results/accuracy_<dataset>_grid.md, the plots, README
 
 "Our best" is the refined layer-wise method with the highest mean in that cell among nc+mir, ours+mir
-and ours-s+mir (picked on test, so optimistic by the choice among three); ``paired`` counts the seeds
-on which it beats the other method on the same draw.
+and ours-s+mir (picked on test, so optimistic by the choice among three); the margin is the mean
+paired difference on the seeds both have run (same draws), ``wins`` the seeds on which it is ahead.
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ def verdicts(acc: dict, model: str, k: int) -> list[str]:
             out.append(f"{rival}: missing")
             continue
         ours = acc[(model, k, best)]
-        margin = 100 * (means[best] - statistics.mean(theirs.values()))
-        seeds = sorted(set(ours) & set(theirs))
+        seeds = sorted(set(ours) & set(theirs))  # compared on the same draws only
+        margin = 100 * statistics.mean(ours[s] - theirs[s] for s in seeds) if seeds else float("nan")
         wins = sum(ours[s] > theirs[s] for s in seeds)
+        verdict = "beats" if margin > 0 else "does NOT beat"
         out.append(
-            f"vs {rival} {margin:+.1f} ({'beats' if margin > 0 else 'does NOT beat'}; paired {wins}/{len(seeds)})"
+            f"vs {rival} {margin:+.2f} on seeds {','.join(map(str, seeds))} ({verdict}; wins {wins}/{len(seeds)})"
         )
     return out
 
