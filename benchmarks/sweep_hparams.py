@@ -50,15 +50,28 @@ def val_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
     return correct / len(y)
 
 
+FAMILIES = ("plain", "refine-nc", "refine-l1", "mir", "baselines")
+
+
 def cells(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    out: list[tuple[str, dict]] = [("nc", {})]
-    out += [("ours", {"mu": mu}) for mu in args.mus]
-    out += [("ours-s", {"alpha": float(a), "beta": float(b)}) for a, b in (ab.split(",") for ab in args.alpha_betas)]
-    out += [("refine", {"start": s, "lr": lr}) for s in ("nc", "l1") for lr in args.lrs]
-    out += [("refine", {"start": "l1-recal", "lr": lr}) for lr in args.recal_lrs]
-    if args.baselines:  # end-to-end baselines: BN handling x lr (train mode: the old default, one lr)
-        grid = [("train", 0.01)] + [(bn, lr) for bn in ("eval", "recalibrate") for lr in args.baseline_lrs]
-        out = [(b, {"bn_mode": bn, "lr": lr}) for b in ("l1+bp", "fitnet") for bn, lr in grid]
+    fams = set(args.only) if args.only else ({"baselines"} if args.baselines else set(FAMILIES) - {"baselines"})
+    out: list[tuple[str, dict]] = []
+    if "plain" in fams:
+        out += [("nc", {})]
+        out += [("ours", {"mu": mu}) for mu in args.mus]
+        out += [
+            ("ours-s", {"alpha": float(a), "beta": float(b)}) for a, b in (ab.split(",") for ab in args.alpha_betas)
+        ]
+    if "refine-nc" in fams:  # the +mir refinement after a layer-wise solve
+        out += [("refine", {"start": "nc", "lr": lr}) for lr in args.lrs]
+    if "refine-l1" in fams:
+        out += [("refine", {"start": "l1", "lr": lr}) for lr in args.lrs]
+    if "mir" in fams:  # method mir: L1 start, BN statistics re-estimated first
+        out += [("refine", {"start": "l1-recal", "lr": lr}) for lr in args.recal_lrs]
+    if "baselines" in fams:  # end-to-end baselines: BN handling x lr (train mode: the old default, one lr)
+        grid = [("train", 0.01)] if "train" in args.baseline_modes else []
+        grid += [(bn, lr) for bn in args.baseline_modes if bn != "train" for lr in args.baseline_lrs]
+        out += [(b, {"bn_mode": bn, "lr": lr}) for b in ("l1+bp", "fitnet") for bn, lr in grid]
     return [(m, {k: v if isinstance(v, str) else float(v) for k, v in p.items()}) for m, p in out]
 
 
@@ -181,6 +194,8 @@ def main() -> None:
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--baselines", action="store_true", help="instead: l1+bp / fitnet BN mode x lr")
     ap.add_argument("--baseline-lrs", nargs="+", type=float, default=[0.01, 0.001])
+    ap.add_argument("--baseline-modes", nargs="+", default=["train", "eval", "recalibrate"], help="BN handling")
+    ap.add_argument("--only", nargs="+", choices=FAMILIES, default=None, help="cell families to run")
     ap.add_argument("--summary", action="store_true", help="only rebuild the markdown summary")
     ap.add_argument("--out", default=None, help="results file (default results/sweep_hparams_<dataset>.jsonl)")
     args = ap.parse_args()

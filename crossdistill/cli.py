@@ -487,10 +487,10 @@ def compress(
             cfg.target, cfg.signal, cfg.depth, cfg.latency_batch = targets, signal, depth, latency_batch
             cfg.alloc_floor = alloc_floor
         # --- holistic refinement settings (crossdistill.mir) ---
-        from .mir import MirConfig, method_defaults
+        from .mir import method_defaults, refine_defaults
 
         cfg.refine = refine
-        cfg.mir = method_defaults() if method == "mir" else MirConfig()
+        cfg.mir = method_defaults(model) if method == "mir" else refine_defaults(model)
         cfg.mir.steps = cfg.mir.steps if mir_steps is None else mir_steps
         cfg.mir.lr = cfg.mir.lr if mir_lr is None else mir_lr
         cfg.mir.holdout_folds, cfg.mir.feature_layer = mir_holdout_folds, mir_feature_layer

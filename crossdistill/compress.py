@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from .config import CompressConfig
 from .errors import UserError
-from .mir import mir_refine, zero_masks
+from .mir import refine_step
 from .models import official_mu
 from .objectives import METHODS, Term, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan
@@ -172,18 +171,10 @@ def compress(
     # one step per layer: capture, solve, write, remove
     refit_layers(run, terms_for, _solver(cfg), on_layer)
 
-    # holistic refinement from the layer-wise solution (crossdistill.mir): BN statistics first, if asked
-    refined = None
-    if cfg.refine == "mir":
-        if cfg.recalibrate_bn:
-            recalibrate_bn(run.student, run.images, cfg.batch_size)
-        run.cfg = replace(cfg, recalibrate_bn=False)  # done already: finish() must not redo it after mimicking
-        masks = None if run.structured else zero_masks(run.student, [p.name for p in run.plan])
-        run.student, refined = mir_refine(run.student, run.teacher.eval(), run.images, cfg.mir, masks=masks)
-    student, report = finish(run)
-    report.config = asdict(cfg)
+    # finish: BN statistics if asked, then the holistic refinement from the layer-wise solution
+    # (refine="mir", crossdistill.mir), then the report
+    student, report = finish(run, refine=refine_step)
     report.allocation = allocation.to_dict() if allocation is not None else None
-    report.refine = refined
     return student, report
 
 

@@ -35,31 +35,11 @@ def run_method(
     if method in BASELINES:
         if overrides.get("target") is not None or (config is not None and config.target is not None):
             raise UserError(f"a target runs with {', '.join(METHODS)}; baseline {method!r} takes --keep only")
-        # refine="mir" after a baseline (compress() refines nc / ours / ours-s itself)
-        refine = overrides.pop("refine", getattr(config, "refine", None))
-        mir_params = overrides.pop("mir", getattr(config, "mir", None))
-        params = mir_params if method == "mir" else None
-        student, report = run_baseline(method, teacher, images, labels, config, params=params, **overrides)
-        if refine == "mir" and method != "mir":
-            student, report.refine = _refine_baseline(student, teacher, images, report, mir_params)
-        return student, report
+        if method == "mir":  # its settings: mir=... or config.mir (refine="mir" after it: nothing more)
+            params = overrides.pop("mir", getattr(config, "mir", None))
+            return run_baseline(method, teacher, images, labels, config, params=params, **overrides)
+        # refine="mir" (config or keyword): run.finish refines after the baseline, as after compress()
+        return run_baseline(method, teacher, images, labels, config, **overrides)
     if method in METHODS:
         return compress(teacher, images, config, on_layer=on_layer, method=method, **overrides)
     raise UserError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
-
-
-def _refine_baseline(
-    student: nn.Module, teacher: nn.Module, images: torch.Tensor, report: CompressReport, params: Any
-) -> tuple[nn.Module, dict[str, Any]]:
-    """mir_refine after a baseline, on the baseline's device; unstructured zeros stay zero."""
-    import copy
-
-    from .mir import mir_refine, zero_masks
-    from .run import resolve_device
-
-    teacher = copy.deepcopy(teacher).to(resolve_device(report.config["device"])).eval()
-    masks = zero_masks(student) if report.config["prune"] == "unstructured" else None
-    refined, info = mir_refine(student, teacher, images, params, masks=masks)
-    refined.widths = student.widths  # type: ignore[attr-defined]
-    report.config["refine"] = "mir"
-    return refined, info

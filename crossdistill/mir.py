@@ -25,8 +25,9 @@ feature point        ResNet: before global avg pooling   same; VGG: input of the
 loss                 MSE (mean) on those features        same
 head                 teacher's classifier, frozen        same (never reached by the forward)
 optimizer            SGD, momentum 0.9, wd 1e-4          Adam, no weight decay
-lr / schedule        0.02, x0.1 after 40% of the steps   refine: 1e-4; method mir: 1e-3; constant
-steps / batch        2000 iterations, batch 64           refine: 300; method mir: 400; batch 64
+lr / schedule        0.02, x0.1 after 40% of the steps   per model family (method_defaults,
+                                                         refine_defaults); 1e-4 or less; constant
+steps / batch        2000 iterations, batch 64           per family: 300-600; batch 64
                                                          (full batch below 64 images)
 augmentation         RandomResizedCrop(224) + flip       random crop (zero pad 2 px up to 28x28,
                                                          4 px above) + horizontal flip
@@ -46,8 +47,10 @@ over hundreds of steps forgets the teacher's). Eval mode keeps the
 teacher's statistics and still trains the BN affine parameters.
 ``bn_mode="train"`` gives the paper's behaviour; ``recalibrate_bn=True``
 re-estimates the statistics once on augmented views of the images first.
-The lr / steps of both uses were chosen on validation images of the
-training split (``benchmarks/sweep_hparams.py``; :func:`method_defaults`).
+The lr / steps of both uses were chosen per model family (residual / plain
+chain, :func:`crossdistill.models.model_family`) on validation images of the
+training split (``benchmarks/sweep_hparams.py``; :func:`method_defaults`,
+:func:`refine_defaults`).
 
 Validation (never test images): ``holdout_folds >= 2`` chooses the number
 of steps on held-out few-shot images — fold j holds out the j-th image of
@@ -74,7 +77,8 @@ from torch import nn
 
 from .data import augment
 from .errors import UserError
-from .run import recalibrate_bn
+from .models import model_family
+from .run import Run, recalibrate_bn
 
 __all__ = [
     "MirConfig",
@@ -85,6 +89,8 @@ __all__ = [
     "holdout_folds",
     "zero_masks",
     "method_defaults",
+    "refine_defaults",
+    "refine_step",
 ]
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
@@ -131,16 +137,61 @@ class MirConfig:
             raise UserError(f"mir pad must be >= 0 pixels, got {self.pad}")
 
 
-def method_defaults() -> MirConfig:
-    """Settings of method ``mir`` (L1 start): the student starts far from the teacher (about 11 % on
-    Fashion-MNIST), so a larger lr and more steps than for refining a layer-wise solution, and BN
-    statistics re-estimated on the few images first (the paper trains in BN train mode, which does
-    this implicitly). Chosen on validation images (benchmarks/sweep_hparams.py, ResNet-20: at K=1
-    lr 1e-3 beats 1e-4 at every step count up to 400, 89.7 vs 87.6 % at 400, still rising; at K=5
-    recalibration first gives 75.3 % before any step and 90.8 vs 89.9 % after 300). Not for plain
-    chains: on VGG-16 (K=1 validation) lr 1e-3 collapses the start, lr 1e-4 reaches 58 % after 300
-    steps, still rising; pass ``lr=1e-4`` (and more steps) there until a per-family default exists."""
-    return MirConfig(lr=1e-3, steps=400, recalibrate_bn=True)
+# Settings per model family (crossdistill.models.model_family), chosen on validation images of the
+# training split (benchmarks/sweep_hparams.py; numbers in method_defaults / refine_defaults)
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "residual": {"lr": 1e-4, "steps": 600},
+    "plain": {"lr": 1e-4, "steps": 200},
+}
+_REFINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "residual": {"lr": 1e-4, "steps": 300},
+    "plain": {"lr": 1e-4, "steps": 300},
+}
+
+
+def _family(model: nn.Module | None) -> str:
+    return "residual" if model is None else model_family(model)
+
+
+def method_defaults(model: nn.Module | None = None) -> MirConfig:
+    """Settings of method ``mir`` (L1 start) for ``model``'s family (None: residual).
+
+    The student starts far from the teacher (about 11 % on Fashion-MNIST), so BN statistics are
+    re-estimated on the few images first (the paper trains in BN train mode, which does this
+    implicitly), and it needs more steps than refining a layer-wise solution.
+    Chosen on validation images (benchmarks/sweep_hparams.py, results/sweep_hparams_fashion-mnist.md,
+    1000 train-split images disjoint from the draw; never test). Residual (ResNet-56, K=1, seeds 0/1):
+    lr 1e-4 reaches 91.0 % after 100 steps and 91.95 % (mean) after 600, lr 3e-4 91.0 % (seed 0),
+    lr 1e-3 collapses (10 % after 100 steps, 57 % after 600: the ResNet-20-tuned 1e-3 / 400 gave
+    47.5 +- 21 % on ResNet-56 test); on ResNet-20, without BN re-estimation, 1e-3 beat 1e-4 (89.7 vs
+    87.6 % at 400 steps). Plain (VGG-16, K=1, seed 0): lr 1e-4 takes the re-estimated start from
+    56.8 to 67.0 % after 100 steps and 68.7 % after 200, then stays flat (67.7 % after 600); lr 1e-3
+    collapses it (16 % after 50 steps, 47 % after 300)."""
+    return MirConfig(recalibrate_bn=True, **_METHOD_DEFAULTS[_family(model)])
+
+
+def refine_defaults(model: nn.Module | None = None) -> MirConfig:
+    """Settings of ``refine="mir"`` (after a layer-wise method) for ``model``'s family (None: residual).
+
+    The start is already close to the teacher: a small lr, BN statistics kept. Validation images
+    (benchmarks/sweep_hparams.py), K=1: ResNet-20 NC+MiR lr 1e-4 89.3 % after 300 steps (NC 88.7);
+    ResNet-56 (seed 0) lr 1e-4 stays at NC's 91.0 % (90.6-91.0 over 400 steps), 3e-4 ends at 90.2;
+    VGG-16 (seed 0) lr 1e-4 lowers NC's 78.3 % to 75.4 after 300 steps (a smaller lr was not yet
+    validated: the refinement gains nothing on plain chains with these settings)."""
+    return MirConfig(**_REFINE_DEFAULTS[_family(model)])
+
+
+def refine_step(run: Run) -> dict[str, Any] | None:
+    """``refine="mir"`` on a finished run (nc / ours / ours-s or a baseline; :func:`crossdistill.run.finish`
+    calls it after the BN recalibration): :func:`mir_refine` of ``run.student`` with ``run.cfg.mir``
+    (None: :func:`refine_defaults` of the teacher's family), unstructured zeros kept. Returns its info,
+    or None when the run asks for no refinement (method ``mir`` is the refinement already)."""
+    if run.cfg.refine != "mir" or run.name == "mir":
+        return None
+    masks = None if run.structured else zero_masks(run.student, [p.name for p in run.plan])
+    params = run.cfg.mir if run.cfg.mir is not None else refine_defaults(run.teacher)
+    run.student, info = mir_refine(run.student, run.teacher.eval(), run.images, params, masks=masks)
+    return info
 
 
 # --------------------------------------------------------------------------- feature point

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import operator
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "list_models",
     "load_model_file",
     "official_mu",
+    "model_family",
     "ResNet",
     "BasicBlock",
     "VGG",
@@ -74,6 +76,33 @@ DEFAULT_MU = 0.6
 def official_mu(model: nn.Module) -> float:
     """The official release's mu for ``model``: its class's ``official_mu`` (ResNets 0.9, VGG-16 0.6), else 0.6."""
     return float(getattr(model, "official_mu", DEFAULT_MU))
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def model_family(model: nn.Module) -> str:
+    """``"residual"`` when the forward adds two activations (a skip connection), else ``"plain"`` (a chain
+    like VGG). End-to-end training settings differ between the two (crossdistill.mir, baselines): a
+    pruned plain chain is badly conditioned and needs a smaller lr. Registry classes state it
+    (``family``); other models are traced with torch.fx; one fx cannot trace counts as residual
+    (most modern CNNs are)."""
+    family = getattr(model, "family", None)
+    if family in ("residual", "plain"):
+        return family
+    import torch.fx as fx  # only here: importing fx is slow
+
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow etc.: fx raises many kinds of errors
+        return "residual"
+    for node in graph.nodes:
+        add = (node.op == "call_function" and node.target in _ADDS) or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        )
+        if add and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2:
+            return "residual"
+    return "plain"
 
 
 # --------------------------------------------------------------------------- a user's model file
@@ -154,6 +183,7 @@ class ResNet(nn.Module):
     # the blocks whose inner conv is never narrowed (sensitive blocks of Li et al. 2017, conv
     # indices 16/20/38/54 of ResNet-56 = the inner conv of blocks 7, 9, 18, 26).
     official_mu = 0.9
+    family = "residual"  # end-to-end training defaults (model_family)
     sensitive_blocks: dict[int, tuple[int, ...]] = {56: (7, 9, 18, 26)}
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
@@ -212,6 +242,7 @@ VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 
 class VGG(nn.Module):
     official_mu = 0.6  # mu of "ours" in the official release
+    family = "plain"  # end-to-end training defaults (model_family)
 
     def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
@@ -245,6 +276,8 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> VGG:
 
 
 class LeNet5(nn.Module):
+    family = "plain"  # end-to-end training defaults (model_family)
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
         self.features = nn.Sequential(

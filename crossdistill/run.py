@@ -344,11 +344,19 @@ def plan_layers(run: Run, pruned_only: bool = False) -> None:
     run.plan = plan
 
 
-def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
-    """Optional BN recalibration, then the report. ``params``: a baseline's hyperparameters, recorded."""
-    student = run.student
+def finish(
+    run: Run, params: Any = None, refine: Callable[[Run], dict[str, Any] | None] | None = None
+) -> tuple[nn.Module, CompressReport]:
+    """Optional BN recalibration, then the optional holistic refinement, then the report.
+
+    ``params``: a baseline's hyperparameters, recorded. ``refine(run)`` (compress() and every
+    baseline pass :func:`crossdistill.mir.refine_step`) may replace ``run.student`` and returns
+    what goes into ``report.refine``; it runs after the recalibration, so the statistics it starts
+    from are those of the finished method, and the report describes the refined student."""
     if run.cfg.recalibrate_bn:
-        recalibrate_bn(student, run.images, run.cfg.batch_size)
+        recalibrate_bn(run.student, run.images, run.cfg.batch_size)
+    refined = refine(run) if refine is not None else None
+    student = run.student
     student.eval()
     config = asdict(run.cfg)
     if params is not None:
@@ -365,6 +373,7 @@ def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
         peak_memory_mb=measure_peak_memory_mb(run.device),
         output_error_on="held-out" if run.heldout is not None else "fit",
         capture=run.capture,
+        refine=refined,
     )
     if run.heldout is not None:  # one pass over both image sets gives the output and per-layer errors
         report.heldout = heldout_errors(run.teacher, student, run.images, run.heldout, [p.name for p in run.plan])

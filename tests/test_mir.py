@@ -197,3 +197,50 @@ def test_load_validation_draws_from_the_train_split_without_the_few_shot_images(
     assert torch.equal(train.labels[draw], few_labels)  # the indices are load_few_shot's draw
     assert vx.shape == (200, 1, 28, 28) and torch.bincount(vy).tolist() == [20] * 10
     assert not (vx.flatten(1)[:, None] == few.flatten(1)[None]).all(-1).any()  # no few-shot image reused
+
+
+class _Chain(nn.Module):
+    """A user model without a class-level family: a plain chain, or with ``skip`` a residual sum."""
+
+    def __init__(self, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h)) + h if self.skip else F.relu(self.conv2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_settings_per_model_family_registry_and_traced_user_models():
+    from crossdistill.baselines import default_params
+    from crossdistill.mir import method_defaults, refine_defaults
+    from crossdistill.models import model_family
+
+    assert [model_family(get_model(n, 10, 1)) for n in ("resnet20", "vgg16", "lenet5")] == [
+        "residual",
+        "plain",
+        "plain",
+    ]
+    assert model_family(_Chain(skip=True)) == "residual" and model_family(_Chain(skip=False)) == "plain"
+    resnet, vgg = get_model("resnet56", 10, 1), get_model("vgg16", 10, 1)
+    for make in (method_defaults, refine_defaults):
+        assert make(resnet).lr <= 1e-4 and make(vgg).lr <= 1e-4  # 1e-3 collapses both families (validation)
+    assert method_defaults(resnet).recalibrate_bn and not refine_defaults(resnet).recalibrate_bn
+    assert default_params("fitnet", resnet).lr == 1e-4 and default_params("l1+bp", vgg).lr == 1e-4
+    assert default_params("thinet", resnet) == default_params("thinet", vgg)  # no per-family setting
+
+
+def test_refine_without_settings_uses_the_teachers_family_defaults_after_compress_and_a_baseline(monkeypatch):
+    from crossdistill import mir
+    from crossdistill.mir import refine_defaults
+
+    monkeypatch.setitem(mir._REFINE_DEFAULTS, "plain", {"lr": 3e-5, "steps": 2})  # cheap, and told apart
+    teacher, images = _teacher(_Chain(skip=False))  # a plain chain
+    for method in ("nc", "l1"):
+        _, report = run_method(method, teacher, images, keep=0.5, refine="mir")
+        expected = refine_defaults(teacher)
+        assert report.refine["config"]["lr"] == expected.lr and report.refine["steps_run"] == expected.steps
+        assert report.config["refine"] == "mir"

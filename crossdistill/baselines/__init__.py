@@ -37,11 +37,11 @@ from torch import nn
 
 from ..config import CompressConfig
 from ..errors import UserError
-from ..mir import MirConfig
+from ..mir import MirConfig, method_defaults
 from ..run import CompressReport
-from .bp import BPConfig, l1_bp
+from .bp import BPConfig, bp_defaults, l1_bp
 from .cp import CPConfig, channel_pruning
-from .fitnet import FitNetConfig, fitnet
+from .fitnet import FitNetConfig, fitnet, fitnet_defaults
 from .fskd import FSKDConfig, fskd
 from .l1 import L1Config, l1_prune
 from .mir import mir
@@ -51,6 +51,7 @@ __all__ = [
     "Baseline",
     "BASELINES",
     "run_baseline",
+    "default_params",
     "L1Config",
     "BPConfig",
     "FitNetConfig",
@@ -67,16 +68,23 @@ class Baseline:
     needs_labels: bool
     unstructured: bool  # also runs with prune="unstructured"
     summary: str
+    defaults: Callable[[nn.Module], Any] | None = None  # teacher -> params when none are given (per family)
 
 
 BASELINES: dict[str, Baseline] = {
     "l1": Baseline(l1_prune, L1Config, False, True, "L1-norm filter pruning (Li et al. 2017), no data"),
-    "l1+bp": Baseline(l1_bp, BPConfig, True, True, "L1-norm + cross-entropy fine-tuning on the few samples"),
-    "fitnet": Baseline(fitnet, FitNetConfig, True, True, "L1-norm + FitNet hints and KD (Romero et al. 2015)"),
+    "l1+bp": Baseline(
+        l1_bp, BPConfig, True, True, "L1-norm + cross-entropy fine-tuning on the few samples", bp_defaults
+    ),
+    "fitnet": Baseline(
+        fitnet, FitNetConfig, True, True, "L1-norm + FitNet hints and KD (Romero et al. 2015)", fitnet_defaults
+    ),
     "fskd": Baseline(fskd, FSKDConfig, False, False, "L1-norm + FSKD 1x1 least-squares fits (Li et al. 2020)"),
     "thinet": Baseline(thinet, ThiNetConfig, False, False, "ThiNet greedy selection + least squares (Luo 2017)"),
     "cp": Baseline(channel_pruning, CPConfig, False, False, "CP LASSO selection + least squares (He et al. 2017)"),
-    "mir": Baseline(mir, MirConfig, False, True, "L1-norm + MiR label-free feature mimicking (Wang et al. 2022)"),
+    "mir": Baseline(
+        mir, MirConfig, False, True, "L1-norm + MiR label-free feature mimicking (Wang et al. 2022)", method_defaults
+    ),
 }
 
 
@@ -101,3 +109,12 @@ def run_baseline(
     if name not in BASELINES:
         raise UserError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     return BASELINES[name].run(teacher, images, labels, config, params, **kw)
+
+
+def default_params(name: str, teacher: nn.Module) -> Any:
+    """The hyperparameters baseline ``name`` runs with on ``teacher`` when none are given: its dataclass,
+    with the lr / steps of ``teacher``'s family where validation found that it matters (l1+bp, fitnet, mir)."""
+    if name not in BASELINES:
+        raise UserError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    spec = BASELINES[name]
+    return spec.defaults(teacher) if spec.defaults is not None else spec.params()

@@ -50,6 +50,7 @@ from torch import nn
 from ..config import CompressConfig
 from ..data import augment
 from ..errors import UserError
+from ..models import model_family
 from ..run import CompressReport, recalibrate_bn
 from .common import (
     Needs,
@@ -65,7 +66,7 @@ from .common import (
 )
 from .l1 import prune_l1
 
-__all__ = ["BPConfig", "l1_bp", "prepare_bn"]
+__all__ = ["BPConfig", "bp_defaults", "l1_bp", "prepare_bn"]
 
 
 def prepare_bn(run: Run, hp: Any) -> Any:
@@ -98,6 +99,17 @@ class BPConfig:
     seed: int = 0  # batches and augmentation
 
 
+# lr per model family (crossdistill.models.model_family), chosen on validation: see bp_defaults
+_BP_LR = {"residual": 1e-4, "plain": 1e-4}
+
+
+def bp_defaults(model: nn.Module) -> BPConfig:
+    """BPConfig for ``model``'s family (the lr; everything else as the dataclass). Validation, K=1
+    (benchmarks/sweep_hparams.py --baselines): ResNet-56 recalibrate/1e-4 85.4 %, /1e-3 83.9 %;
+    ResNet-20 recalibrate/1e-4 83.4 %, /1e-3 81.4 %; VGG-16 recalibrate/1e-4 65.7 %, /1e-3 23.6 %."""
+    return BPConfig(lr=_BP_LR[model_family(model)])
+
+
 def l1_bp(
     teacher: nn.Module,
     images: torch.Tensor,
@@ -107,7 +119,7 @@ def l1_bp(
     **overrides: Any,
 ) -> tuple[nn.Module, CompressReport]:
     """L1-norm pruning of ``teacher``, then cross-entropy fine-tuning on (``images``, ``labels``)."""
-    cfg, hp = resolve_configs(config, params, BPConfig, overrides)
+    cfg, hp = resolve_configs(config, params if params is not None else bp_defaults(teacher), BPConfig, overrides)
     if hp.bn_mode != "recalibrate":
         check_train_params(hp)
     run = start("l1+bp", teacher, images, labels, cfg, Needs(labels=True))

@@ -28,8 +28,10 @@ from torch import nn
 from ..config import CompressConfig
 from ..data import augment
 from ..errors import UserError
+from ..mir import refine_step
 from ..objectives import Term
-from ..run import LayerRecord, LayerStep, Needs, Run, finish, plan_layers, refit_layers
+from ..run import CompressReport, LayerRecord, LayerStep, Needs, Run, plan_layers, refit_layers
+from ..run import finish as finish_run
 from ..run import start as start_run
 from ..solvers import GramSystem, LeastSquares, RowSystem, SolveResult, kept_columns, ridge_solve
 
@@ -54,6 +56,12 @@ __all__ = [
     "layerwise",
     "kept_columns",  # lives in solvers.py; re-exported for the old import path
 ]
+
+
+def finish(run: Run, params: Any = None) -> tuple[nn.Module, CompressReport]:
+    """:func:`crossdistill.run.finish` with ``refine="mir"`` after the baseline (:func:`crossdistill.mir.refine_step`,
+    the same step compress() runs after a layer-wise method)."""
+    return finish_run(run, params, refine_step)
 
 
 def resolve_configs(

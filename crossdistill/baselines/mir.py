@@ -31,7 +31,7 @@ def mir(
     every method), then :func:`mir_refine`. ``labels`` are optional (only for ``holdout_folds``).
     Hyperparameters: ``params``, else ``config.mir``, else :func:`method_defaults`."""
     if params is None:
-        params = getattr(config, "mir", None) or method_defaults()
+        params = getattr(config, "mir", None) or method_defaults(teacher)
     cfg, hp = resolve_configs(config, params, MirConfig, overrides)
     hp.validate()
     run = start("mir", teacher, images, labels, cfg)
