@@ -49,6 +49,10 @@ LEGACY_METHODS = ("nc", "ours", "ours-s", "l1")  # rows without settings that ar
 RECORDED = ("method", "mu", "alpha", "beta", "solver", "prune", "keep")  # CompressConfig fields every row has
 
 
+# CompressConfig fields read only when a target is given (crossdistill.target)
+BUDGET_ONLY = ("signal", "depth", "alloc_floor", "target_tolerance", "latency_batch")
+
+
 def _json(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
@@ -56,6 +60,8 @@ def _json(x: Any) -> Any:
 def settings_of(cfg: CompressConfig, baseline: Any, mir: MirConfig | None) -> dict:
     """Every setting that changes a cell's result, JSON-normalised."""
     compress = {k: v for k, v in asdict(cfg).items() if k not in ("mir", "device")}
+    if cfg.target is None:  # how a budget is allocated changes nothing when there is no budget
+        compress = {k: v for k, v in compress.items() if k not in BUDGET_ONLY}
     return _json({"compress": compress, "baseline": baseline and asdict(baseline), "mir": mir and asdict(mir)})
 
 

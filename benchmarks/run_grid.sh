@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 METHODS="l1 l1+bp nc ours ours-s mir nc+mir ours-s+mir fitnet"
 grid() {

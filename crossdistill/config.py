@@ -53,7 +53,6 @@ class CompressConfig:
     include: list[str] | None = None  # fnmatch patterns of layer names to consider
     exclude: list[str] | None = None  # fnmatch patterns of layer names to leave alone
     keep_overrides: dict[str, float] = field(default_factory=dict)  # pattern -> keep ratio
-    holdout: float = 0.0  # fraction of the images held out of the fit; the report gives the error on them
     round_to: int = 1  # structured: kept channel counts rounded to a multiple of this (8, 16: what kernels like)
     bn_mode: str = "eval"  # eval | train: BN mode of both networks while capturing
     recalibrate_bn: bool = False  # re-estimate student BN statistics on the few images at the end
@@ -62,7 +61,8 @@ class CompressConfig:
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
     device: str = "cpu"  # cpu | cuda | auto
     capture: str = "one-pass"  # one-pass (fx graph, activations reused) | per-layer (a forward pass per layer)
-    holdout: float = 0.0  # fraction of the images held out of the fit; the report's output error is on them
+    holdout: float = 0.0  # fraction of the images held out of the fit; the report gives the error on them (per
+    # layer and at the output) and ridge="auto" chooses on them
     holdout_seed: int = 0  # which images are held out (run.split_holdout)
     refine: str | None = None  # None | "mir": holistic feature mimicking after the method (crossdistill.mir)
     mir: Any = None  # a crossdistill.mir.MirConfig: settings of refine="mir" and of method "mir" (None: defaults)
