@@ -120,60 +120,11 @@ class ConvBNAct(nn.Sequential):
         super().__init__(*layers)
 
 
-class InvertedResidual(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, expand_ratio: int):
-        super().__init__()
-        hidden = int(round(c_in * expand_ratio))
-        self.use_res_connect = stride == 1 and c_in == c_out
-        layers: list[nn.Module] = []
-        if expand_ratio != 1:
-            layers.append(ConvBNAct(c_in, hidden, 1))
-        layers += [ConvBNAct(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, c_out, 1, bias=False)]
-        layers.append(nn.BatchNorm2d(c_out))
-        self.conv = nn.Sequential(*layers)
+def mobilenet_v2(num_classes: int = 1000) -> nn.Module:
+    """torchvision's MobileNetV2 as the registry holds it (crossdistill.torchvision_style; 3 channels)."""
+    from crossdistill.torchvision_style import MobileNetV2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
-
-
-class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        setting = [
-            [1, 16, 1, 1],
-            [6, 24, 2, 2],
-            [6, 32, 3, 2],
-            [6, 64, 4, 2],
-            [6, 96, 3, 1],
-            [6, 160, 3, 2],
-            [6, 320, 1, 1],
-        ]
-        c_in, last = 32, 1280
-        features: list[nn.Module] = [ConvBNAct(3, c_in, stride=2)]
-        for t, c, n, s in setting:
-            for i in range(n):
-                features.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
-                c_in = c
-        features.append(ConvBNAct(c_in, last, 1))
-        self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
-        return self.classifier(torch.flatten(x, 1))
-
-
-def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:
-    return MobileNetV2(num_classes)
+    return MobileNetV2(num_classes=num_classes, in_channels=3)
 
 
 # --------------------------------------------------------------------------- EfficientNet-B0
