@@ -129,9 +129,10 @@ def train_teacher_cmd(
         "resnet20", help="registered model name (resnet20/32/56, vgg16, lenet5, resnet18, mobilenet_v2)"
     ),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist | mnist | cifar10 | cifar100"),
-    epochs: int = typer.Option(6, help="training epochs"),
-    lr: float = typer.Option(0.1, help="peak learning rate of the one-cycle schedule"),
-    batch_size: int = typer.Option(128),
+    # None: the recipe's own default (crossdistill.train.TrainConfig), so the CLI and the library agree
+    epochs: int | None = typer.Option(None, help="training epochs [default: TrainConfig's, 8]"),
+    lr: float | None = typer.Option(None, help="peak learning rate of the one-cycle schedule [default: 0.1]"),
+    batch_size: int | None = typer.Option(None, help="[default: 128]"),
     seed: int = typer.Option(0),
     fp16: bool = typer.Option(False, help="store weights as float16"),
     out: Path | None = typer.Option(None, help="output .safetensors (default runs/<model>_<dataset>.safetensors)"),
@@ -142,9 +143,9 @@ def train_teacher_cmd(
     from .train import TrainConfig, train_teacher
 
     def go():
-        cfg = TrainConfig(
-            model=model, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, fp16_storage=fp16
-        )
+        given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
+        recipe = {k: v for k, v in given.items() if v is not None}
+        cfg = TrainConfig(model=model, dataset=dataset, seed=seed, fp16_storage=fp16, **recipe)
         path = out or Path("runs") / f"{model}_{dataset}.safetensors"  # never teachers/: those ship
         meta = train_teacher(cfg, path, data_dir, overwrite=overwrite)
         console.print(f"saved {path}: test accuracy {meta['test_accuracy']:.4f}, {meta['train_time_s']:.0f} s")

@@ -1,0 +1,62 @@
+"""NC's held-out output error on real torchvision networks under ridge settings (#13/#14 follow-up).
+
+The architecture table (bench_coverage.py --real) shows NC fitting its 50 images almost exactly and
+missing held-out ones by x3 to x70,000 at the default ridge (1e-3). This probe re-runs NC (and Ours)
+on some of those networks with: the default, ``ridge_conditioned=True``, ``ridge=0.1``, and
+``ridge="auto"`` with ``holdout=0.2`` (per-layer choice on held-out images). Same images and teacher
+preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
+
+    PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py tv_mobilenet_v3_small,tv_regnet_x_400mf,tv_resnet50
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_coverage as bc  # noqa: E402
+
+from crossdistill.compress import recalibrate_bn  # noqa: E402
+from crossdistill.methods import run_method  # noqa: E402
+
+VARIANTS = [
+    ("nc", {}),
+    ("nc", {"ridge_conditioned": True}),
+    ("nc", {"ridge": 0.1}),
+    ("ours", {"ridge_conditioned": True}),
+    ("nc", {"ridge": "auto", "holdout": 0.2}),
+    ("ours", {"ridge": "auto", "holdout": 0.2}),
+]
+OUT = Path(__file__).parent / "results" / "nc_ridge_real.jsonl"
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for row in sys.argv[1].split(","):
+        teacher, size, source, _ = bc.build_real(row)
+        gen = torch.Generator().manual_seed(1)
+        fit = torch.randn(bc.REAL_FIT, 3, size, size, generator=gen)
+        held = torch.randn(bc.REAL_HELD, 3, size, size, generator=gen)
+        recalibrate_bn(teacher, torch.cat([fit, held]))
+        teacher.eval()
+        for method, kw in VARIANTS:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                student, _ = run_method(method, teacher, fit, keep=0.5, **kw)
+            rec = {"arch": row, "source": source, "method": method, **kw,
+                   "fit": bc.rel_err(student, teacher, fit), "held": bc.rel_err(student, teacher, held),
+                   "seconds": round(time.perf_counter() - t0, 1), "machine": bc.machine()}  # fmt: skip
+            print(json.dumps(rec), flush=True)
+            with OUT.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
