@@ -11,7 +11,7 @@
 # python benchmarks/grid_table.py (README tables, plots).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=$PWD
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 METHODS="l1 l1+bp nc ours ours-s mir nc+mir ours-s+mir fitnet"
