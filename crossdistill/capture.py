@@ -26,6 +26,19 @@ __all__ = [
 ]
 
 
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore ``model``'s buffers on exit: a forward pass in train mode moves BN running statistics, and a
+    teacher captured that way (bn_mode='train') must still be the teacher as given afterwards."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early; never escapes this module."""
 

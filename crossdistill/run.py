@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs, record_inputs
+from .capture import GraphStream, GraphUnsupported, buffers_kept, capture_input, capture_inputs, record_inputs
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .coverage import (
@@ -523,8 +523,21 @@ def refit_layers(
     width (docs/method.md, "a subtlety"); the teacher's inputs are captured
     once, up front, when a term uses them. Then the weight is written and the
     pruned channels removed with their producer's outputs (structured), or the
-    mask applied (unstructured). BN mode while capturing: the caller's.
+    mask applied (unstructured). BN mode while capturing: the caller's; the teacher's buffers (BN running
+    statistics, which a train-mode capture moves) are restored afterwards, so the report's output error and
+    any refinement see the teacher as given.
     """
+    with buffers_kept(run.teacher):
+        _refit_each(run, terms_for, solve, on_layer)
+
+
+def _refit_each(
+    run: Run,
+    terms_for: Callable[[LayerPlan], list[Term] | None],
+    solve: Callable[[LayerStep], SolveResult],
+    on_layer: Callable[[int, int, str], None] | None,
+) -> None:
+    """refit_layers' loop."""
     cfg, plan = run.cfg, run.plan
     layer_terms = [terms_for(p) for p in plan]
     uses_teacher = any(t.p != 0 or t.r != 0 for terms in layer_terms if terms for t in terms)

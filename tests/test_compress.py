@@ -343,3 +343,25 @@ def test_reported_output_error_equals_a_fresh_teacher_and_student_pass() -> None
     teacher, x = _resnet20().eval(), _images(6)
     student, report = compress(teacher, x, method="nc", keep=0.5)
     assert report.output_error == pytest.approx(output_error(student, teacher, x), rel=1e-6)
+
+
+@pytest.mark.parametrize("method, holdout", [("ours", 0.0), ("nc", 0.0), ("cp", 0.0), ("ours", 0.3)])
+def test_bn_train_mode_output_error_is_against_the_unmodified_teacher(method, holdout) -> None:
+    """bn_mode='train' runs the run's teacher copy in train mode while capturing, which moves its BN running
+    statistics: the report's output error (fitted or held-out images) must be against the teacher as given."""
+    from crossdistill.baselines import run_baseline
+    from crossdistill.run import output_error, split_holdout
+
+    teacher, x = _resnet20().eval(), _images(10)
+    with torch.no_grad():  # running statistics far from the images' own, so a moved copy shows
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.running_var.fill_(3.0)
+    settings = {"bn_mode": "train", "keep": 0.5, "holdout": holdout}
+    if method in METHODS:
+        student, report = compress(teacher, x, method=method, **settings)
+    else:
+        student, report = run_baseline(method, teacher, x, None, **settings)
+    measured_on = x[split_holdout(x, holdout)[1]] if holdout else x
+    assert report.output_error == pytest.approx(output_error(student, teacher, measured_on), rel=1e-6)
