@@ -95,7 +95,7 @@ def _coupling_reason(m: nn.Module, remover: ChannelRemover, sizes: dict, linear_
     """Why the output channels of ``m`` stay: what else the dependency graph ties them to."""
     fn = tp.prune_conv_out_channels if isinstance(m, nn.Conv2d) else tp.prune_linear_out_channels
     try:
-        group = remover.graph.get_pruning_group(m, fn, idxs=[0])
+        group = remover.pruning_group(m, fn, [0])
     except Exception:  # noqa: BLE001 - a module torch-pruning did not trace
         return "traced as unsupported: not in the dependency graph"
     own = sizes.get(m, 0)

@@ -283,7 +283,7 @@ def se_gated_channels(
     c_in = layer.weight.shape[1]
     fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
     try:
-        group = remover.graph.get_pruning_group(layer, fn, idxs=list(range(c_in)))
+        group = remover.pruning_group(layer, fn, list(range(c_in)))
     except (IndexError, ZeroDivisionError, KeyError):  # torch-pruning cannot follow these channels
         return []
     producers: list[list[nn.Module]] = [[] for _ in range(c_in)]

@@ -415,3 +415,25 @@ def test_torchvision_shufflenet_units_compress_instead_of_crashing_the_trace(met
         student, report = run_method(method, teacher, x, keep=0.5)
     assert report.params_after < report.params_before and torch.isfinite(student(x)).all()
     assert any("dependency graph" in r["reason"] or "feed" in r["reason"] for r in report.left_whole)
+
+
+def test_the_shufflenet_guard_leaves_torch_pruning_unchanged_after_our_call() -> None:
+    """The division-by-zero guard is swapped in for our own trace / group calls only: afterwards (and on an
+    error inside) torch-pruning's function is its own again, so other torch-pruning users are unaffected."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import index_mapping
+
+    own = index_mapping.update_reshape_index_mapping
+    assert own.__module__ == "torch_pruning.dependency.index_mapping" and own.__name__ == "update_reshape_index_mapping"
+    model = _tv_shufflenet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    remover = ChannelRemover(model, x)  # crashed inside torch-pruning without the guard
+    assert index_mapping.update_reshape_index_mapping is own
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            remover.prunable_channels(name)
+    assert index_mapping.update_reshape_index_mapping is own
+    # torch-pruning itself still fails on this model (when this fails, upstream fixed it: drop _reshape_guard)
+    with pytest.raises(ZeroDivisionError):
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    assert index_mapping.update_reshape_index_mapping is own
