@@ -179,7 +179,7 @@ def fill_readme(sections: dict[str, str]) -> None:
 def main() -> None:
     sections = {"teacher_rows": teacher_table(), "results_tables": "", "solver_table": "", "speed_section": ""}
     for path in sorted(RESULTS.glob("accuracy_*.jsonl")):
-        if "_e2e" in path.stem:  # end-to-end / MiR cells: benchmarks/e2e_table.py renders those
+        if "_e2e" in path.stem or "_grid" in path.stem:  # e2e_table.py / grid_table.py render those
             continue
         text = accuracy_tables(path)
         sections["results_tables"] += text + "\n"
