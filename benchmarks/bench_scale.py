@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, append_jsonl, machine, read_jsonl, teacher_path
+from tables import fill_readme
 
 OUT = RESULTS / "scale.jsonl"
 
@@ -124,8 +125,6 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
 def readme_table(out: Path = OUT) -> None:
     """Write the rows of ``out`` into README.md between the scale_table markers: per cell the run with the
     median CPU-time ratio (wall-time ratio for rows without one) and how many runs there were."""
-    import re
-
     head = (
         "| model | definitions | N | method | capture | runs | compress s | teacher forward s | ratio (wall) "
         "| ratio (CPU) | peak RSS MB | params | FLOPs | output error | commit |"
@@ -143,10 +142,7 @@ def readme_table(out: Path = OUT) -> None:
             f"| {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} | {r['output_error_fit']} "
             f"| {r.get('commit', '')} |"
         )
-    readme = RESULTS.parent.parent / "README.md"
-    text = readme.read_text()
-    block = "<!-- BEGIN scale_table -->\n" + "\n".join(lines) + "\n<!-- END scale_table -->"
-    readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
+    fill_readme({"scale_table": "\n".join(lines)})
 
 
 _ORDER = {"resnet56": 0, "resnet18": 1, "resnet50": 2, "mobilenet_v2": 3, "efficientnet_b0": 4}

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from tables import mean_std, publish
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
@@ -47,7 +48,6 @@ from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
 from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
-from crossdistill.files import atomic_write
 from crossdistill.measure import measure_latency_pair
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
@@ -268,14 +268,13 @@ def table(out: Path) -> str:
     for key in sorted(groups):
         g = groups[key]
         accs = [r["accuracy"] * 100 for r in g]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         fl = statistics.mean(r["flops_fraction"] for r in g)
         # same seeds, same re-fit: uniform's accuracy per seed
         uni = {r["seed"]: r["accuracy"] * 100 for r in groups.get((*key[:3], "uniform", key[4]), [])}
         diffs = [r["accuracy"] * 100 - uni[r["seed"]] for r in g if r["seed"] in uni]
         delta = f"{statistics.mean(diffs):+.2f} ({len(diffs)})" if diffs and key[3] != "uniform" else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.mean(accs):.2f} ± "
-                     f"{std:.2f} | {len(g)} | {delta} | {fl:.3f} |")  # fmt: skip
+        acc = mean_std(accs, scale=1.0, std_of_one=True)
+        lines.append(f"| {' | '.join(map(str, key))} | {acc} | {len(g)} | {delta} | {fl:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,13 +292,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only write the markdown table of --out")
     args = ap.parse_args()
     if args.table:
-        md = Path(args.out).with_suffix(".md")
-        text = "# Compress to a FLOPs target (bench_target.py)\n\n" + table(Path(args.out))
-        atomic_write(md, lambda tmp: Path(tmp).write_text(text))
-        from report import fill_readme
-
-        fill_readme({"target_table": table(Path(args.out))})  # README.md, between its target_table markers
-        print(text)
+        first = "# Compress to a FLOPs target (bench_target.py)\n\n"
+        publish(Path(args.out).with_suffix(".md"), table(Path(args.out)), first, section="target_table")
         return
     run_cells(args)
 
