@@ -20,6 +20,11 @@ SIGNALS = ("recon", "penultimate", "recon-cv", "penultimate-cv", "magnitude", "g
 DEPTHS = ("channels", "blocks", "mixed")  # what a target may remove: channels, residual blocks, or both
 
 
+# field metadata of the settings read only when a target is given: without one they change nothing (a
+# benchmark's cell key leaves them out, benchmarks/bench_accuracy.py)
+_BUDGET_ONLY = {"budget_only": True}
+
+
 @dataclass
 class CompressConfig:
     method: str = "ours"  # nc | ours (mu-mix) | ours-s (soft alpha/beta) | correction | imitation | a baseline
@@ -70,11 +75,12 @@ class CompressConfig:
     target: dict[str, float] | None = None  # {"flops"|"params"|"latency": fraction of the teacher's}
     # target: how a layer's sensitivity is measured (SIGNALS; crossdistill.allocate), chosen on validation
     # images with the floor (crossdistill.target's docstring): cross-fitted reconstruction error
-    signal: str = "recon-cv"
-    depth: str = "channels"  # channels | blocks (drop residual blocks) | mixed (blocks and channels)
-    alloc_floor: float = 0.4  # target: no layer keeps less than this fraction of its channels (lowered if need be)
-    target_tolerance: float = 0.01  # relative: FLOPs/params of the student within 1 % of the target
-    latency_batch: int = 64  # batch size at which a latency target is measured
+    signal: str = field(default="recon-cv", metadata=_BUDGET_ONLY)
+    depth: str = field(default="channels", metadata=_BUDGET_ONLY)  # channels | blocks (drop residual blocks) | mixed
+    # target: no layer keeps less than this fraction of its channels (lowered if need be)
+    alloc_floor: float = field(default=0.4, metadata=_BUDGET_ONLY)
+    target_tolerance: float = field(default=0.01, metadata=_BUDGET_ONLY)  # relative: FLOPs/params within 1 % of it
+    latency_batch: int = field(default=64, metadata=_BUDGET_ONLY)  # batch size at which a latency target is measured
     # structured: layer -> the teacher's input channels to keep, chosen elsewhere (e.g. Torch-Pruning's
     # global pruning); the layer must be in the plan (keep < 1 for it), the solver then only re-fits
     kept_channels: dict[str, list[int]] = field(default_factory=dict)
