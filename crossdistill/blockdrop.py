@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .allocate import flops_measure
-from .capture import capture_input, forward_order
+from .capture import capture_input, forward_order, removing
 from .errors import UserError
 from .measure import count_params
 from .structure import DroppedBlock
@@ -65,12 +65,9 @@ def residual_blocks(model: nn.Module) -> list[str]:
 def _block_io(model: nn.Module, name: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = model.get_submodule(name)
     store: dict[str, torch.Tensor] = {}
-    h = block.register_forward_hook(lambda m, args, out: store.update(x=args[0].detach(), y=out.detach()))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        h.remove()
+    hook = block.register_forward_hook(lambda m, args, out: store.update(x=args[0].detach(), y=out.detach()))
+    with removing([hook]), torch.no_grad():
+        model(images)
     return store["x"], store["y"]
 
 

@@ -21,9 +21,35 @@ __all__ = [
     "capture_outputs",
     "layer_outputs",
     "forward_order",
+    "eval_mode",
+    "removing",
+    "buffers_kept",
     "GraphStream",
     "GraphUnsupported",
 ]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block (BN must not update its statistics while measured or
+    captured), its own mode restored after, however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def removing(handles: list) -> Iterator[list]:
+    """Remove the hook ``handles`` when the block ends, however it ends (a hook left behind would fire in
+    every later forward). Handles appended to the list inside the block are removed too."""
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -57,13 +83,10 @@ def record_inputs(model: nn.Module, names: list[str], stop_after: str | None = N
 
         return hook
 
-    try:
+    with removing(handles):
         for n in names:
             handles.append(model.get_submodule(n).register_forward_pre_hook(make_hook(n)))
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -107,18 +130,12 @@ def capture_outputs(
 
         return hook
 
-    handles = []
-    was_training = model.training
-    model.eval()
-    try:
+    handles: list = []
+    with eval_mode(model), removing(handles):
         for n in names:
             handles.append(model.get_submodule(n).register_forward_hook(make_hook(n)))
         for i in range(0, len(images), batch_size):
             model(images[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return {n: torch.cat(v) for n, v in store.items()}
 
 
@@ -135,14 +152,11 @@ def layer_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[s
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    with removing([model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]):
+        try:
+            model(x)
+        except _Stop:
+            pass
     return store
 
 
@@ -150,13 +164,9 @@ def forward_order(model: nn.Module, example: torch.Tensor, types=(nn.Conv2d, nn.
     """Names of the modules of ``types`` in the order the forward pass calls them (each once)."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, types)}
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, _inp: order.append(names[mod])) for m in names]
-    try:
+    with removing([m.register_forward_pre_hook(lambda mod, _inp: order.append(names[mod])) for m in names]):
         with torch.no_grad():
             model(example)
-    finally:
-        for h in handles:
-            h.remove()
     seen: set[str] = set()
     return [n for n in order if not (n in seen or seen.add(n))]
 

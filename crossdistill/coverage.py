@@ -24,6 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .capture import removing
 from .config import CompressConfig
 from .plan import input_shapes, spatial_size, unsupported_reason
 from .pruning import ChannelRemover, is_depthwise
@@ -178,12 +179,8 @@ def width_mismatches(student: nn.Module, records: list) -> list[str]:
 def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach())) for n in names]
-    try:
+    with removing([mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach())) for n in names]):
         y = model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
     return got, y
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import forward_order
+from .capture import eval_mode, forward_order, removing
 from .config import CompressConfig
 from .errors import UserError
 from .pruning import ChannelRemover, is_depthwise
@@ -242,14 +242,8 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
         for n, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    with removing(hooks), eval_mode(model), torch.no_grad():
+        model(example)
     return shapes
 
 

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import GraphStream, GraphUnsupported, buffers_kept, capture_input, capture_inputs, record_inputs
+from .capture import (
+    GraphStream,
+    GraphUnsupported,
+    buffers_kept,
+    capture_input,
+    capture_inputs,
+    eval_mode,
+    record_inputs,
+)
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .coverage import (
@@ -139,14 +147,11 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
             "convert them (grayscale vs RGB)"
         )
     check_model(model, "the teacher")
-    was_training = model.training
     try:
-        with torch.no_grad():
-            check_model_output(model.eval()(images[:1]), "the teacher")
+        with eval_mode(model), torch.no_grad():
+            check_model_output(model(images[:1]), "the teacher")
     except RuntimeError as e:
         raise UserError(f"the model cannot run on images of shape {tuple(images.shape[1:])}: {e}") from e
-    finally:
-        model.train(was_training)
 
 
 def check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
@@ -428,10 +433,8 @@ class LayerStep:
 def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | None:
     """Teacher inputs of every planned layer in one pass, or None when that would exceed teacher_cache_mb
     (large N): then each layer's teacher input is captured when needed."""
-    was_training = run.teacher.training
-    run.teacher.eval()  # the size probe must not run BN in train mode on one image
-    one = capture_inputs(run.teacher, names, run.images[:1])
-    run.teacher.train(was_training)
+    with eval_mode(run.teacher):  # the size probe must not run BN in train mode on one image
+        one = capture_inputs(run.teacher, names, run.images[:1])
     cache_mb = len(run.images) * sum(t.numel() * t.element_size() for t in one.values()) / 2**20
     if cache_mb > run.cfg.teacher_cache_mb:
         return None

@@ -365,3 +365,16 @@ def test_bn_train_mode_output_error_is_against_the_unmodified_teacher(method, ho
         student, report = run_baseline(method, teacher, x, None, **settings)
     measured_on = x[split_holdout(x, holdout)[1]] if holdout else x
     assert report.output_error == pytest.approx(output_error(student, teacher, measured_on), rel=1e-6)
+
+
+def test_eval_mode_and_removing_restore_the_model_when_the_block_fails() -> None:
+    from crossdistill.capture import eval_mode, removing
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model), removing([]) as handles:
+        handles.append(model[0].register_forward_hook(lambda m, a, o: seen.append(m.training)))
+        model(torch.randn(2, 1, 5, 5))
+        raise RuntimeError("boom")
+    assert seen == [False]  # ran in eval mode, hooked
+    assert model.training and not model[0]._forward_hooks  # mode back, hook gone
