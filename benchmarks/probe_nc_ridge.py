@@ -7,6 +7,9 @@ on some of those networks with: the default, ``ridge_conditioned=True``, ``ridge
 preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 
     PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py tv_mobilenet_v3_small,tv_regnet_x_400mf,tv_resnet50
+
+With a second argument ``rule`` it runs the #13 ridge rules instead (L1 without re-fit; NC, Ours, Ours-S
+at the default, ``ridge_per_unknown=1`` and ``ridge_cv``) into ``results/ridge_rule_real.jsonl``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,16 @@ VARIANTS = [
     ("ours", {"ridge": "auto", "holdout": 0.2}),
 ]
 OUT = Path(__file__).parent / "results" / "nc_ridge_real.jsonl"
+RULE_VARIANTS = [("l1", {})] + [
+    (m, kw) for kw in ({}, {"ridge_per_unknown": 1.0}, {"ridge_cv": True}) for m in ("nc", "ours", "ours-s")
+]
+RULE_OUT = Path(__file__).parent / "results" / "ridge_rule_real.jsonl"
 
 
 def main() -> None:
     torch.set_num_threads(1)
+    rule = len(sys.argv) > 2 and sys.argv[2] == "rule"
+    variants, out = (RULE_VARIANTS, RULE_OUT) if rule else (VARIANTS, OUT)
     for row in sys.argv[1].split(","):
         teacher, size, source, _ = bc.build_real(row)
         gen = torch.Generator().manual_seed(1)
@@ -45,7 +54,7 @@ def main() -> None:
         held = torch.randn(bc.REAL_HELD, 3, size, size, generator=gen)
         recalibrate_bn(teacher, torch.cat([fit, held]))
         teacher.eval()
-        for method, kw in VARIANTS:
+        for method, kw in variants:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -54,7 +63,7 @@ def main() -> None:
                    "fit": bc.rel_err(student, teacher, fit), "held": bc.rel_err(student, teacher, held),
                    "seconds": round(time.perf_counter() - t0, 1), "machine": bc.machine()}  # fmt: skip
             print(json.dumps(rec), flush=True)
-            with OUT.open("a") as f:
+            with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
 
 
