@@ -17,8 +17,8 @@ Optionally the ridge grows with the unknowns per row (:func:`conditioned_ridge`)
 adds ``c * d / M``. A 1x1 conv on 2x2 maps or a wide Linear layer has far fewer
 rows than weights and can fit the few images exactly; on random-init networks
 fed noise that fit misses any other image by orders of magnitude, but on
-trained teachers it generalises (VGG-16 at K=1 loses 12-34 points of
-validation accuracy under ``c`` = 0.3-1), so both are off by default.
+trained teachers it generalises (VGG-16 at K=1 loses 28 / 52 points of
+validation accuracy with NC / Ours under ``c`` = 1), so both are off by default.
 
 Never worse: every solver compares its solution with the *masked start* (the
 starting weights with the same channels / weights removed, i.e. pruning
