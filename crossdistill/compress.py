@@ -30,6 +30,7 @@ from .mir import refine_step
 from .models import official_mu
 from .objectives import METHODS, Term, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan
+from .ridgecv import cv_solve_structured
 from .run import (
     CompressReport,
     LayerRecord,
@@ -74,7 +75,13 @@ __all__ = [
 def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
     """The per-layer solve of ``cfg.solver``: official Adam, or exact least squares (grouped convs per group)."""
     lstsq = LstsqOptions(
-        cfg.ridge, cfg.steps, cfg.channel_criterion, cfg.weight_criterion, cfg.batch_size, cfg.ridge_conditioned
+        cfg.ridge,
+        cfg.steps,
+        cfg.channel_criterion,
+        cfg.weight_criterion,
+        cfg.batch_size,
+        cfg.ridge_conditioned,
+        cfg.ridge_per_unknown,
     )
     adam = AdamOptions(cfg.iterations, cfg.lr, cfg.lr_drop)
 
@@ -83,6 +90,8 @@ def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
             return adam_solve(step.layer, step.problem, step.hT, step.hS, adam)
         if getattr(step.layer, "groups", 1) != 1:  # grouped / depthwise conv: solved group by group
             return solve_grouped(step.layer, step.problem, step.hT, step.hS, lstsq)
+        if cfg.ridge_cv and step.problem.structured:
+            return cv_solve_structured(step.layer, step.problem, step.hT, step.hS, lstsq)[0]
         stats = step.stats()
         try:
             if step.problem.structured:

@@ -505,7 +505,13 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
         problem = LayerProblem([Term(1.0, 0, 1, 0, 1)], w0, w0.clone(), len(fixed), fixed, True)
         stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
         ridge = run.cfg.ridge if isinstance(run.cfg.ridge, float) else LstsqOptions.ridge
-        res = solve_structured(stats, problem, LstsqOptions(ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned))
+        res = solve_structured(
+            stats,
+            problem,
+            LstsqOptions(
+                ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned, ridge_per_unknown=run.cfg.ridge_per_unknown
+            ),
+        )
         stats.free()
         with torch.no_grad():
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))

@@ -1,0 +1,56 @@
+"""ridge_cv: each layer's ridge chosen by two-fold cross-validation over the images (crossdistill.ridgecv)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from crossdistill.methods import run_method
+from crossdistill.objectives import objective_terms
+from crossdistill.ridgecv import CV_RIDGES, cv_solve_structured
+from crossdistill.solvers import LayerProblem, LstsqOptions
+
+OPTS = LstsqOptions(ridge_conditioned=False)
+
+
+def _problem(g: torch.Generator, n_keep: int) -> tuple[nn.Conv2d, LayerProblem]:
+    wT = torch.randn(32, 64, 1, 1, generator=g)
+    return nn.Conv2d(64, 32, 1, bias=False), LayerProblem(objective_terms("nc"), wT, wT.clone(), n_keep)
+
+
+def test_cv_keeps_the_start_where_the_removed_channels_were_independent_noise() -> None:
+    # independent inputs: the teacher's kept weights are already the best fit, a re-fit only chases noise
+    g = torch.Generator().manual_seed(0)
+    layer, problem = _problem(g, 16)
+    hT = torch.randn(6, 64, 2, 2, generator=g)
+    res, ridge = cv_solve_structured(layer, problem, hT, hT + torch.randn(hT.shape, generator=g), OPTS)
+    assert ridge == max(CV_RIDGES)
+    assert len(res.kept) == 16 and res.loss_after <= res.loss_masked + 1e-9
+
+
+def test_cv_refits_freely_where_the_kept_channels_carry_the_removed_ones() -> None:
+    # 64 channels mixed from 16 factors: the kept half spans them, so an (almost) exact re-fit generalises
+    g = torch.Generator().manual_seed(0)
+    layer, problem = _problem(g, 32)
+    mix, z = torch.randn(64, 16, generator=g), torch.randn(64, 16, 4, 4, generator=g)
+    hT = torch.einsum("cl,nlhw->nchw", mix, z) + 0.01 * torch.randn(64, 64, 4, 4, generator=g)
+    res, ridge = cv_solve_structured(layer, problem, hT, hT, OPTS)
+    assert ridge == min(CV_RIDGES)
+    assert res.rel_error < 0.01
+
+
+def test_compress_with_ridge_cv_runs_and_differs_from_the_fixed_ridge() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(6, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, _ = run_method("nc", teacher, x, keep=0.5)
+        b, report = run_method("nc", teacher, x, keep=0.5, ridge_cv=True)
+    assert report.config["ridge_cv"] is True
+    assert b(x).shape == (6, 5) and not torch.equal(a[2].weight, b[2].weight)
