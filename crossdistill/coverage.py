@@ -24,7 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .capture import removing
+from .capture import eval_mode, removing
 from .config import CompressConfig
 from .plan import input_shapes, spatial_size, unsupported_reason
 from .pruning import ChannelRemover, is_depthwise
@@ -180,7 +180,8 @@ def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict[
     got: dict[str, torch.Tensor] = {}
     mods = dict(model.named_modules())
     with removing([mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach())) for n in names]):
-        y = model.eval()(x)
+        with eval_mode(model):
+            y = model(x)
     return got, y
 
 

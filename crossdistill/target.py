@@ -53,7 +53,7 @@ from .allocate import (
     prune_to_counts,
     sensitivity_curves,
 )
-from .capture import removing
+from .capture import eval_mode, removing
 from .config import DEPTHS, TARGET_KINDS, parse_target
 from .errors import UserError
 from .greedy import follow, greedy_order, layer_grids, steps_saving
@@ -99,8 +99,8 @@ def layer_flops_share(model: nn.Module, example: torch.Tensor, names: list[str])
         w = m.weight
         flops[mods[m]] = 2.0 * out.numel() * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1))
 
-    with removing([m.register_forward_hook(hook) for m in mods]), torch.no_grad():
-        model.eval()(example)
+    with removing([m.register_forward_hook(hook) for m in mods]), torch.no_grad(), eval_mode(model):
+        model(example)
     total = sum(flops.values()) or 1.0
     return {n: flops.get(n, 0.0) / total for n in names}
 
