@@ -109,6 +109,8 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         "teacher_forward_cpu_s": round(forward_cpu, 3),
         "ratio_cpu": round(cpu_seconds / forward_cpu, 1),
         "peak_memory_mb": round(report.peak_memory_mb or 0.0, 0),
+        # activations over this size (a stream's kept values, one layer's input over all images) went to disk
+        "spill_mb": report.config.get("spill_mb"),
         "params_ratio": round(report.params_after / report.params_before, 3),
         "flops_ratio": round(report.flops_after / report.flops_before, 3),
         "output_error_fit": round(report.output_error, 4),

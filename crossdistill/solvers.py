@@ -35,6 +35,7 @@ from torch import nn
 
 from .gram import explicit_padding, gram, output_rows
 from .objectives import Term
+from .spill import Batches, pairs
 
 __all__ = [
     "LayerProblem",
@@ -613,7 +614,11 @@ def _group_view(layer: nn.Conv2d) -> nn.Conv2d:
 
 
 def solve_grouped(
-    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions | None = None
+    layer: nn.Conv2d,
+    problem: LayerProblem,
+    hT: torch.Tensor | Batches,
+    hS: torch.Tensor | Batches,
+    opts: LstsqOptions | None = None,
 ) -> SolveResult:
     """Re-fit a grouped (or depthwise) conv: its weight is block-diagonal, so each group is its own problem.
 
@@ -639,8 +644,8 @@ def solve_grouped(
     for g in range(G):
         i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
         stats = LayerStats(view)
-        for j in range(0, len(hT), bs):
-            stats.add_batch(hT[j : j + bs, i], hS[j : j + bs, i])
+        for xT, xS in pairs(hT, hS, bs):
+            stats.add_batch(xT[:, i], xS[:, i])
         group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
         res = solve_unstructured(stats, group, opts, mask=mask[o])
         stats.free()
@@ -656,7 +661,7 @@ def solve_grouped(
 
 
 def _solve_groups_batched(
-    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions
+    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor | Batches, hS: torch.Tensor | Batches, opts: LstsqOptions
 ) -> SolveResult:
     """Every group of a grouped conv at once, all input channels kept: Grams (G, d_g, d_g), one batched solve.
 
@@ -678,12 +683,10 @@ def _solve_groups_batched(
     C_res = torch.zeros(G, dg, cout_g, dtype=torch.float64, device=w0.device)
     const = torch.zeros(G, dtype=torch.float64, device=w0.device)
     rows = 0
-    per_image = hT[0].numel() * kk * hT.element_size()  # im2col bytes per image (stride 1; less otherwise)
+    item = torch.empty((), dtype=hT.dtype).element_size()
+    per_image = math.prod(hT.shape[1:]) * kk * item  # im2col bytes per image (stride 1; less otherwise)
     chunk = max(1, min(opts.batch_size, (256 * 2**20) // max(per_image, 1)))
-    same = hS is hT
-    for j in range(0, len(hT), chunk):
-        xT = hT[j : j + chunk]
-        xS = xT if same else hS[j : j + chunk]
+    for xT, xS in pairs(hT, hS, chunk):
         grams: dict[int, torch.Tensor] = {}
         conv = lambda h: F.conv2d(h, wT, None, layer.stride, pad, layer.dilation, G)  # noqa: E731
         for t in terms:
