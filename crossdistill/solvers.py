@@ -284,7 +284,8 @@ class LayerStats:
                 res = fn(_mix(hT, hS, a, b), wt)
                 c = (x.T @ res).double() if rows else weight_product(self.layer, x, res)
                 self.C_res = self.C_res + t.weight * c
-                self.const += t.weight * float(res.double().pow(2).sum())
+                # float64 sum of squares without a float64 copy of the layer's output
+                self.const += t.weight * float(torch.linalg.vector_norm(res, dtype=torch.float64).square())
 
     def _add_grams(self, product, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
         """Add the Grams of inputs ``a`` (teacher) and ``b`` (student); one product when they are the same."""
@@ -406,7 +407,11 @@ class GramSystem(LeastSquares):
 
     def loss(self, W):
         w = W.flatten(1).double()
-        val = ((w @ self.G) * w).sum() - 2 * (w * self.C.T).sum() + self.const
+        used = (w != 0).any(0).nonzero().flatten()  # a removed column adds nothing: the quadratic form on the rest
+        G, C = self.G, self.C
+        if len(used) < w.shape[1]:
+            w, G, C = w[:, used], self._sub(used), C[used]
+        val = ((w @ G) * w).sum() - 2 * (w * C.T).sum() + self.const
         return max(float(val), 0.0) / (self.rows * w.shape[0])
 
     def diag(self):
@@ -698,7 +703,8 @@ def _solve_groups_batched(
             if a or b:
                 res = conv(_mix(xT, xS, a, b))  # (n, C_out, ...)
                 C_res += t.weight * weight_product(layer, x, res)
-                const += t.weight * res.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
+                per_group = torch.linalg.vector_norm(res.reshape(len(xT), G, -1), dim=(0, 2), dtype=torch.float64)
+                const += t.weight * per_group.square()
         rows += output_rows(layer, xT)
     W0 = w0.reshape(G, cout_g, dg).double()
     wt = wT.reshape(G, cout_g, dg).double()
