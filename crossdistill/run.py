@@ -441,7 +441,7 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
         outs = [run.teacher(run.images[i : i + bs]) for i in range(0, len(run.images), bs)]
     if not run.teacher.training and all(isinstance(o, torch.Tensor) for o in outs):
         run.teacher_output = (run.images, torch.cat(outs))  # eval mode: what finish's output error needs
-    return {n: torch.cat(v) for n, v in store.items()}
+    return {n: v[0] if len(v) == 1 else torch.cat(v) for n, v in store.items()}  # one batch: no copy
 
 
 def _channel_groups(run: Run, p: LayerPlan, total: int) -> torch.Tensor | None:

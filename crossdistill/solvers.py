@@ -360,7 +360,8 @@ def ridge_solve(G: torch.Tensor, R: torch.Tensor, ridge: float, prior: torch.Ten
     lam_m = lam[..., None, None]
     if prior is not None:
         R = R + lam_m * prior.double()
-    A = G + lam_m * torch.eye(d, dtype=G.dtype, device=G.device)
+    A = G.clone()
+    A.diagonal(dim1=-2, dim2=-1).add_(lam[..., None])  # G + lam I without an identity matrix
     L, info = torch.linalg.cholesky_ex(A)
     X = torch.cholesky_solve(R, L)
     bad = info != 0
@@ -499,7 +500,9 @@ def never_worse(
     ``kept`` field is filled in by the caller.
     """
     Wm = W0 * keep_mask.to(W0.dtype)
-    loss_masked, loss_after = system.loss(Wm), system.loss(W)
+    masked_all = bool(keep_mask.all()) and torch.equal(Wm, W0)  # nothing removed: loss_before is its loss
+    loss_masked = loss_before if masked_all else system.loss(Wm)
+    loss_after = system.loss(W)
     energy = system.loss(torch.zeros_like(W0))
     fell_back = loss_after > loss_masked + _TOL * energy  # rounding of an exact solve is not "worse"
     if fell_back:

@@ -58,7 +58,8 @@ class Batches:
             yield p if isinstance(p, torch.Tensor) else torch.load(p, map_location=self.device, weights_only=True)
 
     def cat(self) -> torch.Tensor:
-        return torch.cat(list(self))
+        parts = list(self)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # one batch: no copy
 
 
 def materialize(h: torch.Tensor | Batches) -> torch.Tensor:
