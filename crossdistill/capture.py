@@ -7,6 +7,7 @@ input of layer l costs only the layers before it.
 
 from __future__ import annotations
 
+import bisect
 import operator
 import tempfile
 from collections.abc import Iterator
@@ -308,6 +309,11 @@ class GraphStream:
         for k in tensors:
             del env[self.nodes[k]]
 
+    def _read_later(self, k: int, restarts: list[int]) -> bool:
+        """Whether a step restarting at one of ``restarts`` (sorted) reads node ``k`` without computing it."""
+        j = bisect.bisect_right(restarts, k)  # the first restart after node k
+        return j < len(restarts) and restarts[j] <= self.last_use[k]
+
     def kept_bytes(self) -> int:
         """Bytes of the kept tensors in memory (all batches)."""
         return sum(nbytes(v) for env in self.env for v in env.values() if type(v) is torch.Tensor)
@@ -319,8 +325,10 @@ class GraphStream:
         larger than ``spill_mb``."""
         i = self.step
         low, stop = self.restart[i], self.where[i]
-        # values a later step may still read: read by a node at or after the earliest restart to come
-        future = min(self.restart[i + 1 :], default=len(self.nodes))
+        # values a later step may still read: a step restarting at r reads the values computed before r (the
+        # rest it computes anew), so a value is kept while some restart to come lies after it and at or
+        # before its last use
+        future = sorted(set(self.restart[i + 1 :]))
         n_images = sum(len(x) for x in self.batches)
         out = None
         for b, x in enumerate(self.batches):
@@ -334,7 +342,7 @@ class GraphStream:
                     big = self.spill_bytes is not None and nbytes(v) * n_images / len(x) > self.spill_bytes
                     out = Batches(on_disk=big)
                 out.append(v)
-            for node in [n for n in env if self.last_use[self.index[n]] < future]:
+            for node in [n for n in env if not self._read_later(self.index[n], future)]:
                 del env[node]
             self._store(b, env)
         self.step += 1

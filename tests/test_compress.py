@@ -361,6 +361,21 @@ def test_activations_spilled_to_disk_give_the_same_student(method: str, arch: st
         assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
 
 
+def test_graph_stream_keeps_only_values_a_later_step_reads_without_recomputing() -> None:
+    """Step 0 collects the input of conv 2 and changes conv 0 (its producer) too, so step 1 restarts at conv 0:
+    it needs the image, not conv 0's or the ReLU's outputs (it computes them anew)."""
+    from crossdistill.capture import GraphStream
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.randn(2, 1, 12, 12)
+    stream = GraphStream(model, ["2", "4"], [["0", "2"], ["4"]], x)
+    h = stream.next_input()
+    assert torch.allclose(h, model[1](model[0](x)))
+    kept = [v for v in stream.env[0].values() if isinstance(v, torch.Tensor)]
+    assert len(kept) == 1 and torch.equal(kept[0], x)
+    assert torch.allclose(stream.next_input(), model[:4](x))
+
+
 def test_batches_on_disk_read_back_as_written() -> None:
     from crossdistill.spill import Batches, pairs
 
