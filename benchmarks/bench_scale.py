@@ -161,6 +161,28 @@ def readme_table(out: Path = OUT) -> None:
     readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
 
 
+def write_summary(out: Path, md: Path) -> None:
+    """Median CPU-time ratio per (model, N, method, capture, commit) of the rows of ``out``, as a table."""
+    cells: dict[tuple, list[float]] = {}
+    for r in read_jsonl(out):
+        cells.setdefault((*_key(r)[:5], r.get("commit", "")), []).append(r.get("ratio_cpu", r["ratio"]))
+    lines = [
+        f"# Compression cost in teacher forward passes ({out.name})",
+        "",
+        "CPU-time ratio of one compression to one teacher forward pass over the same images, one thread, "
+        "each run a fresh process, the commits interleaved (benchmarks/bench_scale.py --base). "
+        "Shared, loaded 2-core machine.",
+        "",
+        "| model | N | method | capture | commit | runs | ratio (CPU), median | all runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, _defs, n, method, capture, commit), ratios in cells.items():
+        med = sorted(ratios)[len(ratios) // 2]
+        lines.append(f"| {model} | {n} | {method} | {capture} | {commit} | {len(ratios)} | {med} | {ratios} |")
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 _ORDER = {"resnet56": 0, "resnet18": 1, "resnet50": 2, "mobilenet_v2": 3, "efficientnet_b0": 4}
 
 
@@ -197,9 +219,21 @@ def main() -> None:
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
     ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
     ap.add_argument("--again", action="store_true", help="run rows already in the results file once more")
+    ap.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="before/after: a snapshot of another commit (git archive C | tar -x -C DIR); every cell runs with "
+        "its crossdistill, then with this one (same child code, interleaved)",
+    )
+    ap.add_argument("--base-commit", default="base", help="the commit of --base, recorded in its rows")
+    ap.add_argument("--summary", type=Path, default=None, help="only write the median ratios of --out to this .md")
     args = ap.parse_args()
     if args.readme:
         readme_table(args.out)
+        return
+    if args.summary:
+        write_summary(args.out, args.summary)
         return
     if args.child:
         model, n, method, capture = args.child
@@ -214,18 +248,21 @@ def main() -> None:
         if (model, definitions, n, method, capture, args.device) in done and not args.again:
             continue
         cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds)
-        except subprocess.TimeoutExpired:
-            print(f"{model} {n} {method} {capture}: left out, longer than {args.max_seconds:.0f} s", flush=True)
-            continue
-        if proc.returncode != 0:
-            print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        append_jsonl(args.out, row)
-        keys = ("model", "n", "method", "capture", "seconds", "ratio", "ratio_cpu")
-        print(json.dumps({k: row[k] for k in keys}), flush=True)
+        codes = [None] if args.base is None else [args.base, None]
+        for code in codes:
+            env = None if code is None else {**os.environ, "PYTHONPATH": str(code), "BENCH_COMMIT": args.base_commit}
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds, env=env)
+            except subprocess.TimeoutExpired:
+                print(f"{model} {n} {method} {capture}: left out, longer than {args.max_seconds:.0f} s", flush=True)
+                continue
+            if proc.returncode != 0:
+                print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            append_jsonl(args.out, row)
+            keys = ("model", "n", "method", "capture", "seconds", "ratio", "ratio_cpu", "commit")
+            print(json.dumps({k: row[k] for k in keys}), flush=True)
 
 
 if __name__ == "__main__":
