@@ -134,8 +134,9 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
 
 
 def readme_table(out: Path = OUT) -> None:
-    """Write the rows of ``out`` into README.md between the scale_table markers: per cell the run with the
-    median CPU-time ratio (wall-time ratio for rows without one) and how many runs there were."""
+    """Write the rows of ``out`` into README.md between the scale_table markers: per cell, among the runs of
+    the newest commit that ran it, the run with the median CPU-time ratio (wall-time ratio for rows without
+    one) and how many runs there were."""
     import re
 
     head = (
@@ -148,6 +149,8 @@ def readme_table(out: Path = OUT) -> None:
         cells.setdefault(_key(r), []).append(r)
     order = lambda rs: (rs[0]["n"] > 100, _ORDER.get(rs[0]["model"], 9), rs[0]["method"], rs[0]["capture"])  # noqa: E731
     for runs in sorted(cells.values(), key=order):
+        latest = runs[-1].get("commit")  # the newest code that ran this cell; older rows stay in the file
+        runs = [r for r in runs if r.get("commit") == latest]
         r = sorted(runs, key=lambda r: r.get("ratio_cpu", r["ratio"]))[len(runs) // 2]
         lines.append(
             f"| {r['model']} | {r.get('definitions', 're-definition')} | {r['n']} | {r['method']} | {r['capture']} "
@@ -226,6 +229,7 @@ def main() -> None:
         help="before/after: a snapshot of another commit (git archive C | tar -x -C DIR); every cell runs with "
         "its crossdistill, then with this one (same child code, interleaved)",
     )
+    ap.add_argument("--captures", nargs="+", default=["one-pass", "per-layer", "none"], help="cells of these captures")
     ap.add_argument("--base-commit", default="base", help="the commit of --base, recorded in its rows")
     ap.add_argument("--summary", type=Path, default=None, help="only write the median ratios of --out to this .md")
     args = ap.parse_args()
@@ -244,6 +248,8 @@ def main() -> None:
 
     done = {_key(r) for r in read_jsonl(args.out)}
     for model, n, method, capture in _cells(args.models, args.n, args.methods):
+        if capture not in args.captures:
+            continue
         definitions = "crossdistill.models" if model == "resnet56" else SOURCE
         if (model, definitions, n, method, capture, args.device) in done and not args.again:
             continue
