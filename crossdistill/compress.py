@@ -54,6 +54,7 @@ from .solvers import (
     solve_structured,
     solve_unstructured,
 )
+from .spill import materialize
 
 if TYPE_CHECKING:
     from .target import Allocation
@@ -87,7 +88,9 @@ def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
 
     def solve(step: LayerStep) -> SolveResult:
         if cfg.solver == "adam":
-            return adam_solve(step.layer, step.problem, step.hT, step.hS, adam)
+            hT = materialize(step.hT)  # full-batch Adam: every image at once
+            hS = hT if step.hS is step.hT else materialize(step.hS)
+            return adam_solve(step.layer, step.problem, hT, hS, adam)
         if getattr(step.layer, "groups", 1) != 1:  # grouped / depthwise conv: solved group by group
             return solve_grouped(step.layer, step.problem, step.hT, step.hS, lstsq)
         if cfg.ridge_cv and step.problem.structured:

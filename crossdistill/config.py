@@ -73,6 +73,7 @@ class CompressConfig:
     skip_unsupported: bool = False  # leave layers the solvers cannot handle untouched (warn) instead of failing
     batch_size: int = 128  # images per forward while capturing
     teacher_cache_mb: float = 2048  # keep every layer's teacher input in memory up to this size, else per layer
+    spill_mb: float = 1024  # a stream's kept activations / one layer's input over all images: on disk beyond this
     device: str = "cpu"  # cpu | cuda | auto
     capture: str = "one-pass"  # one-pass (fx graph, activations reused) | per-layer (a forward pass per layer)
     holdout: float = 0.0  # fraction of the images held out of the fit; the report gives the error on them (per

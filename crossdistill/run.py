@@ -53,6 +53,7 @@ from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
 from .solvers import LayerProblem, LayerStats, LstsqOptions, SolveResult, group_targets, solve_structured
+from .spill import Batches, pairs
 from .structure import layer_widths
 
 __all__ = [
@@ -417,16 +418,16 @@ class LayerStep:
     name: str
     layer: nn.Module  # the student's layer, full width on its input side
     problem: LayerProblem
-    hT: torch.Tensor  # the layer's input inside the teacher (h^S itself when no term uses h^T)
-    hS: torch.Tensor  # the layer's input inside the student, producer still at full width
+    # both (N, ...): one tensor, or batches on disk when larger than spill_mb (crossdistill.spill)
+    hT: torch.Tensor | Batches  # the layer's input inside the teacher (h^S itself when no term uses h^T)
+    hS: torch.Tensor | Batches  # the layer's input inside the student, producer still at full width
     batch_size: int
 
     def stats(self) -> LayerStats:
         """The Gram statistics of h^T and h^S, accumulated batch by batch (the caller frees them)."""
         stats = LayerStats(self.layer, self.problem.terms, self.problem.wT)
-        bs = self.batch_size
-        for j in range(0, len(self.hT), bs):
-            stats.add_batch(self.hT[j : j + bs], self.hS[j : j + bs])
+        for xT, xS in pairs(self.hT, self.hS, self.batch_size):
+            stats.add_batch(xT, xS)
         return stats
 
 
@@ -443,7 +444,7 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
         outs = [run.teacher(run.images[i : i + bs]) for i in range(0, len(run.images), bs)]
     if not run.teacher.training and all(isinstance(o, torch.Tensor) for o in outs):
         run.teacher_output = (run.images, torch.cat(outs))  # eval mode: what finish's output error needs
-    return {n: torch.cat(v) for n, v in store.items()}
+    return {n: v[0] if len(v) == 1 else torch.cat(v) for n, v in store.items()}  # one batch: no copy
 
 
 def _channel_groups(run: Run, p: LayerPlan, total: int) -> torch.Tensor | None:
@@ -475,7 +476,8 @@ def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
         else:
             changed.append([p.name])
     try:
-        stream = GraphStream(run.student, [p.name for p in run.plan], changed, run.images, run.cfg.batch_size)
+        names = [p.name for p in run.plan]
+        stream = GraphStream(run.student, names, changed, run.images, run.cfg.batch_size, run.cfg.spill_mb)
     except GraphUnsupported as e:
         warnings.warn(f"capturing each layer's input with a forward pass per layer: {e}", stacklevel=3)
         return None
@@ -556,7 +558,8 @@ def _refit_each(
     teacher_stream = None
     if uses_teacher and cache is None and stream is not None:
         # too large to keep every layer's teacher input: the teacher's own graph, one pass, live values only
-        teacher_stream = GraphStream(run.teacher, names, [[n] for n in names], run.images, cfg.batch_size)
+        changed = [[n] for n in names]
+        teacher_stream = GraphStream(run.teacher, names, changed, run.images, cfg.batch_size, cfg.spill_mb)
     for i, (p, terms) in enumerate(zip(plan, layer_terms, strict=True)):
         t0 = time.perf_counter()
         if on_layer is not None:

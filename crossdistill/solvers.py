@@ -38,6 +38,7 @@ from torch import nn
 
 from .gram import explicit_padding, gram, output_rows
 from .objectives import Term
+from .spill import Batches, pairs
 
 __all__ = [
     "LayerProblem",
@@ -288,7 +289,8 @@ class LayerStats:
                 res = fn(_mix(hT, hS, a, b), wt)
                 c = (x.T @ res).double() if rows else weight_product(self.layer, x, res)
                 self.C_res = self.C_res + t.weight * c
-                self.const += t.weight * float(res.double().pow(2).sum())
+                # float64 sum of squares without a float64 copy of the layer's output
+                self.const += t.weight * float(torch.linalg.vector_norm(res, dtype=torch.float64).square())
 
     def _add_grams(self, product, a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
         """Add the Grams of inputs ``a`` (teacher) and ``b`` (student); one product when they are the same."""
@@ -363,7 +365,8 @@ def ridge_solve(G: torch.Tensor, R: torch.Tensor, ridge: float, prior: torch.Ten
     lam_m = lam[..., None, None]
     if prior is not None:
         R = R + lam_m * prior.double()
-    A = G + lam_m * torch.eye(d, dtype=G.dtype, device=G.device)
+    A = G.clone()
+    A.diagonal(dim1=-2, dim2=-1).add_(lam[..., None])  # G + lam I without an identity matrix
     L, info = torch.linalg.cholesky_ex(A)
     X = torch.cholesky_solve(R, L)
     bad = info != 0
@@ -410,7 +413,11 @@ class GramSystem(LeastSquares):
 
     def loss(self, W):
         w = W.flatten(1).double()
-        val = ((w @ self.G) * w).sum() - 2 * (w * self.C.T).sum() + self.const
+        used = (w != 0).any(0).nonzero().flatten()  # a removed column adds nothing: the quadratic form on the rest
+        G, C = self.G, self.C
+        if len(used) < w.shape[1]:
+            w, G, C = w[:, used], self._sub(used), C[used]
+        val = ((w @ G) * w).sum() - 2 * (w * C.T).sum() + self.const
         return max(float(val), 0.0) / (self.rows * w.shape[0])
 
     def diag(self):
@@ -507,7 +514,9 @@ def never_worse(
     ``kept`` field is filled in by the caller.
     """
     Wm = W0 * keep_mask.to(W0.dtype)
-    loss_masked, loss_after = system.loss(Wm), system.loss(W)
+    masked_all = bool(keep_mask.all()) and torch.equal(Wm, W0)  # nothing removed: loss_before is its loss
+    loss_masked = loss_before if masked_all else system.loss(Wm)
+    loss_after = system.loss(W)
     energy = system.loss(torch.zeros_like(W0))
     fell_back = loss_after > loss_masked + _TOL * energy  # rounding of an exact solve is not "worse"
     if fell_back:
@@ -627,7 +636,11 @@ def _group_view(layer: nn.Conv2d) -> nn.Conv2d:
 
 
 def solve_grouped(
-    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions | None = None
+    layer: nn.Conv2d,
+    problem: LayerProblem,
+    hT: torch.Tensor | Batches,
+    hS: torch.Tensor | Batches,
+    opts: LstsqOptions | None = None,
 ) -> SolveResult:
     """Re-fit a grouped (or depthwise) conv: its weight is block-diagonal, so each group is its own problem.
 
@@ -653,8 +666,8 @@ def solve_grouped(
     for g in range(G):
         i, o = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
         stats = LayerStats(view)
-        for j in range(0, len(hT), bs):
-            stats.add_batch(hT[j : j + bs, i], hS[j : j + bs, i])
+        for xT, xS in pairs(hT, hS, bs):
+            stats.add_batch(xT[:, i], xS[:, i])
         group = LayerProblem(problem.terms, wT[o], w0[o], 0, structured=False)
         res = solve_unstructured(stats, group, opts, mask=mask[o])
         stats.free()
@@ -670,7 +683,7 @@ def solve_grouped(
 
 
 def _solve_groups_batched(
-    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions
+    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor | Batches, hS: torch.Tensor | Batches, opts: LstsqOptions
 ) -> SolveResult:
     """Every group of a grouped conv at once, all input channels kept: Grams (G, d_g, d_g), one batched solve.
 
@@ -692,12 +705,10 @@ def _solve_groups_batched(
     C_res = torch.zeros(G, dg, cout_g, dtype=torch.float64, device=w0.device)
     const = torch.zeros(G, dtype=torch.float64, device=w0.device)
     rows = 0
-    per_image = hT[0].numel() * kk * hT.element_size()  # im2col bytes per image (stride 1; less otherwise)
+    item = torch.empty((), dtype=hT.dtype).element_size()
+    per_image = math.prod(hT.shape[1:]) * kk * item  # im2col bytes per image (stride 1; less otherwise)
     chunk = max(1, min(opts.batch_size, (256 * 2**20) // max(per_image, 1)))
-    same = hS is hT
-    for j in range(0, len(hT), chunk):
-        xT = hT[j : j + chunk]
-        xS = xT if same else hS[j : j + chunk]
+    for xT, xS in pairs(hT, hS, chunk):
         grams: dict[int, torch.Tensor] = {}
         conv = lambda h: F.conv2d(h, wT, None, layer.stride, pad, layer.dilation, G)  # noqa: E731
         for t in terms:
@@ -709,7 +720,8 @@ def _solve_groups_batched(
             if a or b:
                 res = conv(_mix(xT, xS, a, b))  # (n, C_out, ...)
                 C_res += t.weight * weight_product(layer, x, res)
-                const += t.weight * res.double().pow(2).reshape(len(xT), G, -1).sum((0, 2))
+                per_group = torch.linalg.vector_norm(res.reshape(len(xT), G, -1), dim=(0, 2), dtype=torch.float64)
+                const += t.weight * per_group.square()
         rows += output_rows(layer, xT)
     W0 = w0.reshape(G, cout_g, dg).double()
     wt = wT.reshape(G, cout_g, dg).double()
