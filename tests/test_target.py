@@ -285,6 +285,27 @@ def test_latency_target_reports_the_timed_ratio_and_its_noise() -> None:
     assert report.allocation["achieved"] == timing["timed_ratio"]
 
 
+def test_latency_target_lowers_the_floor_when_the_timed_ratio_needs_it(monkeypatch) -> None:
+    import crossdistill.latency
+    import crossdistill.target
+
+    # latency stood in by FLOPs (table and timing alike), so the test is deterministic
+    def flops_ms(shape, batch=64, table=None):
+        return lambda m: float(count_flops(m, shape))
+
+    def timed(teacher, student, shape, batch):
+        return count_flops(student, shape) / count_flops(teacher, shape), 0.0
+
+    monkeypatch.setattr(crossdistill.latency, "latency_measure", flops_ms)
+    monkeypatch.setattr(crossdistill.target, "timed_ratio", timed)
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    with pytest.warns(UserWarning, match="alloc_floor 0.4 cannot meet the target"):
+        student, report = compress(model, x, target={"latency": 0.25}, method="nc")
+    assert report.allocation["floor"] < 0.4
+    assert abs(report.allocation["achieved"] - 0.25) <= 0.02
+
+
 # --------------------------------------------------------------------------- CLI
 
 
