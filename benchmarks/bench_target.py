@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
-from tables import mean_std, publish
+from tables import header, mean_std, publish
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
@@ -294,26 +294,38 @@ def run_cells(args) -> None:
                             print(f"{cell} {msg}", flush=True)
 
 
+def _paired(g: list[dict], other: list[dict]) -> str:
+    """Mean paired difference (points) of ``g`` to ``other`` on the seeds both have, and how many."""
+    by_seed = {r["seed"]: r["accuracy"] * 100 for r in other}
+    diffs = [r["accuracy"] * 100 - by_seed[r["seed"]] for r in g if r["seed"] in by_seed]
+    return f"{statistics.mean(diffs):+.2f} ({len(diffs)})" if diffs else "-"
+
+
 def table(out: Path) -> str:
     rows = read_jsonl(out)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["target"], r["k"], r["variant"], r["refit"]), []).append(r)
-    lines = [
-        "| model | FLOPs target | K | variant | re-fit | accuracy (mean ± std) | seeds | Δ vs uniform (paired) "
-        "| FLOPs achieved |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        key = (r["model"], r.get("target_kind", "flops"), r["target"], r["k"], r["variant"], r["refit"])
+        groups.setdefault(key, []).append(r)
+    lines = header(
+        "model", "target", "K", "variant", "re-fit", "accuracy (mean ± std)", "seeds", "Δ vs uniform (paired)",
+        "Δ vs tp-magnitude (paired)", "FLOPs achieved", "latency achieved (timed, ± noise)",
+    )  # fmt: skip
     for key in sorted(groups):
         g = groups[key]
+        model, kind, target, k, variant, refit = key
         accs = [r["accuracy"] * 100 for r in g]
         fl = statistics.mean(r["flops_fraction"] for r in g)
-        # same seeds, same re-fit: uniform's accuracy per seed
-        uni = {r["seed"]: r["accuracy"] * 100 for r in groups.get((*key[:3], "uniform", key[4]), [])}
-        diffs = [r["accuracy"] * 100 - uni[r["seed"]] for r in g if r["seed"] in uni]
-        delta = f"{statistics.mean(diffs):+.2f} ({len(diffs)})" if diffs and key[3] != "uniform" else "-"
+        # same seeds, same re-fit
+        uni = _paired(g, groups.get((*key[:4], "uniform", refit), [])) if variant != "uniform" else "-"
+        tpm = _paired(g, groups.get((*key[:4], "tp-magnitude", refit), [])) if variant != "tp-magnitude" else "-"
+        timed = [r["latency_ratio"] for r in g if "latency_ratio" in r]
+        noise = [r["latency_noise"] for r in g if "latency_noise" in r]
+        lat = f"{statistics.mean(timed):.3f}" if timed else "-"
+        lat += f" ± {statistics.mean(noise):.3f}" if noise else ""
         acc = mean_std(accs, scale=1.0, std_of_one=True)
-        lines.append(f"| {' | '.join(map(str, key))} | {acc} | {len(g)} | {delta} | {fl:.3f} |")
+        cells = [model, f"{kind} {target}", k, variant, refit, acc, len(g), uni, tpm, f"{fl:.3f}", lat]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +343,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only write the markdown table of --out")
     args = ap.parse_args()
     if args.table:
-        first = "# Compress to a FLOPs target (bench_target.py)\n\n"
+        first = "# Compress to a FLOPs or latency target (bench_target.py)\n\n"
         publish(Path(args.out).with_suffix(".md"), table(Path(args.out)), first, section="target_table")
         return
     run_cells(args)
