@@ -224,15 +224,18 @@ def timed_ratio(teacher: nn.Module, student: nn.Module, input_shape: Any, batch:
 
 
 def _calibrate_latency(
-    budget: _Budget, fraction: float, cfg: Any, rounds: int = 3
+    budget: _Budget, fraction: float, cfg: Any, lower_floor: Callable[[], bool], rounds: int = 3
 ) -> tuple[dict[str, int], float, dict[str, float]]:
     """The table misses what does not shrink with channels (activations, sums, narrow-kernel overheads), so
     the student is timed end to end against the teacher and the table's target rescaled, up to ``rounds``
-    times, until the timed ratio is within max(2 x noise, 0.02) of ``fraction``."""
+    times, until the timed ratio is within max(2 x noise, 0.02) of ``fraction``. Where the rescaled target
+    is out of the table's reach at the current floor, ``lower_floor()`` lowers it (False: at the lowest)."""
     asked = fraction
     best = None
     for _ in range(rounds):
         counts, table_ratio, _ = _search(budget, asked, cfg.target_tolerance, strict=False)
+        while table_ratio > asked * (1 + cfg.target_tolerance) and lower_floor():  # table searches: no timing
+            counts, table_ratio, _ = _search(budget, asked, cfg.target_tolerance, strict=False)
         teacher, example = budget.model, budget.example
         probe = prune_to_counts(teacher, example, budget.plan, counts)
         timed, noise = timed_ratio(teacher, probe, example.shape[1:], cfg.latency_batch)
@@ -297,11 +300,20 @@ def plan_target(
     timing: dict[str, float] = {}
     # the floor is lowered (x0.8 per try, down to the curves' lowest point) while the target cannot be met
     floor, lowest = cfg.alloc_floor, CurveGrid().min_keep if cfg.signal != "greedy" else cfg.alloc_floor
+
+    def lower_floor() -> bool:
+        nonlocal floor
+        if floor <= lowest:
+            return False
+        floor = max(floor * 0.8, lowest)
+        _set_floor(curves, floor)
+        return True
+
     while True:
         _set_floor(curves, floor)
         try:
             if kind == "latency" and not custom:
-                counts, achieved, timing = _calibrate_latency(budget, fraction, cfg)
+                counts, achieved, timing = _calibrate_latency(budget, fraction, cfg, lower_floor)
                 searches = 0
             else:
                 counts, achieved, searches = _search(budget, fraction, cfg.target_tolerance)
