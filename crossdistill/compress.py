@@ -30,7 +30,7 @@ from .mir import refine_step
 from .models import official_mu
 from .objectives import METHODS, Term, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan
-from .ridgecv import cv_solve_structured
+from .ridgecv import cv_solve_structured, guard_solve
 from .run import (
     CompressReport,
     LayerRecord,
@@ -88,6 +88,8 @@ def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
     def solve(step: LayerStep) -> SolveResult:
         if cfg.solver == "adam":
             return adam_solve(step.layer, step.problem, step.hT, step.hS, adam)
+        if cfg.ridge_guard:
+            return guard_solve(step.layer, step.problem, step.hT, step.hS, lstsq)[0]
         if getattr(step.layer, "groups", 1) != 1:  # grouped / depthwise conv: solved group by group
             return solve_grouped(step.layer, step.problem, step.hT, step.hS, lstsq)
         if cfg.ridge_cv and step.problem.structured:
