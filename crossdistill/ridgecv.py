@@ -209,7 +209,8 @@ def _solve_full(full: LeastSquares, problem: LayerProblem, W0, opts: LstsqOption
 
 
 def _guard_groups(layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions) -> SolveResult:
-    """:func:`guard_solve`'s rule for each group of a grouped conv, all groups solved at once per ridge."""
+    """:func:`guard_solve`'s rule for a grouped conv, one ridge for the whole layer (all groups solved at once
+    per ridge): a depthwise group has a handful of rows per half, too few to judge it on its own."""
     idx = torch.arange(len(hT))
     halves: list[GroupSystems] = []
     for part in (idx[0::2], idx[1::2]):
@@ -218,14 +219,12 @@ def _guard_groups(layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tens
     sys_a, sys_b = halves
     full = sys_a + sys_b
     W0 = problem.w0.reshape(layer.groups, -1, full.A.shape[1]).double()
-    start_a, start_b = sys_a.loss(W0), sys_b.loss(W0)  # (G,) each: the start is not fitted, so in = out of sample
-    W, open_ = W0.clone(), torch.ones(layer.groups, dtype=torch.bool, device=W0.device)
+    start_a, start_b = float(sys_a.loss(W0).sum()), float(sys_b.loss(W0).sum())  # the start is not fitted
     for r in (opts.ridge, *[c for c in CV_RIDGES if c > opts.ridge]):
         o = replace(opts, ridge=r)
-        ok = open_ & (sys_b.loss(sys_a.solve(W0, o)) <= start_b) & (sys_a.loss(sys_b.solve(W0, o)) <= start_a)
-        if bool(ok.any()):
-            W = torch.where(ok[:, None, None], full.solve(W0, o), W)
-            open_ &= ~ok
-        if not bool(open_.any()):
-            break
-    return groups_result(full, W, W0, problem.w0.shape)
+        if (
+            float(sys_b.loss(sys_a.solve(W0, o)).sum()) <= start_b
+            and float(sys_a.loss(sys_b.solve(W0, o)).sum()) <= start_a
+        ):
+            return groups_result(full, full.solve(W0, o), W0, problem.w0.shape)
+    return groups_result(full, W0, W0, problem.w0.shape)
