@@ -44,7 +44,7 @@ from .solvers import (
     solve_unstructured,
 )
 
-__all__ = ["CV_RIDGES", "cv_solve_structured", "guard_solve"]
+__all__ = ["CV_RIDGES", "GUARD_SLACK", "cv_solve_structured", "guard_solve"]
 
 CV_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative ridges tried (x mean diag of the Gram), smallest first
 
@@ -147,16 +147,21 @@ def _fit_masked(system: LeastSquares, W0: torch.Tensor, mask: torch.Tensor, opts
     return W
 
 
-def _safe(sys_a: LeastSquares, sys_b: LeastSquares, W0, mask, opts: LstsqOptions) -> bool:
-    """Whether the re-fit on each half is no worse than the masked start on the other half, both ways.
+# A re-fit passes when its held-out objective is at most this times the start's. 1: "no worse". Larger
+# slack was tried, since a fit on half the images has seen half the classes at K=1 (VGG-16 K=1 seed 1: the
+# last two layers score x1.05 / x1.4 of the start that way, the guard keeps the start there and NC's
+# validation accuracy falls 79.4 -> 61.0 %; slack 2 keeps their re-fits: 79.4), but slack 1.5 / 2 let NC and
+# Ours-S on the tiny MobileNetV3 with 4 noise images end at x1.1-x1.3 / x1.6-x1.7 of L1's held-out error.
+GUARD_SLACK = 1.0
 
-    Each way on its own, not their sum: with a few images a lucky half must not hide an unlucky one.
-    """
+
+def _safe(sys_a: LeastSquares, sys_b: LeastSquares, W0, mask, opts: LstsqOptions) -> bool:
+    """Whether the re-fit on each half, scored on the other half (summed both ways), is within
+    :data:`GUARD_SLACK` of the masked start's objective on the same images."""
     start = W0 * mask.to(W0.dtype)
-    for fit, test in ((sys_a, sys_b), (sys_b, sys_a)):
-        if test.loss(_fit_masked(fit, W0, mask, opts)) > test.loss(start):
-            return False
-    return True
+    held = sys_b.loss(_fit_masked(sys_a, W0, mask, opts)) * sys_b.rows
+    held += sys_a.loss(_fit_masked(sys_b, W0, mask, opts)) * sys_a.rows
+    return held <= GUARD_SLACK * (sys_a.loss(start) * sys_a.rows + sys_b.loss(start) * sys_b.rows)
 
 
 def guard_solve(
@@ -166,7 +171,8 @@ def guard_solve(
 
     Channels (structured) or the weight mask (unstructured) are chosen on all images at ``opts.ridge``
     as usual. Then, across two image halves, the ridges ``opts.ridge`` and the larger ones of
-    :data:`CV_RIDGES` are tried smallest first; the first whose held-out objective is at most that of the
+    :data:`CV_RIDGES` are tried smallest first; the first whose held-out objective is within
+    :data:`GUARD_SLACK` of that of the
     masked start (the teacher weights on what is kept, i.e. what :func:`never_worse` falls back to)
     re-solves on all images. If none is, the masked start is kept. Unlike ``ridge_cv`` this does not
     pick the best ridge, only the first safe one: where the exact re-fit generalises (trained networks)
@@ -219,12 +225,10 @@ def _guard_groups(layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tens
     sys_a, sys_b = halves
     full = sys_a + sys_b
     W0 = problem.w0.reshape(layer.groups, -1, full.A.shape[1]).double()
-    start_a, start_b = float(sys_a.loss(W0).sum()), float(sys_b.loss(W0).sum())  # the start is not fitted
+    start = float(sys_a.loss(W0).sum() + sys_b.loss(W0).sum())  # the start is not fitted: in = out of sample
     for r in (opts.ridge, *[c for c in CV_RIDGES if c > opts.ridge]):
         o = replace(opts, ridge=r)
-        if (
-            float(sys_b.loss(sys_a.solve(W0, o)).sum()) <= start_b
-            and float(sys_a.loss(sys_b.solve(W0, o)).sum()) <= start_a
-        ):
+        held = float(sys_b.loss(sys_a.solve(W0, o)).sum() + sys_a.loss(sys_b.solve(W0, o)).sum())
+        if held <= GUARD_SLACK * start:
             return groups_result(full, full.solve(W0, o), W0, problem.w0.shape)
     return groups_result(full, W0, W0, problem.w0.shape)
