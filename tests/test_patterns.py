@@ -473,11 +473,11 @@ def test_conditioned_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_
 
 
 # ridge_guard (opt-in): per layer the smallest ridge whose re-fit is no worse than the masked start on held-out
-# image halves. It meets the same bound except Ours on mobilenet_v3 with 4 images (1.102 vs L1 1.049, x1.051):
+# image halves. It meets the same bound except Ours on mobilenet_v3 with 4 images (1.116 vs L1 1.049, x1.064):
 # two images per half decide each layer there.
 _GUARD_CASES = [
     ("efficientnet", 4),
-    pytest.param("mobilenet_v3", 4, marks=pytest.mark.xfail(reason="Ours at x1.051 of L1", strict=False)),
+    pytest.param("mobilenet_v3", 4, marks=pytest.mark.xfail(reason="Ours at x1.064 of L1", strict=False)),
     ("mobilenet_v3", 8),
 ]
 
