@@ -169,16 +169,15 @@ def guard_solve(
 ) -> tuple[SolveResult, float | None]:
     """The re-fit with the smallest ridge that is no worse than the start on images it was not fitted on.
 
-    Channels (structured) or the weight mask (unstructured) are chosen on all images at ``opts.ridge``
-    as usual. Then, across two image halves, the ridges ``opts.ridge`` and the larger ones of
-    :data:`CV_RIDGES` are tried smallest first; the first whose held-out objective is within
-    :data:`GUARD_SLACK` of that of the
-    masked start (the teacher weights on what is kept, i.e. what :func:`never_worse` falls back to)
-    re-solves on all images. If none is, the masked start is kept. Unlike ``ridge_cv`` this does not
-    pick the best ridge, only the first safe one: where the exact re-fit generalises (trained networks)
-    it is kept as it is. Returns the result and the ridge used (None: the start was kept).
-    Grouped / depthwise convs (structured: nothing removed) choose per group (:func:`_guard_groups`,
-    ridge returned None); unstructured grouped ones are solved as usual (start kept where worse on the fit).
+    Across two image halves, the ridges ``opts.ridge`` and the larger ones of :data:`CV_RIDGES` are tried
+    smallest first, each with the channels (structured) or weight mask (unstructured) the usual solve on
+    all images chooses at that ridge; the first whose held-out objective (fit on one half, scored on the
+    other, both ways) is within :data:`GUARD_SLACK` of the masked start's (the teacher weights on what is
+    kept, what :func:`never_worse` falls back to) is the solve on all images at that ridge. If none is, the
+    masked start is kept. Unlike ``ridge_cv`` this does not pick the best ridge, only the first safe one:
+    where the exact re-fit generalises it stays as it is. Returns the result and the ridge used (None: the
+    start was kept, or a grouped conv). Grouped / depthwise convs (structured: nothing removed): one ridge
+    for the layer (:func:`_guard_groups`); unstructured grouped ones are solved as usual.
     """
     if getattr(layer, "groups", 1) != 1:
         if problem.structured and len(hT) >= 2:
