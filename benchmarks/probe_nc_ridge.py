@@ -62,7 +62,8 @@ def table(src: Path = RULE_OUT) -> None:
     labels = list(dict.fromkeys(_label(r) for r in rows))
     held = {(r["arch"], _label(r)): r["held"] for r in rows}
     lines = [
-        "# Held-out output error on real torchvision networks (`benchmarks/probe_nc_ridge.py <nets> rule`)",
+        "# Held-out output error on real torchvision networks (`benchmarks/probe_nc_ridge.py <nets> "
+        + ("guard`)" if src == GUARD_OUT else "rule`)"),
         "",
         "Random init, keep 0.5, 50 fitted / 25 held-out N(0,1) images at 64x64, one thread, shared 2-core "
         "machine. ||F^S - F^T|| / ||F^T|| on the held-out images; **bold**: above L1 x 1.05. Raw: "
