@@ -67,7 +67,7 @@ def table(src: Path = RULE_OUT) -> None:
         "",
         "Random init, keep 0.5, 50 fitted / 25 held-out N(0,1) images at 64x64, one thread, shared 2-core "
         "machine. ||F^S - F^T|| / ||F^T|| on the held-out images; **bold**: above L1 x 1.05. Raw: "
-        "`ridge_rule_real.jsonl`.",
+        f"`{src.name}`.",
         "",
         "| variant | " + " | ".join(a.removeprefix("tv_") for a in archs) + " |",
         "|---|" + "---|" * len(archs),
