@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -100,3 +101,22 @@ def test_guard_on_a_depthwise_conv_keeps_each_group_no_worse_than_its_start() ->
 def test_ridge_guard_and_ridge_cv_together_are_refused() -> None:
     with pytest.raises(UserError, match="ridge_cv and ridge_guard"):
         CompressConfig(ridge_cv=True, ridge_guard=True).validate()
+
+
+@pytest.mark.parametrize("prune", ["structured", "unstructured"])
+def test_compress_with_ridge_guard_runs_on_dense_and_grouped_layers(prune: str) -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(6, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student, report = run_method("nc", teacher, x, keep=0.5, prune=prune, ridge_guard=True)
+    assert report.config["ridge_guard"] is True and student(x).shape == (6, 5)
+    solved = [r for r in report.layers if not r.skipped]
+    assert len(solved) == 2 and all(math.isfinite(r.loss_after) for r in solved)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    if prune == "unstructured":  # the mask is applied: half of the second conv's weights are zero
+        assert int((student[4].weight == 0).sum()) >= student[4].weight.numel() // 2
