@@ -2,7 +2,8 @@
 
 Each tests/zoo.py network (random init, 3x16x16, keep 0.5) is fitted on 4 or 8 N(0,1) images and
 scored on 16 others: ||F^S - F^T|| / ||F^T|| at the output, for the default ridge, ``ridge_per_unknown=1``
-and ``ridge_cv``. Rows go to ``results/ridge_rule_zoo.jsonl`` (replaced), the table to ``ridge_rule_zoo.md``.
+``ridge_cv`` and ``ridge_guard``. Rows go to ``results/ridge_rule_zoo.jsonl`` (replaced), the table to
+``ridge_rule_zoo.md``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py
 """
@@ -23,7 +24,12 @@ from crossdistill.run import output_error
 sys.path.insert(0, str(ROOT / "tests"))
 import zoo  # noqa: E402
 
-SETTINGS = {"default": {}, "per_unknown=1": {"ridge_per_unknown": 1.0}, "cv": {"ridge_cv": True}}
+SETTINGS = {
+    "default": {},
+    "per_unknown=1": {"ridge_per_unknown": 1.0},
+    "cv": {"ridge_cv": True},
+    "guard": {"ridge_guard": True},
+}
 METHODS = ("nc", "ours", "ours-s")
 TOL = 1.05  # "no worse than L1": within 5 %
 

@@ -1,4 +1,4 @@
-"""Ridge rule by validation (#13): old default vs ``ridge_per_unknown``, ``ridge_cv``, a flat ridge (resumable).
+"""Ridge rule by validation (#13): old default vs ``ridge_per_unknown``, ``ridge_cv``, ``ridge_guard``, a flat ridge.
 
     OMP_NUM_THREADS=1 python benchmarks/sweep_ridge.py --models resnet56 vgg16 --ks 1 5 --seeds 0 1
     python benchmarks/sweep_ridge.py --summary     # rebuild the markdown summary only
@@ -31,6 +31,7 @@ SETTINGS = {  # name -> CompressConfig fields
     "pu0.3": {"ridge": 1e-3, "ridge_per_unknown": 0.3},
     "pu1": {"ridge": 1e-3, "ridge_per_unknown": 1.0},
     "cv": {"ridge": 1e-3, "ridge_cv": True},
+    "guard": {"ridge": 1e-3, "ridge_guard": True},
     "flat0.1": {"ridge": 0.1, "ridge_per_unknown": 0.0},
 }
 KEYS = ("model", "k", "seed", "method", "setting")

@@ -52,6 +52,7 @@ from .measure import count_flops, count_params
 from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
+from .ridgecv import guard_solve
 from .solvers import LayerProblem, LayerStats, LstsqOptions, SolveResult, group_targets, solve_structured
 from .spill import Batches, pairs
 from .structure import layer_widths
@@ -505,16 +506,16 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
         hS = capture_input(run.student, other, run.images, run.cfg.batch_size)
         w0 = layer.weight.detach().clone()
         problem = LayerProblem([Term(1.0, 0, 1, 0, 1)], w0, w0.clone(), len(fixed), fixed, True)
-        stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
         ridge = run.cfg.ridge if isinstance(run.cfg.ridge, float) else LstsqOptions.ridge
-        res = solve_structured(
-            stats,
-            problem,
-            LstsqOptions(
-                ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned, ridge_per_unknown=run.cfg.ridge_per_unknown
-            ),
+        opts = LstsqOptions(
+            ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned, ridge_per_unknown=run.cfg.ridge_per_unknown
         )
-        stats.free()
+        if getattr(run.cfg, "ridge_guard", False):  # the same out-of-sample guard as the layer's own re-fit
+            res = guard_solve(layer, problem, hS, hS, opts)[0]
+        else:
+            stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
+            res = solve_structured(stats, problem, opts)
+            stats.free()
         with torch.no_grad():
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
 

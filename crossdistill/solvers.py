@@ -56,6 +56,9 @@ __all__ = [
     "solve_structured",
     "solve_unstructured",
     "solve_grouped",
+    "GroupSystems",
+    "group_systems",
+    "groups_result",
     "adam_solve",
     "weight_mask",
     "weight_product",
@@ -682,15 +685,38 @@ def solve_grouped(
     return SolveResult(W, mask, before / n, after / n, masked / n, rel, fell_back)
 
 
-def _solve_groups_batched(
-    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor | Batches, hS: torch.Tensor | Batches, opts: LstsqOptions
-) -> SolveResult:
-    """Every group of a grouped conv at once, all input channels kept: Grams (G, d_g, d_g), one batched solve.
+@dataclass
+class GroupSystems:
+    """Per-group least-squares statistics of a grouped conv, all input channels kept: objective of group g
+    at W_g (cout_g, dg) is ``W_g A_g W_g' - 2 W_g . C_g' + const_g`` over ``rows`` output positions."""
+
+    A: torch.Tensor  # (G, dg, dg)
+    C: torch.Tensor  # (G, dg, cout_g)
+    const: torch.Tensor  # (G,)
+    rows: int
+
+    def __add__(self, other: GroupSystems) -> GroupSystems:  # the statistics of both image sets
+        return GroupSystems(self.A + other.A, self.C + other.C, self.const + other.const, self.rows + other.rows)
+
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        """(G,) un-normalised objective per group of W (G, cout_g, dg)."""
+        quad = torch.einsum("god,gde,goe->g", W, self.A, W) - 2 * torch.einsum("god,gdo->g", W, self.C) + self.const
+        return quad.clamp_min(0)
+
+    def solve(self, W0: torch.Tensor, opts: LstsqOptions) -> torch.Tensor:
+        """Every group's ridge solve towards W0 (G, cout_g, dg) at once: (G, cout_g, dg)."""
+        ridge = effective_ridge(opts, self.rows, W0.shape[2])
+        return ridge_solve(self.A, self.C, ridge, W0.transpose(1, 2)).transpose(1, 2)
+
+
+def group_systems(
+    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor | Batches, hS: torch.Tensor | Batches, batch_size: int
+) -> GroupSystems:
+    """:class:`GroupSystems` of a grouped conv on the images ``hT`` / ``hS``.
 
     The per-group Grams come from :func:`crossdistill.gram.gram` (batched over
     groups; depthwise convs as elementwise products, no im2col at stride 1);
     images go through in chunks of at most ~256 MB of im2col-equivalent.
-    A group whose solve ends above its start keeps its start weights.
     """
     terms, wT, w0 = problem.terms, problem.wT, problem.w0
     G, kk = layer.groups, w0[0, 0].numel()
@@ -707,7 +733,7 @@ def _solve_groups_batched(
     rows = 0
     item = torch.empty((), dtype=hT.dtype).element_size()
     per_image = math.prod(hT.shape[1:]) * kk * item  # im2col bytes per image (stride 1; less otherwise)
-    chunk = max(1, min(opts.batch_size, (256 * 2**20) // max(per_image, 1)))
+    chunk = max(1, min(batch_size, (256 * 2**20) // max(per_image, 1)))
     for xT, xS in pairs(hT, hS, chunk):
         grams: dict[int, torch.Tensor] = {}
         conv = lambda h: F.conv2d(h, wT, None, layer.stride, pad, layer.dilation, G)  # noqa: E731
@@ -723,28 +749,39 @@ def _solve_groups_batched(
                 per_group = torch.linalg.vector_norm(res.reshape(len(xT), G, -1), dim=(0, 2), dtype=torch.float64)
                 const += t.weight * per_group.square()
         rows += output_rows(layer, xT)
-    W0 = w0.reshape(G, cout_g, dg).double()
     wt = wT.reshape(G, cout_g, dg).double()
     C = A @ wt.transpose(1, 2) + C_res  # (G, dg, cout_g), as in LayerStats
     const = const + ((wt @ A) * wt).sum((1, 2)) + 2 * (wt * C_res.transpose(1, 2)).sum((1, 2))
+    return GroupSystems(A, C, const, rows)
 
-    def group_loss(W: torch.Tensor) -> torch.Tensor:  # (G,) unnormalised objective per group
-        quad = torch.einsum("god,gde,goe->g", W, A, W) - 2 * torch.einsum("god,gdo->g", W, C) + const
-        return quad.clamp_min(0)
 
-    X = ridge_solve(A, C, effective_ridge(opts, rows, dg), W0.transpose(1, 2))  # (G, dg, cout_g), one batched solve
-    W = X.transpose(1, 2)  # (G, cout_g, dg)
-    before, after = group_loss(W0), group_loss(W)
-    worse = after > before + _TOL * const.clamp_min(0)
+def groups_result(systems: GroupSystems, W: torch.Tensor, W0: torch.Tensor, shape: torch.Size) -> SolveResult:
+    """The result of the group solutions W (G, cout_g, dg), a group whose objective ends above its start
+    W0 keeping its start weights (all input channels kept)."""
+    before, after = systems.loss(W0), systems.loss(W)
+    worse = after > before + _TOL * systems.const.clamp_min(0)
     W = torch.where(worse[:, None, None], W0, W)
     after = torch.minimum(after, before)
-    norm = rows * w0.shape[0]
-    energy = float(const.clamp_min(0).sum())
+    norm = systems.rows * shape[0]
+    energy = float(systems.const.clamp_min(0).sum())
     loss_after = float(after.sum()) / norm
     rel = math.sqrt(float(after.sum()) / energy) if energy > 0 else 0.0
-    kept = torch.arange(w0.shape[1], device=w0.device)
+    kept = torch.arange(shape[1], device=W0.device)
     loss_before = float(before.sum()) / norm
-    return SolveResult(W.reshape(w0.shape).float(), kept, loss_before, loss_after, loss_before, rel, bool(worse.any()))
+    return SolveResult(W.reshape(shape).float(), kept, loss_before, loss_after, loss_before, rel, bool(worse.any()))
+
+
+def _solve_groups_batched(
+    layer: nn.Conv2d, problem: LayerProblem, hT: torch.Tensor | Batches, hS: torch.Tensor | Batches, opts: LstsqOptions
+) -> SolveResult:
+    """Every group of a grouped conv at once, all input channels kept: Grams (G, d_g, d_g), one batched solve.
+
+    A group whose solve ends above its start keeps its start weights.
+    """
+    systems = group_systems(layer, problem, hT, hS, opts.batch_size)
+    w0 = problem.w0
+    W0 = w0.reshape(layer.groups, -1, systems.A.shape[1]).double()
+    return groups_result(systems, systems.solve(W0, opts), W0, w0.shape)
 
 
 def adam_solve(

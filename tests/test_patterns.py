@@ -472,6 +472,28 @@ def test_conditioned_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_
     assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours", "ours-s")), errors
 
 
+# ridge_guard (opt-in): per layer the smallest ridge whose re-fit is no worse than the masked start on held-out
+# image halves. It meets the same bound except Ours on mobilenet_v3 with 4 images (1.116 vs L1 1.049, x1.064):
+# two images per half decide each layer there.
+_GUARD_CASES = [
+    ("efficientnet", 4),
+    pytest.param("mobilenet_v3", 4, marks=pytest.mark.xfail(reason="Ours at x1.064 of L1", strict=False)),
+    ("mobilenet_v3", 8),
+]
+
+
+@pytest.mark.parametrize(("arch", "n_fit"), _GUARD_CASES)
+def test_guarded_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_fit: int) -> None:
+    errors = _heldout_errors(arch, n_fit, ridge_guard=True)
+    assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours", "ours-s")), errors
+
+
+def test_guard_keeps_nc_and_ours_s_within_l1_with_four_images() -> None:
+    # the xfail case above, for the methods that do meet the bound there
+    errors = _heldout_errors("mobilenet_v3", 4, ridge_guard=True)
+    assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours-s")), errors
+
+
 def test_default_ridge_overfits_where_the_conditioned_one_does_not() -> None:
     # the failure the option exists for, so a future default that fixes it shows up here
     errors = _heldout_errors("mobilenet_v3", 8)
