@@ -29,7 +29,7 @@ import argparse
 import json
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ LEGACY_METHODS = ("nc", "ours", "ours-s", "l1")  # rows without settings that ar
 RECORDED = ("method", "mu", "alpha", "beta", "solver", "prune", "keep")  # CompressConfig fields every row has
 
 
-# CompressConfig fields read only when a target is given (crossdistill.target)
-BUDGET_ONLY = ("signal", "depth", "alloc_floor", "target_tolerance", "latency_batch")
+# CompressConfig fields read only when a target is given (crossdistill.target), marked in config.py
+BUDGET_ONLY = tuple(f.name for f in fields(CompressConfig) if f.metadata.get("budget_only"))
 
 
 def _json(x: Any) -> Any:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, append_jsonl, machine, read_jsonl
-from report import fill_readme
+from tables import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "tests" / "zoo.py"
@@ -236,9 +236,7 @@ def main_real(table_only: bool) -> None:
                 print(arch, method, row.get("error") or f"FLOPs x{row['flops_ratio']:.2f} reload {row['reload_equal']}")
     order = {a: i for i, a in enumerate(real_models.ROWS)}
     rows = sorted(read_jsonl(REAL_OUT), key=lambda r: (order.get(r["arch"], 99), METHODS.index(r["method"])))
-    REAL_TABLE.write_text(real_table(rows))
-    fill_readme({"coverage_real_table": real_table(rows)})  # README.md, between its coverage_real_table markers
-    print(REAL_TABLE.read_text())
+    publish(REAL_TABLE, real_table(rows), section="coverage_real_table")
 
 
 def table(rows: list[dict]) -> str:
@@ -289,8 +287,7 @@ def main() -> None:
     rows = read_jsonl(OUT)
     order = {a: i for i, a in enumerate(ARCHS)}
     rows.sort(key=lambda r: (order.get(r["arch"], 99), METHODS.index(r["method"])))
-    TABLE.write_text(table(rows))
-    print(TABLE.read_text())
+    publish(TABLE, table(rows))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ process before and after the compression (median of 3 each, one each for passes 
 mean); ``ratio`` = compression
 seconds / teacher_forward_s. ``*_cpu*``: the same in CPU seconds of the process (time.process_time),
 which a shared, loaded machine disturbs far less than wall time (one thread: OMP_NUM_THREADS=1).
+The one-time import of torch._dynamo by the first FlopCounterMode (``first_use_cpu_s``) happens before
+the timer (rows from before commit 804a4f3 include it in the compression time).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, append_jsonl, machine, read_jsonl, teacher_path
+from tables import fill_readme, write_md
 
 OUT = RESULTS / "scale.jsonl"
 
@@ -82,6 +85,13 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
 
     with torch.no_grad():
         teacher(images[:2])  # warm-up
+    # a one-time cost of the process, not of a compression: the first FlopCounterMode (count_flops) imports
+    # torch._dynamo, ~1.5 s CPU, as much as 8 teacher passes of ResNet-56 K=5; paid here and recorded
+    from crossdistill.measure import count_flops
+
+    c0 = time.process_time()
+    count_flops(teacher, images.shape[1:])
+    first_use_cpu = time.process_time() - c0
     before = forward_pass(1)
     repeats = 3 if before[1] < 1 else 1  # a pass of seconds or more (224x224 images) is timed once each side
     if repeats > 1:
@@ -108,7 +118,10 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         "cpu_seconds": round(cpu_seconds, 2),
         "teacher_forward_cpu_s": round(forward_cpu, 3),
         "ratio_cpu": round(cpu_seconds / forward_cpu, 1),
+        "first_use_cpu_s": round(first_use_cpu, 2),  # outside cpu_seconds (see above)
         "peak_memory_mb": round(report.peak_memory_mb or 0.0, 0),
+        # activations over this size (a stream's kept values, one layer's input over all images) went to disk
+        "spill_mb": report.config.get("spill_mb"),
         "params_ratio": round(report.params_after / report.params_before, 3),
         "flops_ratio": round(report.flops_after / report.flops_before, 3),
         "output_error_fit": round(report.output_error, 4),
@@ -122,10 +135,9 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
 
 
 def readme_table(out: Path = OUT) -> None:
-    """Write the rows of ``out`` into README.md between the scale_table markers: per cell the run with the
-    median CPU-time ratio (wall-time ratio for rows without one) and how many runs there were."""
-    import re
-
+    """Write the rows of ``out`` into README.md between the scale_table markers: per cell, among the runs of
+    the newest commit that ran it, the run with the median CPU-time ratio (wall-time ratio for rows without
+    one) and how many runs there were."""
     head = (
         "| model | definitions | N | method | capture | runs | compress s | teacher forward s | ratio (wall) "
         "| ratio (CPU) | peak RSS MB | params | FLOPs | output error | commit |"
@@ -136,6 +148,8 @@ def readme_table(out: Path = OUT) -> None:
         cells.setdefault(_key(r), []).append(r)
     order = lambda rs: (rs[0]["n"] > 100, _ORDER.get(rs[0]["model"], 9), rs[0]["method"], rs[0]["capture"])  # noqa: E731
     for runs in sorted(cells.values(), key=order):
+        latest = runs[-1].get("commit")  # the newest code that ran this cell; older rows stay in the file
+        runs = [r for r in runs if r.get("commit") == latest]
         r = sorted(runs, key=lambda r: r.get("ratio_cpu", r["ratio"]))[len(runs) // 2]
         lines.append(
             f"| {r['model']} | {r.get('definitions', 're-definition')} | {r['n']} | {r['method']} | {r['capture']} "
@@ -143,10 +157,29 @@ def readme_table(out: Path = OUT) -> None:
             f"| {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} | {r['output_error_fit']} "
             f"| {r.get('commit', '')} |"
         )
-    readme = RESULTS.parent.parent / "README.md"
-    text = readme.read_text()
-    block = "<!-- BEGIN scale_table -->\n" + "\n".join(lines) + "\n<!-- END scale_table -->"
-    readme.write_text(re.sub(r"<!-- BEGIN scale_table -->.*<!-- END scale_table -->", block, text, flags=re.S))
+    fill_readme({"scale_table": "\n".join(lines)})
+
+
+def write_summary(out: Path, md: Path) -> None:
+    """Median CPU-time ratio per (model, N, method, capture, commit) of the rows of ``out``, as a table."""
+    cells: dict[tuple, list[float]] = {}
+    for r in read_jsonl(out):
+        cells.setdefault((*_key(r)[:5], r.get("commit", "")), []).append(r.get("ratio_cpu", r["ratio"]))
+    lines = [
+        f"# Compression cost in teacher forward passes ({out.name})",
+        "",
+        "CPU-time ratio of one compression to one teacher forward pass over the same images, one thread, "
+        "each run a fresh process, the commits interleaved (benchmarks/bench_scale.py --base). "
+        "Shared, loaded 2-core machine.",
+        "",
+        "| model | N | method | capture | commit | runs | ratio (CPU), median | all runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, _defs, n, method, capture, commit), ratios in cells.items():
+        med = sorted(ratios)[len(ratios) // 2]
+        lines.append(f"| {model} | {n} | {method} | {capture} | {commit} | {len(ratios)} | {med} | {ratios} |")
+    write_md(md, "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 _ORDER = {"resnet56": 0, "resnet18": 1, "resnet50": 2, "mobilenet_v2": 3, "efficientnet_b0": 4}
@@ -185,9 +218,22 @@ def main() -> None:
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
     ap.add_argument("--readme", action="store_true", help="only write the results table into README.md")
     ap.add_argument("--again", action="store_true", help="run rows already in the results file once more")
+    ap.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="before/after: a snapshot of another commit (git archive C | tar -x -C DIR); every cell runs with "
+        "its crossdistill, then with this one (same child code, interleaved)",
+    )
+    ap.add_argument("--captures", nargs="+", default=["one-pass", "per-layer", "none"], help="cells of these captures")
+    ap.add_argument("--base-commit", default="base", help="the commit of --base, recorded in its rows")
+    ap.add_argument("--summary", type=Path, default=None, help="only write the median ratios of --out to this .md")
     args = ap.parse_args()
     if args.readme:
         readme_table(args.out)
+        return
+    if args.summary:
+        write_summary(args.out, args.summary)
         return
     if args.child:
         model, n, method, capture = args.child
@@ -198,22 +244,27 @@ def main() -> None:
 
     done = {_key(r) for r in read_jsonl(args.out)}
     for model, n, method, capture in _cells(args.models, args.n, args.methods):
+        if capture not in args.captures:
+            continue
         definitions = "crossdistill.models" if model == "resnet56" else SOURCE
         if (model, definitions, n, method, capture, args.device) in done and not args.again:
             continue
         cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds)
-        except subprocess.TimeoutExpired:
-            print(f"{model} {n} {method} {capture}: left out, longer than {args.max_seconds:.0f} s", flush=True)
-            continue
-        if proc.returncode != 0:
-            print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        append_jsonl(args.out, row)
-        keys = ("model", "n", "method", "capture", "seconds", "ratio", "ratio_cpu")
-        print(json.dumps({k: row[k] for k in keys}), flush=True)
+        codes = [None] if args.base is None else [args.base, None]
+        for code in codes:
+            env = None if code is None else {**os.environ, "PYTHONPATH": str(code), "BENCH_COMMIT": args.base_commit}
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds, env=env)
+            except subprocess.TimeoutExpired:
+                print(f"{model} {n} {method} {capture}: left out, longer than {args.max_seconds:.0f} s", flush=True)
+                continue
+            if proc.returncode != 0:
+                print(f"{model} {n} {method} {capture}: failed\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            append_jsonl(args.out, row)
+            keys = ("model", "n", "method", "capture", "seconds", "ratio", "ratio_cpu", "commit")
+            print(json.dumps({k: row[k] for k in keys}), flush=True)
 
 
 if __name__ == "__main__":

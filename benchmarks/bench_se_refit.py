@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, machine
+from tables import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "tests" / "zoo.py"
@@ -78,8 +79,7 @@ def main() -> None:
             f"| {r['arch']} | {r['method']} | {r['variant']} | x{r['flops_ratio']:.2f} | "
             f"{r['fit_output_error']:.4f} | {r['heldout_output_error']:.4f} |"
         )
-    TABLE.write_text("\n".join(lines) + "\n")
-    print(TABLE.read_text())
+    publish(TABLE, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

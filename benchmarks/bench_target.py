@@ -1,30 +1,37 @@
-"""Compress to a FLOPs target: uniform vs allocated vs Torch-Pruning's global pruning (resumable JSONL).
+"""Compress to a FLOPs or latency target: uniform vs allocated vs Torch-Pruning's global pruning (resumable JSONL).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_target.py --models resnet56 --targets 0.5 --ks 1 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_target.py --models resnet56 --targets 0.5 latency:0.5 --ks 1
 
-Per (model, FLOPs target, K, seed), every variant sees the same few-shot draw:
+A target is ``0.5`` (FLOPs, the default kind) or ``latency:0.5``. Per (model, target, K, seed), every
+variant sees the same few-shot draw:
 
 - ``uniform``: one keep ratio for every pruned layer, the one (on a 1/256 grid)
-  whose FLOPs come nearest the target;
+  whose FLOPs (latency target: latency-table ms) come nearest the target;
 - ``alloc-<signal>``: per-layer keeps from :func:`crossdistill.target.plan_target` with that
   sensitivity signal: ``alloc-recon-cv`` is the library default (cross-fitted, ``alloc_floor`` 0.4,
   chosen on validation images by ``select_signal.py``); ``alloc-recon`` / ``alloc-penultimate`` keep
   the floor of their first cells (0.1, the curves' lowest point) so old and new cells compare;
 - ``blocks`` / ``mixed``: residual blocks dropped (alone / with channels),
-  :mod:`crossdistill.blockdrop` (models with residual blocks only);
+  :mod:`crossdistill.blockdrop` (models with residual blocks only); ``mixed`` is the library's
+  mixed mode (cross-fitted ranking, default signal); ``mixed-insample`` rows are the earlier mode
+  (in-sample penultimate ranking, which never dropped a block);
 - ``tp-magnitude`` / ``tp-taylor``: Torch-Pruning's MetaPruner with
   ``global_pruning=True`` over the same coupled groups our plan narrows
   (every other layer in ``ignored_layers``), importance L2 magnitude or
   Taylor (gradients of the cross-entropy against the teacher's own
   predictions on the few images: label-free); its pruning ratio bisected to
-  the FLOPs target. Without re-fit (``refit=none``: channels removed, weights
+  the FLOPs target (latency: the latency table). Without re-fit (``refit=none``: channels removed, weights
   as they are) and with our re-fit of exactly its kept channels;
 - ``tp-magnitude-counts``: Torch-Pruning's per-layer counts, our channel
   selection and re-fit (separates its allocation from its channel choice).
 
 Each allocation is re-fitted with ``nc`` and ``ours-s``. Accuracy on the full
-test split (or ``--test-limit``). Then ``python benchmarks/bench_target.py --table``
-writes the markdown table next to the JSONL.
+test split (or ``--test-limit``). Latency: student and teacher timed alternately at batch
+``LATENCY_BATCH`` (one thread), once per architecture; latency targets record the median of 3
+alternately timed ratios and half their spread (``latency_noise``), and the FLOPs reached. The
+allocations of a latency target run on this device's latency table, calibrated by the library
+against end-to-end timing (``plan_target``); uniform and TP bisect on the table alone.
+Then ``python benchmarks/bench_target.py --table`` writes the markdown table next to the JSONL.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from tables import header, mean_std, publish
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
@@ -47,11 +55,11 @@ from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
 from crossdistill.errors import UserError
 from crossdistill.evaluate import count_flops
-from crossdistill.files import atomic_write
+from crossdistill.latency import latency_measure
 from crossdistill.measure import measure_latency_pair
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
-from crossdistill.target import plan_target, pruned_plan
+from crossdistill.target import plan_target, pruned_plan, timed_ratio
 from crossdistill.train import accuracy
 
 VARIANTS = [
@@ -67,16 +75,16 @@ def flops_fraction(model: nn.Module, shape, base: float) -> float:
     return count_flops(model, shape) / base
 
 
-def uniform_keep(teacher, example, plan, fraction: float) -> float:
-    """The keep ratio on a 1/256 grid whose uniformly pruned model's FLOPs come nearest ``fraction``."""
-    base = count_flops(teacher, example.shape[1:])
+def uniform_keep(teacher, example, plan, fraction: float, measure) -> float:
+    """The keep ratio on a 1/256 grid whose uniformly pruned model's ``measure`` comes nearest ``fraction``."""
+    base = measure(teacher)
     best = (float("inf"), 1.0)
     lo, hi = 1, 256  # FLOPs grow with keep: bisection, then the nearer neighbour
     while lo < hi:
         mid = (lo + hi) // 2
         counts = {p.name: keep_count(len(p.channels or range(teacher.get_submodule(p.name).weight.shape[1])),
                                      mid / 256) for p in plan}  # fmt: skip
-        r = count_flops(prune_to_counts(teacher, example, plan, counts), example.shape[1:]) / base
+        r = measure(prune_to_counts(teacher, example, plan, counts)) / base
         best = min(best, (abs(r - fraction), mid / 256))
         if r < fraction:
             lo = mid + 1
@@ -115,16 +123,18 @@ def tp_channels(teacher, images, plan, importance: str, ratio: float) -> dict[st
     }
 
 
-def tp_allocation(teacher, images, plan, importance: str, fraction: float) -> dict[str, list[int]]:
-    """Bisection on Torch-Pruning's global ratio until the FLOPs come within 1 % of ``fraction``."""
+def tp_allocation(teacher, images, plan, importance: str, target: tuple) -> dict[str, list[int]]:
+    """Bisection on Torch-Pruning's global ratio until ``measure`` comes within 1 % of ``fraction``;
+    ``target`` = (fraction, measure)."""
     example = images[:1]
-    base = count_flops(teacher, example.shape[1:])
+    fraction, measure = target
+    base = measure(teacher)
     lo, hi, best = 0.0, 0.95, None
     for _ in range(20):
         ratio = (lo + hi) / 2
         kept = tp_channels(teacher, images, plan, importance, ratio)
         counts = {p.name: _n_prunable_kept(teacher, p, kept[p.name]) for p in plan}
-        r = count_flops(prune_to_counts(teacher, example, plan, counts), example.shape[1:]) / base
+        r = measure(prune_to_counts(teacher, example, plan, counts)) / base
         if best is None or abs(r - fraction) < best[0]:
             best = (abs(r - fraction), kept)
         if abs(r - fraction) <= 0.01 * fraction:
@@ -155,10 +165,32 @@ def overrides_for(teacher, plan, kept: dict[str, list[int]]) -> dict[str, float]
     return out
 
 
+def parse_target_arg(text: str) -> tuple[str, float]:
+    """``0.5`` -> ("flops", 0.5); ``latency:0.5`` -> ("latency", 0.5)."""
+    kind, _, value = text.rpartition(":")
+    return kind or "flops", float(value)
+
+
+def target_measure(kind: str, shape):
+    """model -> the target's quantity: FLOPs, or this device's latency-table ms at ``LATENCY_BATCH``."""
+    if kind == "flops":
+        return lambda m: float(count_flops(m, shape))
+    return latency_measure(shape, LATENCY_BATCH)
+
+
+def time_student(teacher, student, shape, kind: str) -> dict:
+    """Student / teacher latency timed alternately: once (FLOPs cells), or 3 rounds with the noise (latency)."""
+    if kind == "latency":
+        ratio, noise = timed_ratio(teacher, student, shape, LATENCY_BATCH)
+        return {"latency_ratio": ratio, "latency_noise": noise, "latency_batch": LATENCY_BATCH}
+    t, s = measure_latency_pair(teacher, student, shape, LATENCY_BATCH, 2, 7)
+    return {"latency_ratio": s / t, "latency_batch": LATENCY_BATCH}
+
+
 def run_cells(args) -> None:
     out = Path(args.out)
-    keys = ("model", "target", "k", "seed", "variant", "refit")
-    done = {tuple(r[k] for k in keys) for r in read_jsonl(out)}
+    keys = ("model", "target_kind", "target", "k", "seed", "variant", "refit")
+    done = {tuple(r.get(k, "flops") for k in keys) for r in read_jsonl(out)}  # rows before latency: flops
     info = dataset_info(args.dataset)
     test = load_dataset(info.name, "test")
     if args.test_limit:
@@ -167,17 +199,18 @@ def run_cells(args) -> None:
     for model_name in args.models:
         teacher, meta = load_checkpoint(teacher_path(model_name, info.name))
         teacher.eval()
-        for fraction in args.targets:
+        for kind, fraction in map(parse_target_arg, args.targets):
             for k in args.ks:
                 for seed in args.seeds:
                     images, _ = load_few_shot(info.name, k, seed)
                     example = images[:1]
                     shape = example.shape[1:]
                     base = count_flops(teacher, shape)
+                    measure = target_measure(kind, shape)
                     for variant in args.variants:
                         tp_own = variant in ("tp-magnitude", "tp-taylor")  # its own channels: also without re-fit
                         refits = ["none", *args.refits] if tp_own else args.refits
-                        todo = [r for r in refits if (model_name, fraction, k, seed, variant, r) not in done]
+                        todo = [r for r in refits if (model_name, kind, fraction, k, seed, variant, r) not in done]
                         if not todo:
                             continue
                         t0 = time.perf_counter()
@@ -187,18 +220,19 @@ def run_cells(args) -> None:
                         kept_channels: dict[str, list[int]] = {}
                         dropped: list[str] = []
                         if variant == "uniform":
-                            keep = uniform_keep(teacher, example, plan, fraction)
+                            keep = uniform_keep(teacher, example, plan, fraction, measure)
                             overrides = {p.name: keep for p in plan}
                             extra["keep"] = keep
                         elif variant.startswith("alloc-"):
                             cfg = copy.deepcopy(base_cfg)
-                            cfg.target = {"flops": fraction}
+                            cfg.target, cfg.latency_batch = {kind: fraction}, LATENCY_BATCH
                             cfg.signal = variant.removeprefix("alloc-")
                             if cfg.signal in ("recon", "penultimate"):
                                 cfg.alloc_floor = 0.1
                             alloc = plan_target(teacher, images, cfg)
                             overrides = alloc.keep_overrides
                             extra["kept_fraction"] = alloc.kept_fraction
+                            extra["timing"] = alloc.timing
                         elif variant in ("blocks", "mixed"):  # compress() drops the blocks itself
                             try:
                                 from crossdistill.blockdrop import residual_blocks
@@ -210,7 +244,7 @@ def run_cells(args) -> None:
                             overrides = {}
                         else:  # tp-*: Torch-Pruning's channels; tp-*-counts: its per-layer counts, our channels
                             importance = variant.removeprefix("tp-").removesuffix("-counts")
-                            kept_channels = tp_allocation(teacher, images, plan, importance, fraction)
+                            kept_channels = tp_allocation(teacher, images, plan, importance, (fraction, measure))
                             overrides = overrides_for(teacher, plan, kept_channels)
                             extra["kept_fraction"] = {
                                 p.name: _n_prunable_kept(teacher, p, kept_channels[p.name])
@@ -227,7 +261,8 @@ def run_cells(args) -> None:
                                 cfg = copy.deepcopy(base_cfg)
                                 cfg.method = refit
                                 if variant in ("blocks", "mixed"):
-                                    cfg.target, cfg.depth = {"flops": fraction}, variant
+                                    cfg.target, cfg.depth = {kind: fraction}, variant
+                                    cfg.latency_batch = LATENCY_BATCH
                                 else:
                                     cfg.keep_overrides = overrides
                                     if tp_own:
@@ -236,14 +271,15 @@ def run_cells(args) -> None:
                                 if report.allocation is not None:
                                     dropped = report.allocation["dropped_blocks"]
                                     extra["kept_fraction"] = report.allocation["kept_fraction"]
+                                    if report.allocation.get("timing"):
+                                        extra["timing"] = report.allocation["timing"]
                             seconds = time.perf_counter() - t1 + alloc_seconds
                             acc = accuracy(student, test.images, test.labels, info)
-                            if not latency and refit != "none":
-                                t, s = measure_latency_pair(teacher, student, shape, LATENCY_BATCH, 2, 7)
-                                latency = {"latency_ratio": s / t, "latency_batch": LATENCY_BATCH}
+                            if not latency and (refit != "none" or kind == "latency"):
+                                latency = time_student(teacher, student, shape, kind)
                             row = {
-                                "model": model_name, "dataset": info.name, "target": fraction, "k": k,
-                                "seed": seed, "variant": variant, "refit": refit, "accuracy": acc,
+                                "model": model_name, "dataset": info.name, "target_kind": kind, "target": fraction,
+                                "k": k, "seed": seed, "variant": variant, "refit": refit, "accuracy": acc,
                                 "flops_fraction": flops_fraction(student, shape, base),
                                 "params": sum(p.numel() for p in student.parameters()),
                                 "teacher_accuracy": meta["test_accuracy"], "dropped_blocks": dropped,
@@ -252,30 +288,44 @@ def run_cells(args) -> None:
                             }  # fmt: skip
                             append_jsonl(out, row)
                             msg = f"acc {acc:.4f} flops {row['flops_fraction']:.3f} ({seconds:.0f} s)"
-                            print(f"{model_name} {fraction} K={k} seed={seed} {variant} {refit} {msg}", flush=True)
+                            if kind == "latency":
+                                msg += f" latency {row['latency_ratio']:.3f} ± {row['latency_noise']:.3f}"
+                            cell = f"{model_name} {kind} {fraction} K={k} seed={seed} {variant} {refit}"
+                            print(f"{cell} {msg}", flush=True)
+
+
+def _paired(g: list[dict], other: list[dict]) -> str:
+    """Mean paired difference (points) of ``g`` to ``other`` on the seeds both have, and how many."""
+    by_seed = {r["seed"]: r["accuracy"] * 100 for r in other}
+    diffs = [r["accuracy"] * 100 - by_seed[r["seed"]] for r in g if r["seed"] in by_seed]
+    return f"{statistics.mean(diffs):+.2f} ({len(diffs)})" if diffs else "-"
 
 
 def table(out: Path) -> str:
     rows = read_jsonl(out)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["target"], r["k"], r["variant"], r["refit"]), []).append(r)
-    lines = [
-        "| model | FLOPs target | K | variant | re-fit | accuracy (mean ± std) | seeds | Δ vs uniform (paired) "
-        "| FLOPs achieved |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        key = (r["model"], r.get("target_kind", "flops"), r["target"], r["k"], r["variant"], r["refit"])
+        groups.setdefault(key, []).append(r)
+    lines = header(
+        "model", "target", "K", "variant", "re-fit", "accuracy (mean ± std)", "seeds", "Δ vs uniform (paired)",
+        "Δ vs tp-magnitude (paired)", "FLOPs achieved", "latency achieved (timed, ± noise)",
+    )  # fmt: skip
     for key in sorted(groups):
         g = groups[key]
+        model, kind, target, k, variant, refit = key
         accs = [r["accuracy"] * 100 for r in g]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         fl = statistics.mean(r["flops_fraction"] for r in g)
-        # same seeds, same re-fit: uniform's accuracy per seed
-        uni = {r["seed"]: r["accuracy"] * 100 for r in groups.get((*key[:3], "uniform", key[4]), [])}
-        diffs = [r["accuracy"] * 100 - uni[r["seed"]] for r in g if r["seed"] in uni]
-        delta = f"{statistics.mean(diffs):+.2f} ({len(diffs)})" if diffs and key[3] != "uniform" else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.mean(accs):.2f} ± "
-                     f"{std:.2f} | {len(g)} | {delta} | {fl:.3f} |")  # fmt: skip
+        # same seeds, same re-fit
+        uni = _paired(g, groups.get((*key[:4], "uniform", refit), [])) if variant != "uniform" else "-"
+        tpm = _paired(g, groups.get((*key[:4], "tp-magnitude", refit), [])) if variant != "tp-magnitude" else "-"
+        timed = [r["latency_ratio"] for r in g if "latency_ratio" in r]
+        noise = [r["latency_noise"] for r in g if "latency_noise" in r]
+        lat = f"{statistics.mean(timed):.3f}" if timed else "-"
+        lat += f" ± {statistics.mean(noise):.3f}" if noise else ""
+        acc = mean_std(accs, scale=1.0, std_of_one=True)
+        cells = [model, f"{kind} {target}", k, variant, refit, acc, len(g), uni, tpm, f"{fl:.3f}", lat]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +333,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--models", nargs="+", default=["resnet56"])
-    ap.add_argument("--targets", nargs="+", type=float, default=[0.5])
+    ap.add_argument("--targets", nargs="+", default=["0.5"], help="0.5 (FLOPs) or latency:0.5")
     ap.add_argument("--ks", nargs="+", type=int, default=[1])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
@@ -293,13 +343,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only write the markdown table of --out")
     args = ap.parse_args()
     if args.table:
-        md = Path(args.out).with_suffix(".md")
-        text = "# Compress to a FLOPs target (bench_target.py)\n\n" + table(Path(args.out))
-        atomic_write(md, lambda tmp: Path(tmp).write_text(text))
-        from report import fill_readme
-
-        fill_readme({"target_table": table(Path(args.out))})  # README.md, between its target_table markers
-        print(text)
+        first = "# Compress to a FLOPs or latency target (bench_target.py)\n\n"
+        publish(Path(args.out).with_suffix(".md"), table(Path(args.out)), first, section="target_table")
         return
     run_cells(args)
 

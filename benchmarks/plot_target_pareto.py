@@ -6,7 +6,9 @@ Latency: each student's architecture is rebuilt from its row (uniform keep, kept
 dropped blocks) on the seed-0 draw and timed alternately with the teacher (student / teacher, batch
 ``--batch``), once per (model, target, K, variant): every re-fit of an allocation has the same shape.
 The timings go to ``target_latency_fashion-mnist.jsonl`` (resumable); the machine is shared and loaded,
-so the ratios carry a few percent of noise. Points: mean accuracy over seeds, per re-fit.
+so the ratios carry a few percent of noise. Rows of bench_target.py that carry their own timed ratio
+(``latency_ratio``: every newer row, each latency-target row) use it (mean over seeds) instead.
+Points: mean accuracy over seeds at K=1, per re-fit; hollow markers: latency-target cells.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from crossdistill.plan import keep_count
 from crossdistill.target import pruned_plan
 
 KEYS = ("model", "target", "k", "variant")
-FAMILY = {"uniform": "uniform", "blocks": "block drop", "mixed": "mixed"}  # others: alloc-* / tp-*
+FAMILY = {"uniform": "uniform", "blocks": "block drop", "mixed": "mixed", "mixed-insample": "mixed (old, in-sample)"}
 
 
 def family(variant: str) -> str:
@@ -54,7 +56,7 @@ def time_students(rows: list[dict], out: Path, batch: int) -> None:
     teachers: dict = {}
     for row in rows:
         key = tuple(row[k] for k in KEYS)
-        if key in done or row["seed"] != 0 or row["refit"] == "none":
+        if key in done or row["seed"] != 0 or row["refit"] == "none" or "latency_ratio" in row:
             continue
         if row["model"] not in teachers:
             teachers[row["model"]] = load_checkpoint(teacher_path(row["model"], row["dataset"]))[0].eval()
@@ -78,12 +80,13 @@ def plot(rows: list[dict], latency: list[dict], path: Path) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["refit"] != "none" and r["k"] == 1:
-            groups.setdefault((r["model"], r["target"], r["k"], r["variant"], r["refit"]), []).append(r)
+            kind = r.get("target_kind", "flops")
+            groups.setdefault((r["model"], kind, r["target"], r["k"], r["variant"], r["refit"]), []).append(r)
     models = sorted({g[0] for g in groups})
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
     colours: dict[str, str] = {}
     for i, model in enumerate(models):
-        for (m, target, k, variant, refit), g in sorted(groups.items()):
+        for (m, kind, target, k, variant, refit), g in sorted(groups.items()):
             if m != model:
                 continue
             fam = family(variant)
@@ -91,8 +94,14 @@ def plot(rows: list[dict], latency: list[dict], path: Path) -> None:
             acc = statistics.mean(r["accuracy"] * 100 for r in g)
             flops = statistics.mean(r["flops_fraction"] for r in g)
             style = {"color": colour, "marker": "o" if refit == "nc" else "^", "alpha": 0.85}
+            if kind == "latency":
+                style = {**style, "facecolors": "none", "edgecolors": colour}
+                del style["color"]
             axes[i][0].scatter(flops, acc, **style)
-            if (m, target, k, variant) in lat:
+            timed = [r["latency_ratio"] for r in g if "latency_ratio" in r]
+            if timed:
+                axes[i][1].scatter(statistics.mean(timed), acc, **style)
+            elif (m, target, k, variant) in lat:
                 axes[i][1].scatter(lat[(m, target, k, variant)], acc, **style)
         for j, xlabel in enumerate(("FLOPs / teacher's", "measured latency / teacher's (CPU, 1 thread)")):
             axes[i][j].set_xlabel(xlabel)

@@ -7,6 +7,11 @@ on some of those networks with: the default, ``ridge_conditioned=True``, ``ridge
 preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 
     PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py tv_mobilenet_v3_small,tv_regnet_x_400mf,tv_resnet50
+
+With ``guard`` (``results/ridge_guard_real.jsonl``; ``table guard`` writes its .md) it runs L1 and each
+method at the default and with ``ridge_guard``, interleaved in one run so their times compare.
+With a second argument ``rule`` it runs the #13 ridge rules instead (L1 without re-fit; NC, Ours, Ours-S
+at the default, ``ridge_per_unknown=1`` and ``ridge_cv``; NC at ridge 0.1) into ``results/ridge_rule_real.jsonl``.
 """
 
 from __future__ import annotations
@@ -34,10 +39,62 @@ VARIANTS = [
     ("ours", {"ridge": "auto", "holdout": 0.2}),
 ]
 OUT = Path(__file__).parent / "results" / "nc_ridge_real.jsonl"
+RULE_VARIANTS = (
+    [("l1", {})]
+    + [(m, kw) for kw in ({}, {"ridge_per_unknown": 1.0}, {"ridge_cv": True}) for m in ("nc", "ours", "ours-s")]
+    + [("nc", {"ridge": 0.1})]
+)
+RULE_OUT = Path(__file__).parent / "results" / "ridge_rule_real.jsonl"
+# ``guard``: L1, then each method at the default and with ridge_guard, interleaved (same run: timings compare)
+GUARD_VARIANTS = [("l1", {})] + [(m, kw) for m in ("nc", "ours", "ours-s") for kw in ({}, {"ridge_guard": True})]
+GUARD_OUT = Path(__file__).parent / "results" / "ridge_guard_real.jsonl"
+
+
+def _label(rec: dict) -> str:
+    extra = {k: v for k, v in rec.items() if k in ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout")}
+    return rec["method"] + (" " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+
+
+def table(src: Path = RULE_OUT) -> None:
+    """``<src>.md``: held-out output error per network (columns) and variant (rows), L1 first."""
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    held = {(r["arch"], _label(r)): r["held"] for r in rows}
+    lines = [
+        "# Held-out output error on real torchvision networks (`benchmarks/probe_nc_ridge.py <nets> "
+        + ("guard`)" if src == GUARD_OUT else "rule`)"),
+        "",
+        "Random init, keep 0.5, 50 fitted / 25 held-out N(0,1) images at 64x64, one thread, shared 2-core "
+        "machine. ||F^S - F^T|| / ||F^T|| on the held-out images; **bold**: above L1 x 1.05. Raw: "
+        f"`{src.name}`.",
+        "",
+        "| variant | " + " | ".join(a.removeprefix("tv_") for a in archs) + " |",
+        "|---|" + "---|" * len(archs),
+    ]
+    for lab in labels:
+        cells = []
+        for a in archs:
+            v, l1 = held.get((a, lab)), held.get((a, "l1"))
+            text = "" if v is None else f"{v:.3g}"
+            cells.append(f"**{text}**" if v is not None and l1 is not None and v > 1.05 * l1 else text)
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    if src == GUARD_OUT:  # same run: each method's time with the guard over its time without
+        secs = {(r["arch"], _label(r)): r["seconds"] for r in rows}
+        lines += ["", "Time with ridge_guard / without (same run, interleaved):", ""]
+        for a in archs:
+            pairs = [(m, (a, m), (a, m + " ridge_guard=True")) for m in ("nc", "ours", "ours-s")]
+            ratios = [f"{m} x{secs[g] / max(secs[d], 1e-9):.2f}" for m, d, g in pairs if d in secs and g in secs]
+            lines.append(f"- {a.removeprefix('tv_')}: " + ", ".join(ratios))
+    src.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if sys.argv[1] == "table":
+        return table(GUARD_OUT if mode == "guard" else RULE_OUT)
     torch.set_num_threads(1)
+    variants, out = {"rule": (RULE_VARIANTS, RULE_OUT), "guard": (GUARD_VARIANTS, GUARD_OUT)}.get(mode, (VARIANTS, OUT))
     for row in sys.argv[1].split(","):
         teacher, size, source, _ = bc.build_real(row)
         gen = torch.Generator().manual_seed(1)
@@ -45,7 +102,7 @@ def main() -> None:
         held = torch.randn(bc.REAL_HELD, 3, size, size, generator=gen)
         recalibrate_bn(teacher, torch.cat([fit, held]))
         teacher.eval()
-        for method, kw in VARIANTS:
+        for method, kw in variants:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -54,7 +111,7 @@ def main() -> None:
                    "fit": bc.rel_err(student, teacher, fit), "held": bc.rel_err(student, teacher, held),
                    "seconds": round(time.perf_counter() - t0, 1), "machine": bc.machine()}  # fmt: skip
             print(json.dumps(rec), flush=True)
-            with OUT.open("a") as f:
+            with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
 
 

@@ -31,13 +31,13 @@ from pathlib import Path
 
 from bench_target import overrides_for, tp_allocation, uniform_keep
 from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from tables import header, publish
 
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.config import SIGNALS
 from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
 from crossdistill.evaluate import accuracy, count_flops
-from crossdistill.files import atomic_write
 from crossdistill.target import plan_target, pruned_plan
 
 VARIANTS = ["uniform", *(f"alloc-{s}" for s in SIGNALS), "tp-magnitude", "tp-magnitude-counts"]
@@ -116,8 +116,7 @@ def summary(out: Path) -> str:
             r["val_accuracy"] * 100
         )
     lines = [
-        "| model | FLOPs | K | variant | re-fit | val accuracy | seeds | Δ vs uniform (paired) |",
-        "|---" * 8 + "|",
+        *header("model", "FLOPs", "K", "variant", "re-fit", "val accuracy", "seeds", "Δ vs uniform (paired)"),
     ]
     for key in sorted(groups, key=lambda g: (g[0], g[1], g[2], g[4], -statistics.mean(groups[g].values()))):
         accs = groups[key]
@@ -142,10 +141,8 @@ def main() -> None:
     ap.add_argument("--summary", action="store_true", help="only print the summary table of --out")
     args = ap.parse_args()
     if args.summary:  # printed and written next to the JSONL
-        text = "# Allocation signal on validation images (select_signal.py)\n\n" + summary(Path(args.out))
-        md = Path(args.out).with_suffix(".md")
-        atomic_write(md, lambda tmp: Path(tmp).write_text(text))
-        print(text)
+        first = "# Allocation signal on validation images (select_signal.py)\n\n"
+        publish(Path(args.out).with_suffix(".md"), summary(Path(args.out)), first)
         return
     run_cells(args)
 

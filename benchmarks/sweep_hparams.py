@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from tables import write_md
 
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig
@@ -173,7 +174,7 @@ def summarize(out: Path, md: Path) -> None:
                         best[family] = (mean(c[s]), f"{name} steps={s}")
             lines.append("")
         lines += ["Best per family: " + "; ".join(f"**{n}** ({m:.2f})" for m, n in best.values()), ""]
-    md.write_text("\n".join(lines) + "\n")
+    write_md(md, "\n".join(lines) + "\n")
     print(f"wrote {md}")
 
 

@@ -13,6 +13,8 @@ import os
 import torch
 from torch import nn
 
+from crossdistill.torchvision_style import make_divisible
+
 # --------------------------------------------------------------------------- ResNet
 
 
@@ -107,11 +109,6 @@ def resnet50(num_classes: int = 1000) -> ResNet:
 # --------------------------------------------------------------------------- MobileNetV2
 
 
-def _make_divisible(v: float, divisor: int = 8) -> int:
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
-
-
 class ConvBNAct(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1, act=nn.ReLU6):
         layers = [nn.Conv2d(c_in, c_out, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
@@ -146,7 +143,7 @@ class MBConv(nn.Module):
     def __init__(self, expand: int, k: int, stride: int, c_in: int, c_out: int):
         super().__init__()
         self.use_res_connect = stride == 1 and c_in == c_out
-        hidden = _make_divisible(c_in * expand)
+        hidden = make_divisible(c_in * expand)
         layers: list[nn.Module] = []
         if hidden != c_in:
             layers.append(ConvBNAct(c_in, hidden, 1, act=nn.SiLU))

@@ -7,12 +7,17 @@ input of layer l costs only the layers before it.
 
 from __future__ import annotations
 
+import bisect
 import operator
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from .spill import Batches, nbytes
 
 __all__ = [
     "record_inputs",
@@ -21,9 +26,48 @@ __all__ = [
     "capture_outputs",
     "layer_outputs",
     "forward_order",
+    "eval_mode",
+    "removing",
+    "buffers_kept",
     "GraphStream",
     "GraphUnsupported",
 ]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block (BN must not update its statistics while measured or
+    captured), its own mode restored after, however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def removing(handles: list) -> Iterator[list]:
+    """Remove the hook ``handles`` when the block ends, however it ends (a hook left behind would fire in
+    every later forward). Handles appended to the list inside the block are removed too."""
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore ``model``'s buffers on exit: a forward pass in train mode moves BN running statistics, and a
+    teacher captured that way (bn_mode='train') must still be the teacher as given afterwards."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 class _Stop(Exception):
@@ -44,13 +88,10 @@ def record_inputs(model: nn.Module, names: list[str], stop_after: str | None = N
 
         return hook
 
-    try:
+    with removing(handles):
         for n in names:
             handles.append(model.get_submodule(n).register_forward_pre_hook(make_hook(n)))
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -94,18 +135,12 @@ def capture_outputs(
 
         return hook
 
-    handles = []
-    was_training = model.training
-    model.eval()
-    try:
+    handles: list = []
+    with eval_mode(model), removing(handles):
         for n in names:
             handles.append(model.get_submodule(n).register_forward_hook(make_hook(n)))
         for i in range(0, len(images), batch_size):
             model(images[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return {n: torch.cat(v) for n, v in store.items()}
 
 
@@ -122,14 +157,11 @@ def layer_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[s
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    with removing([model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]):
+        try:
+            model(x)
+        except _Stop:
+            pass
     return store
 
 
@@ -137,13 +169,9 @@ def forward_order(model: nn.Module, example: torch.Tensor, types=(nn.Conv2d, nn.
     """Names of the modules of ``types`` in the order the forward pass calls them (each once)."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, types)}
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, _inp: order.append(names[mod])) for m in names]
-    try:
+    with removing([m.register_forward_pre_hook(lambda mod, _inp: order.append(names[mod])) for m in names]):
         with torch.no_grad():
             model(example)
-    finally:
-        for h in handles:
-            h.remove()
     seen: set[str] = set()
     return [n for n in order if not (n in seen or seen.add(n))]
 
@@ -190,6 +218,14 @@ class GraphStream:
     kept value would change it for a later step: such a value is copied
     before the operation; a graph that reads a value again after an in-place
     op changed it is not supported (``GraphUnsupported``; use per-layer capture).
+
+    Memory (``spill_mb``, None: no limit): once the kept values of all batches
+    exceed it, each batch's kept tensors live in a file of a temporary
+    directory between steps (read before the batch runs, written after); a
+    layer input over all images larger than it comes back as a
+    :class:`crossdistill.spill.Batches` on disk instead of one tensor. Peak
+    memory is then a few batches' values, whatever the number of images;
+    float32 as computed, so the results are the same.
     """
 
     def __init__(
@@ -199,6 +235,7 @@ class GraphStream:
         changed: list[list[str]],
         images: torch.Tensor,
         batch_size: int = 256,
+        spill_mb: float | None = None,
     ):
         import torch.fx as fx
 
@@ -239,6 +276,8 @@ class GraphStream:
         self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         self.env: list[dict] = [{} for _ in self.batches]
         self.step = 0
+        self.spill_bytes = None if spill_mb is None else spill_mb * 2**20
+        self.disk: tempfile.TemporaryDirectory | None = None  # kept tensors, one file per batch, once spilled
 
     def _is_inplace(self, n) -> bool:
         if n.op == "call_function":
@@ -276,22 +315,64 @@ class GraphStream:
             return obj
         return None  # output
 
+    def _load(self, b: int) -> dict:
+        """Batch ``b``'s kept values (read back from disk once spilled)."""
+        env = self.env[b]
+        path = None if self.disk is None else Path(self.disk.name) / f"{b}.pt"
+        if path is not None and path.exists():
+            env.update({self.nodes[k]: v for k, v in torch.load(path, weights_only=True).items()})
+        return env
+
+    def _store(self, b: int, env: dict) -> None:
+        """Once spilled: batch ``b``'s kept tensors to its file; other values (sizes, parameters) stay."""
+        if self.disk is None:
+            return
+        tensors = {self.index[n]: v for n, v in env.items() if type(v) is torch.Tensor}
+        torch.save(tensors, Path(self.disk.name) / f"{b}.pt")
+        for k in tensors:
+            del env[self.nodes[k]]
+
+    def _read_later(self, k: int, restarts: list[int]) -> bool:
+        """Whether a step restarting at one of ``restarts`` (sorted) reads node ``k`` without computing it."""
+        j = bisect.bisect_right(restarts, k)  # the first restart after node k
+        return j < len(restarts) and restarts[j] <= self.last_use[k]
+
+    def kept_bytes(self) -> int:
+        """Bytes of the kept tensors in memory (all batches)."""
+        return sum(nbytes(v) for env in self.env for v in env.values() if type(v) is torch.Tensor)
+
     @torch.no_grad()
-    def next_input(self, collect: bool = True) -> torch.Tensor | None:
+    def next_input(self, collect: bool = True) -> torch.Tensor | Batches | None:
         """The input of the next planned layer on all images (N, ...), computed from the kept values
-        (``collect=False``: only advance, for a layer left as it is)."""
+        (``collect=False``: only advance, for a layer left as it is); a :class:`Batches` on disk when it is
+        larger than ``spill_mb``."""
         i = self.step
         low, stop = self.restart[i], self.where[i]
-        # values a later step may still read: read by a node at or after the earliest restart to come
-        future = min(self.restart[i + 1 :], default=len(self.nodes))
-        out = []
-        for env, x in zip(self.env, self.batches, strict=True):
+        # values a later step may still read: a step restarting at r reads the values computed before r (the
+        # rest it computes anew), so a value is kept while some restart to come lies after it and at or
+        # before its last use
+        future = sorted(set(self.restart[i + 1 :]))
+        n_images = sum(len(x) for x in self.batches)
+        out = None
+        for b, x in enumerate(self.batches):
+            env = self._load(b)
             for j in range(low, stop):
                 env[self.nodes[j]] = self._run(j, env, x, low)
             value = self.nodes[stop].args[0]
             if collect:
-                out.append(env[value] if isinstance(value, torch.fx.Node) else value)
-            for node in [n for n in env if self.last_use[self.index[n]] < future]:
+                v = env[value] if isinstance(value, torch.fx.Node) else value
+                if out is None:
+                    big = self.spill_bytes is not None and nbytes(v) * n_images / len(x) > self.spill_bytes
+                    out = Batches(on_disk=big)
+                out.append(v)
+            for node in [n for n in env if not self._read_later(self.index[n], future)]:
                 del env[node]
+            self._store(b, env)
         self.step += 1
-        return torch.cat(out) if collect else None
+        if self.disk is None and self.spill_bytes is not None and self.kept_bytes() > self.spill_bytes:
+            self.disk = tempfile.TemporaryDirectory(prefix="crossdistill-")
+            for b, env in enumerate(self.env):
+                self._store(b, env)
+        if out is None:
+            return None
+        return out if out.folder is not None else out.cat()

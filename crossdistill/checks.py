@@ -112,8 +112,11 @@ def check_compress_options(cfg: object) -> None:
     check_positive("batch_size", getattr(cfg, "batch_size", 1), integer=True)
     check_positive("steps", getattr(cfg, "steps", 1), integer=True)
     ridge = getattr(cfg, "ridge", 0.0)
-    if not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
-        raise UserError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    # "auto" is resolved by compress() into one run per candidate ridge (each then a number)
+    if ridge != "auto" and (not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0):
+        raise UserError(f"ridge must be a finite number >= 0 or 'auto', got {ridge!r}")
+    if getattr(cfg, "ridge_cv", False) and getattr(cfg, "ridge_guard", False):
+        raise UserError("ridge_cv and ridge_guard both choose each layer's ridge; turn one of them off")
     prune = getattr(cfg, "prune", "structured")
     if prune not in ("structured", "unstructured"):
         raise UserError(f"prune must be 'structured' or 'unstructured', got {prune!r}")

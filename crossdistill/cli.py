@@ -253,6 +253,48 @@ def _first_conv_channels(model) -> int:
     return first.in_channels
 
 
+# --------------------------------------------------------------------------- options -> settings
+
+
+def _compress_config(
+    model, fields: dict[str, Any], budget: dict[str, Any] | None = None, mir: dict[str, Any] | None = None
+) -> CompressConfig:
+    """The validated CompressConfig of a command's options: the one place where options become settings.
+
+    ``fields``: options spelled as CompressConfig fields; ``mu`` None or absent: the model family's
+    official mu; an empty ``include`` / ``exclude``: no pattern. ``budget``: the target options ``flops``,
+    ``params``, ``latency`` (at most one given) and the settings used only with a target (``signal``,
+    ``depth``, ``latency_batch``, ``alloc_floor``). ``mir``: ``refine`` and the MirConfig fields of
+    --method mir / --refine mir over the model family's defaults (a None value keeps the default).
+    """
+    from .models import official_mu
+
+    fields = {**fields, "mu": official_mu(model) if fields.get("mu") is None else fields["mu"]}
+    for name in ("include", "exclude"):
+        if name in fields:
+            fields[name] = fields[name] or None
+    cfg = CompressConfig(**fields)
+    if budget is not None:
+        targets = {n: budget[n] for n in ("flops", "params", "latency") if budget[n] is not None}
+        if len(targets) > 1:
+            raise UserError("give one of --target-flops, --target-params, --target-latency")
+        if targets:
+            cfg.target = targets
+            for name in ("signal", "depth", "latency_batch", "alloc_floor"):
+                setattr(cfg, name, budget[name])
+    if mir is not None:
+        from .mir import method_defaults, refine_defaults
+
+        mir = dict(mir)
+        cfg.refine = mir.pop("refine")
+        cfg.mir = method_defaults(model) if cfg.method == "mir" else refine_defaults(model)
+        for name, value in mir.items():
+            if value is not None:
+                setattr(cfg.mir, name, value)
+    cfg.validate()
+    return cfg
+
+
 # --------------------------------------------------------------------------- checks before the work
 
 
@@ -380,8 +422,10 @@ def compress(
     depth: str = typer.Option(DEFAULTS.depth, help="target: channels | blocks (drop residual blocks) | mixed"),
     # --- holistic refinement (crossdistill.mir): --refine mir, and the settings of --method mir ---
     refine: str | None = typer.Option(None, help="mir: then train end to end to the teacher's pre-pool features"),
-    mir_steps: int | None = typer.Option(None, help="mir: training steps (default 300 refine, 400 --method mir)"),
-    mir_lr: float | None = typer.Option(None, help="mir: Adam learning rate (default 1e-4 refine, 1e-3 --method mir)"),
+    mir_steps: int | None = typer.Option(
+        None, help="mir: training steps (default 300 refine; --method mir 600 residual nets, 200 plain)"
+    ),
+    mir_lr: float | None = typer.Option(None, help="mir: Adam learning rate (default 1e-4)"),
     mir_holdout_folds: int = typer.Option(0, help="mir: >= 2 chooses the steps on held-out images (K >= 2)"),
     mir_feature_layer: str | None = typer.Option(None, help="mir: module whose input is mimicked"),
 ) -> None:
@@ -393,7 +437,6 @@ def compress(
     from .checkpoint import load_checkpoint
     from .data import load_few_shot
     from .evaluate import evaluate as eval_model
-    from .models import official_mu
     from .plan import load_keep_file
     from .student import save_student
 
@@ -456,46 +499,44 @@ def compress(
             ds = dataset or meta["dataset"]
             x, labels = load_few_shot(ds, k, seed, data_dir)
             title = f"{meta['model']}, K={k}, seed {seed}"
-        cfg = CompressConfig(
-            method=method,
-            mu=official_mu(model) if mu is None else mu,
-            alpha=alpha,
-            beta=beta,
-            prune=prune,
-            keep=keep,
-            solver=solver,
-            iterations=iterations,
-            lr=lr,
-            recalibrate_bn=recalibrate_bn,
-            include=include or None,
-            exclude=exclude or None,
-            device=device,
-            include_linear=include_linear,
-            skip_unsupported=skip_unsupported,
-            keep_overrides=load_keep_file(keep_file) if keep_file else {},
-            round_to=round_to,
-            holdout=holdout,
-            ridge=_ridge(ridge),
-        )
-        targets = {
-            n: v
-            for n, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency))
-            if v is not None
+        fields = {
+            "method": method,
+            "mu": mu,
+            "alpha": alpha,
+            "beta": beta,
+            "prune": prune,
+            "keep": keep,
+            "solver": solver,
+            "iterations": iterations,
+            "lr": lr,
+            "recalibrate_bn": recalibrate_bn,
+            "include": include,
+            "exclude": exclude,
+            "device": device,
+            "include_linear": include_linear,
+            "skip_unsupported": skip_unsupported,
+            "keep_overrides": load_keep_file(keep_file) if keep_file else {},
+            "round_to": round_to,
+            "holdout": holdout,
+            "ridge": _ridge(ridge),
         }
-        if len(targets) > 1:
-            raise UserError("give one of --target-flops, --target-params, --target-latency")
-        if targets:
-            cfg.target, cfg.signal, cfg.depth, cfg.latency_batch = targets, signal, depth, latency_batch
-            cfg.alloc_floor = alloc_floor
-        # --- holistic refinement settings (crossdistill.mir) ---
-        from .mir import method_defaults, refine_defaults
-
-        cfg.refine = refine
-        cfg.mir = method_defaults(model) if method == "mir" else refine_defaults(model)
-        cfg.mir.steps = cfg.mir.steps if mir_steps is None else mir_steps
-        cfg.mir.lr = cfg.mir.lr if mir_lr is None else mir_lr
-        cfg.mir.holdout_folds, cfg.mir.feature_layer = mir_holdout_folds, mir_feature_layer
-        cfg.validate()
+        budget = {
+            "flops": target_flops,
+            "params": target_params,
+            "latency": target_latency,
+            "signal": signal,
+            "depth": depth,
+            "latency_batch": latency_batch,
+            "alloc_floor": alloc_floor,
+        }
+        mir = {
+            "refine": refine,
+            "steps": mir_steps,
+            "lr": mir_lr,
+            "holdout_folds": mir_holdout_folds,
+            "feature_layer": mir_feature_layer,
+        }
+        cfg = _compress_config(model, fields, budget, mir)
         student, report = _compress_one(model, x, cfg, f"{method}", labels)
         student = student.cpu()
         if val is not None:  # the error on images the fit never saw, as with holdout
@@ -505,18 +546,13 @@ def compress(
             report.heldout = heldout_errors(model.cpu().eval(), student, x.cpu(), val, names)
         if model_file is not None:  # accuracy only on a given labelled test folder
             shape = tuple(x.shape[1:])
-            reports = {
-                "teacher": eval_model(model, input_shape=shape, latency=latency),
-                f"student ({method})": eval_model(student, input_shape=shape, latency=latency),
-            }
-            if test is not None:
-                for name, net in (("teacher", model), (f"student ({method})", student)):
-                    reports[name].accuracy, reports[name].test_images = accuracy(net, *test), int((test[1] >= 0).sum())
+            measure = lambda net: eval_model(net, input_shape=shape, latency=latency)  # noqa: E731
         else:
-            reports = {
-                "teacher": eval_model(model, ds, data_dir=data_dir, limit=test_limit, latency=latency),
-                f"student ({method})": eval_model(student, ds, data_dir=data_dir, limit=test_limit, latency=latency),
-            }
+            measure = lambda net: eval_model(net, ds, data_dir=data_dir, limit=test_limit, latency=latency)  # noqa: E731
+        reports = {"teacher": measure(model), f"student ({method})": measure(student)}
+        if model_file is not None and test is not None:
+            for name, net in (("teacher", model), (f"student ({method})", student)):
+                reports[name].accuracy, reports[name].test_images = accuracy(net, *test), int((test[1] >= 0).sum())
         budget = f"target {cfg.target}" if cfg.target else f"keep {keep}"
         Console().print(render_table(reports, title=f"{title}: {prune} {budget}"))
         files = {}
@@ -561,7 +597,6 @@ def demo(
     from .data import dataset_info, load_dataset, load_few_shot, normalize
     from .diagnostics import layer_output_errors, plot_layer_errors
     from .evaluate import evaluate as eval_model
-    from .models import official_mu
     from .student import save_student
 
     def go():
@@ -575,7 +610,7 @@ def demo(
         console.print(f"teacher {meta['model']} ({teacher.name}), {len(images)} few-shot images from {ds}")
         students, reports, compress_reports = {}, {"teacher": eval_model(model, ds, limit=test_limit)}, {}
         for method in ("nc", "ours", "ours-s"):
-            cfg = CompressConfig(method=method, keep=keep, mu=official_mu(model))
+            cfg = _compress_config(model, {"method": method, "keep": keep})
             students[method], rep = _compress_one(model, images, cfg, f"{method}")
             compress_reports[method] = rep
             reports[f"{method} ({rep.seconds:.1f} s)"] = eval_model(students[method], ds, limit=test_limit)

@@ -30,6 +30,7 @@ from .mir import refine_step
 from .models import official_mu
 from .objectives import METHODS, Term, objective_terms, refits_unpruned_layer
 from .plan import LayerPlan
+from .ridgecv import cv_solve_structured, guard_solve
 from .run import (
     CompressReport,
     LayerRecord,
@@ -53,6 +54,7 @@ from .solvers import (
     solve_structured,
     solve_unstructured,
 )
+from .spill import materialize
 
 if TYPE_CHECKING:
     from .target import Allocation
@@ -71,18 +73,35 @@ __all__ = [
 ]
 
 
+def _in_memory(step: LayerStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's teacher / student inputs as tensors (spilled batches read back), the same one twice when
+    they are one: for the solvers that index images (Adam's full batch, the ridge checks' image halves)."""
+    hT = materialize(step.hT)
+    return hT, hT if step.hS is step.hT else materialize(step.hS)
+
+
 def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
     """The per-layer solve of ``cfg.solver``: official Adam, or exact least squares (grouped convs per group)."""
     lstsq = LstsqOptions(
-        cfg.ridge, cfg.steps, cfg.channel_criterion, cfg.weight_criterion, cfg.batch_size, cfg.ridge_conditioned
+        cfg.ridge,
+        cfg.steps,
+        cfg.channel_criterion,
+        cfg.weight_criterion,
+        cfg.batch_size,
+        cfg.ridge_conditioned,
+        cfg.ridge_per_unknown,
     )
     adam = AdamOptions(cfg.iterations, cfg.lr, cfg.lr_drop)
 
     def solve(step: LayerStep) -> SolveResult:
         if cfg.solver == "adam":
-            return adam_solve(step.layer, step.problem, step.hT, step.hS, adam)
+            return adam_solve(step.layer, step.problem, *_in_memory(step), adam)  # full batch: every image at once
+        if cfg.ridge_guard:  # the image halves index images: inputs in memory (few-shot sizes)
+            return guard_solve(step.layer, step.problem, *_in_memory(step), lstsq)[0]
         if getattr(step.layer, "groups", 1) != 1:  # grouped / depthwise conv: solved group by group
             return solve_grouped(step.layer, step.problem, step.hT, step.hS, lstsq)
+        if cfg.ridge_cv and step.problem.structured:
+            return cv_solve_structured(step.layer, step.problem, *_in_memory(step), lstsq)[0]
         stats = step.stats()
         try:
             if step.problem.structured:

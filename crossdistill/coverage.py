@@ -24,6 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .capture import eval_mode, removing
 from .config import CompressConfig
 from .plan import input_shapes, spatial_size, unsupported_reason
 from .pruning import ChannelRemover, is_depthwise
@@ -95,7 +96,7 @@ def _coupling_reason(m: nn.Module, remover: ChannelRemover, sizes: dict, linear_
     """Why the output channels of ``m`` stay: what else the dependency graph ties them to."""
     fn = tp.prune_conv_out_channels if isinstance(m, nn.Conv2d) else tp.prune_linear_out_channels
     try:
-        group = remover.graph.get_pruning_group(m, fn, idxs=[0])
+        group = remover.pruning_group(m, fn, [0])
     except Exception:  # noqa: BLE001 - a module torch-pruning did not trace
         return "traced as unsupported: not in the dependency graph"
     own = sizes.get(m, 0)
@@ -178,12 +179,9 @@ def width_mismatches(student: nn.Module, records: list) -> list[str]:
 def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach())) for n in names]
-    try:
-        y = model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing([mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach())) for n in names]):
+        with eval_mode(model):
+            y = model(x)
     return got, y
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import eval_mode
 from .checkpoint import load_checkpoint
 from .checks import check_model
 from .data import DatasetInfo, Split, dataset_info, load_dataset, normalize
@@ -64,15 +65,13 @@ def accuracy(
         images, labels = images[labelled], labels[labelled]
     if len(labels) == 0:
         raise UserError("no labelled images to measure accuracy on; give one sub-folder per class")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for i in range(0, len(labels), batch_size):
-        x = images[i : i + batch_size]
-        x = normalize(x, info) if info is not None else x
-        correct += (model(x.to(device)).argmax(1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(labels), batch_size):
+            x = images[i : i + batch_size]
+            x = normalize(x, info) if info is not None else x
+            correct += (model(x.to(device)).argmax(1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
     return correct / len(labels)
 
 

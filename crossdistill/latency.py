@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .capture import eval_mode, removing
 from .data import default_cache_dir
 from .files import atomic_write
 
@@ -123,15 +124,8 @@ class LatencyTable:
             for m in model.modules()
             if isinstance(m, _TIMED)
         ]
-        try:
-            with torch.no_grad():
-                was = model.training
-                model.eval()
-                model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-                model.train(was)
-        finally:
-            for h in hooks:
-                h.remove()
+        with removing(hooks), eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
         before = self.measured
         total = sum(self.lookup(m, s, batch) for m, s in shapes)
         if self.measured > before:

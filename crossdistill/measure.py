@@ -35,7 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .capture import eval_mode
 from .checkpoint import storage_state
 from .errors import UserError
 
@@ -59,17 +60,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode (BatchNorm must not update its statistics while measured), then restore."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -110,7 +100,7 @@ def count_nonzero_params(model: nn.Module) -> int:
 
 def _flops_by_module(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, dict[str, int]]:
     """Total FLOPs of a batch-1 forward and FlopCounterMode's per-module totals, keyed by module name."""
-    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(_example(model, input_shape))
     root = type(model).__name__  # FlopCounterMode names modules "<RootClass>.<qualified name>"
     per_module = {
@@ -155,7 +145,7 @@ def _median_times(models: Sequence[nn.Module], x: torch.Tensor, warmup: int, rep
     times: list[list[float]] = [[] for _ in models]
     with ExitStack() as stack, torch.inference_mode():
         for m in models:
-            stack.enter_context(_eval_mode(m))
+            stack.enter_context(eval_mode(m))
         for _ in range(warmup):
             for m in models:
                 m(x)

@@ -35,6 +35,8 @@ def run_method(
     if method in BASELINES:
         if overrides.get("target") is not None or (config is not None and config.target is not None):
             raise UserError(f"a target runs with {', '.join(METHODS)}; baseline {method!r} takes --keep only")
+        if overrides.get("ridge", getattr(config, "ridge", None)) == "auto":
+            raise UserError(f"ridge='auto' is chosen by {', '.join(METHODS)} only; give baseline {method!r} a number")
         if method == "mir":  # its settings: mir=... or config.mir (refine="mir" after it: nothing more)
             params = overrides.pop("mir", getattr(config, "mir", None))
             return run_baseline(method, teacher, images, labels, config, params=params, **overrides)

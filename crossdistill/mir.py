@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import eval_mode, removing
 from .data import augment
 from .errors import UserError
 from .models import model_family
@@ -242,13 +243,11 @@ def features_at(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         store.append(inputs[0])
         raise _Stop
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    with removing([model.get_submodule(name).register_forward_pre_hook(hook)]):
+        try:
+            model(x)
+        except _Stop:
+            pass
     if len(store) != 1:
         raise UserError(f"feature layer {name!r} was not called by the forward pass; choose another module")
     return store[0]
@@ -257,17 +256,13 @@ def features_at(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _loss(student: nn.Module, teacher: nn.Module, name: str, images: torch.Tensor, batch_size: int) -> float:
     """Mean squared feature error over ``images`` (un-augmented, both networks in eval mode)."""
-    was = student.training
-    student.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(student):
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size]
             fs, ft = features_at(student, name, x), features_at(teacher, name, x)
             total += float(F.mse_loss(fs.double(), ft.double(), reduction="sum"))
             count += ft.numel()
-    finally:
-        student.train(was)
     return total / max(count, 1)
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import forward_order
+from .capture import eval_mode, forward_order, removing
 from .config import CompressConfig
 from .errors import UserError
 from .pruning import ChannelRemover, is_depthwise
@@ -242,14 +242,8 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
         for n, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    with removing(hooks), eval_mode(model), torch.no_grad():
+        model(example)
     return shapes
 
 
@@ -283,7 +277,7 @@ def se_gated_channels(
     c_in = layer.weight.shape[1]
     fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
     try:
-        group = remover.graph.get_pruning_group(layer, fn, idxs=list(range(c_in)))
+        group = remover.pruning_group(layer, fn, list(range(c_in)))
     except (IndexError, ZeroDivisionError, KeyError):  # torch-pruning cannot follow these channels
         return []
     producers: list[list[nn.Module]] = [[] for _ in range(c_in)]

@@ -27,9 +27,14 @@ from primary filter j). Removing one removes the other, so they are chosen and c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping
 
 from .errors import UserError
 
@@ -43,17 +48,15 @@ def is_depthwise(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
 
 
-def _guard_reshapes() -> None:
+@contextmanager
+def _reshape_guard() -> Iterator[None]:
     """torch-pruning 1.6 divides by an inferred channel count of 0 at some reshapes (torchvision's
     ShuffleNetV2: the channel shuffle after a split), while tracing and again in every
-    ``get_pruning_group``, and aborts. Such a reshape is left without an index map instead:
-    :meth:`ChannelRemover.prunable_channels` refuses channels that pass a reshape between convs anyway.
-    Installed once, on import; it only turns that crash into a no-op."""
-    from torch_pruning.dependency import index_mapping
-
+    ``get_pruning_group``, and aborts. Inside this block such a reshape is left without an index map instead
+    (:meth:`ChannelRemover.prunable_channels` refuses channels that pass a reshape between convs anyway).
+    torch-pruning's function is swapped only for the duration of our own call and restored on exit, so other
+    users of torch-pruning in the process see it unchanged (not thread-safe against a concurrent trace)."""
     original = index_mapping.update_reshape_index_mapping
-    if getattr(original, "_crossdistill_guard", False):
-        return
 
     def guarded(graph, node):  # noqa: ANN001, ANN202 - torch-pruning's own signature
         try:
@@ -61,11 +64,11 @@ def _guard_reshapes() -> None:
         except ZeroDivisionError:
             return None
 
-    guarded._crossdistill_guard = True  # type: ignore[attr-defined]
     index_mapping.update_reshape_index_mapping = guarded
-
-
-_guard_reshapes()
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
 
 
 class ChannelRemover:
@@ -78,7 +81,7 @@ class ChannelRemover:
         try:
             for p in frozen:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _reshape_guard():
                 self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         except Exception as e:  # torch-pruning raises many types while tracing unknown models
             raise UserError(f"could not trace the model to find coupled channels ({e}); check the model runs") from e
@@ -90,9 +93,15 @@ class ChannelRemover:
         self._ties: dict[str, dict[int, int]] = {}  # layer -> {twin input channel: the channel it is tied to}
         self._shared: set[str] = set()
 
-    def _group(self, layer: nn.Module, idxs: list[int]):
+    def _group(self, layer: nn.Module, idxs: list[int]) -> tp.Group:
         fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
-        return self.graph.get_pruning_group(layer, fn, idxs=idxs)
+        return self.pruning_group(layer, fn, idxs)
+
+    def pruning_group(self, layer: nn.Module, fn: Callable[..., Any], idxs: list[int]) -> tp.Group:
+        """torch-pruning's group of ``fn`` (e.g. ``tp.prune_conv_out_channels``) on channels ``idxs`` of
+        ``layer``, with the reshape guard (every caller goes through here, never ``graph.get_pruning_group``)."""
+        with _reshape_guard():
+            return self.graph.get_pruning_group(layer, fn, idxs=idxs)
 
     def coupled_layers(self, layer: nn.Module) -> tuple[list[str], list[str]]:
         """(layers whose input channels change, layers whose output channels change) if input channel 0 of

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import GraphStream, GraphUnsupported, capture_input, capture_inputs, record_inputs
+from .capture import (
+    GraphStream,
+    GraphUnsupported,
+    buffers_kept,
+    capture_input,
+    capture_inputs,
+    eval_mode,
+    record_inputs,
+)
 from .checks import check_model, check_model_output, check_patterns_match
 from .config import CompressConfig
 from .coverage import (
@@ -44,7 +52,9 @@ from .measure import count_flops, count_params
 from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
+from .ridgecv import guard_solve
 from .solvers import LayerProblem, LayerStats, LstsqOptions, SolveResult, group_targets, solve_structured
+from .spill import Batches, pairs
 from .structure import layer_widths
 
 __all__ = [
@@ -139,14 +149,11 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
             "convert them (grayscale vs RGB)"
         )
     check_model(model, "the teacher")
-    was_training = model.training
     try:
-        with torch.no_grad():
-            check_model_output(model.eval()(images[:1]), "the teacher")
+        with eval_mode(model), torch.no_grad():
+            check_model_output(model(images[:1]), "the teacher")
     except RuntimeError as e:
         raise UserError(f"the model cannot run on images of shape {tuple(images.shape[1:])}: {e}") from e
-    finally:
-        model.train(was_training)
 
 
 def check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
@@ -412,26 +419,24 @@ class LayerStep:
     name: str
     layer: nn.Module  # the student's layer, full width on its input side
     problem: LayerProblem
-    hT: torch.Tensor  # the layer's input inside the teacher (h^S itself when no term uses h^T)
-    hS: torch.Tensor  # the layer's input inside the student, producer still at full width
+    # both (N, ...): one tensor, or batches on disk when larger than spill_mb (crossdistill.spill)
+    hT: torch.Tensor | Batches  # the layer's input inside the teacher (h^S itself when no term uses h^T)
+    hS: torch.Tensor | Batches  # the layer's input inside the student, producer still at full width
     batch_size: int
 
     def stats(self) -> LayerStats:
         """The Gram statistics of h^T and h^S, accumulated batch by batch (the caller frees them)."""
         stats = LayerStats(self.layer, self.problem.terms, self.problem.wT)
-        bs = self.batch_size
-        for j in range(0, len(self.hT), bs):
-            stats.add_batch(self.hT[j : j + bs], self.hS[j : j + bs])
+        for xT, xS in pairs(self.hT, self.hS, self.batch_size):
+            stats.add_batch(xT, xS)
         return stats
 
 
 def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | None:
     """Teacher inputs of every planned layer in one pass, or None when that would exceed teacher_cache_mb
     (large N): then each layer's teacher input is captured when needed."""
-    was_training = run.teacher.training
-    run.teacher.eval()  # the size probe must not run BN in train mode on one image
-    one = capture_inputs(run.teacher, names, run.images[:1])
-    run.teacher.train(was_training)
+    with eval_mode(run.teacher):  # the size probe must not run BN in train mode on one image
+        one = capture_inputs(run.teacher, names, run.images[:1])
     cache_mb = len(run.images) * sum(t.numel() * t.element_size() for t in one.values()) / 2**20
     if cache_mb > run.cfg.teacher_cache_mb:
         return None
@@ -440,7 +445,7 @@ def _teacher_inputs(run: Run, names: list[str]) -> dict[str, torch.Tensor] | Non
         outs = [run.teacher(run.images[i : i + bs]) for i in range(0, len(run.images), bs)]
     if not run.teacher.training and all(isinstance(o, torch.Tensor) for o in outs):
         run.teacher_output = (run.images, torch.cat(outs))  # eval mode: what finish's output error needs
-    return {n: torch.cat(v) for n, v in store.items()}
+    return {n: v[0] if len(v) == 1 else torch.cat(v) for n, v in store.items()}  # one batch: no copy
 
 
 def _channel_groups(run: Run, p: LayerPlan, total: int) -> torch.Tensor | None:
@@ -472,7 +477,8 @@ def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
         else:
             changed.append([p.name])
     try:
-        stream = GraphStream(run.student, [p.name for p in run.plan], changed, run.images, run.cfg.batch_size)
+        names = [p.name for p in run.plan]
+        stream = GraphStream(run.student, names, changed, run.images, run.cfg.batch_size, run.cfg.spill_mb)
     except GraphUnsupported as e:
         warnings.warn(f"capturing each layer's input with a forward pass per layer: {e}", stacklevel=3)
         return None
@@ -500,10 +506,16 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
         hS = capture_input(run.student, other, run.images, run.cfg.batch_size)
         w0 = layer.weight.detach().clone()
         problem = LayerProblem([Term(1.0, 0, 1, 0, 1)], w0, w0.clone(), len(fixed), fixed, True)
-        stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
         ridge = run.cfg.ridge if isinstance(run.cfg.ridge, float) else LstsqOptions.ridge
-        res = solve_structured(stats, problem, LstsqOptions(ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned))
-        stats.free()
+        opts = LstsqOptions(
+            ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned, ridge_per_unknown=run.cfg.ridge_per_unknown
+        )
+        if getattr(run.cfg, "ridge_guard", False):  # the same out-of-sample guard as the layer's own re-fit
+            res = guard_solve(layer, problem, hS, hS, opts)[0]
+        else:
+            stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
+            res = solve_structured(stats, problem, opts)
+            stats.free()
         with torch.no_grad():
             layer.weight.copy_(res.weight.to(layer.weight.dtype).view_as(layer.weight))
 
@@ -523,8 +535,21 @@ def refit_layers(
     width (docs/method.md, "a subtlety"); the teacher's inputs are captured
     once, up front, when a term uses them. Then the weight is written and the
     pruned channels removed with their producer's outputs (structured), or the
-    mask applied (unstructured). BN mode while capturing: the caller's.
+    mask applied (unstructured). BN mode while capturing: the caller's; the teacher's buffers (BN running
+    statistics, which a train-mode capture moves) are restored afterwards, so the report's output error and
+    any refinement see the teacher as given.
     """
+    with buffers_kept(run.teacher):
+        _refit_each(run, terms_for, solve, on_layer)
+
+
+def _refit_each(
+    run: Run,
+    terms_for: Callable[[LayerPlan], list[Term] | None],
+    solve: Callable[[LayerStep], SolveResult],
+    on_layer: Callable[[int, int, str], None] | None,
+) -> None:
+    """refit_layers' loop."""
     cfg, plan = run.cfg, run.plan
     layer_terms = [terms_for(p) for p in plan]
     uses_teacher = any(t.p != 0 or t.r != 0 for terms in layer_terms if terms for t in terms)
@@ -534,7 +559,8 @@ def refit_layers(
     teacher_stream = None
     if uses_teacher and cache is None and stream is not None:
         # too large to keep every layer's teacher input: the teacher's own graph, one pass, live values only
-        teacher_stream = GraphStream(run.teacher, names, [[n] for n in names], run.images, cfg.batch_size)
+        changed = [[n] for n in names]
+        teacher_stream = GraphStream(run.teacher, names, changed, run.images, cfg.batch_size, cfg.spill_mb)
     for i, (p, terms) in enumerate(zip(plan, layer_terms, strict=True)):
         t0 = time.perf_counter()
         if on_layer is not None:

@@ -53,6 +53,7 @@ from .allocate import (
     prune_to_counts,
     sensitivity_curves,
 )
+from .capture import eval_mode, removing
 from .config import DEPTHS, TARGET_KINDS, parse_target
 from .errors import UserError
 from .greedy import follow, greedy_order, layer_grids, steps_saving
@@ -98,13 +99,8 @@ def layer_flops_share(model: nn.Module, example: torch.Tensor, names: list[str])
         w = m.weight
         flops[mods[m]] = 2.0 * out.numel() * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1))
 
-    handles = [m.register_forward_hook(hook) for m in mods]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing([m.register_forward_hook(hook) for m in mods]), torch.no_grad(), eval_mode(model):
+        model(example)
     total = sum(flops.values()) or 1.0
     return {n: flops.get(n, 0.0) / total for n in names}
 
@@ -228,15 +224,18 @@ def timed_ratio(teacher: nn.Module, student: nn.Module, input_shape: Any, batch:
 
 
 def _calibrate_latency(
-    budget: _Budget, fraction: float, cfg: Any, rounds: int = 3
+    budget: _Budget, fraction: float, cfg: Any, lower_floor: Callable[[], bool], rounds: int = 3
 ) -> tuple[dict[str, int], float, dict[str, float]]:
     """The table misses what does not shrink with channels (activations, sums, narrow-kernel overheads), so
     the student is timed end to end against the teacher and the table's target rescaled, up to ``rounds``
-    times, until the timed ratio is within max(2 x noise, 0.02) of ``fraction``."""
+    times, until the timed ratio is within max(2 x noise, 0.02) of ``fraction``. Where the rescaled target
+    is out of the table's reach at the current floor, ``lower_floor()`` lowers it (False: at the lowest)."""
     asked = fraction
     best = None
     for _ in range(rounds):
         counts, table_ratio, _ = _search(budget, asked, cfg.target_tolerance, strict=False)
+        while table_ratio > asked * (1 + cfg.target_tolerance) and lower_floor():  # table searches: no timing
+            counts, table_ratio, _ = _search(budget, asked, cfg.target_tolerance, strict=False)
         teacher, example = budget.model, budget.example
         probe = prune_to_counts(teacher, example, budget.plan, counts)
         timed, noise = timed_ratio(teacher, probe, example.shape[1:], cfg.latency_batch)
@@ -301,11 +300,20 @@ def plan_target(
     timing: dict[str, float] = {}
     # the floor is lowered (x0.8 per try, down to the curves' lowest point) while the target cannot be met
     floor, lowest = cfg.alloc_floor, CurveGrid().min_keep if cfg.signal != "greedy" else cfg.alloc_floor
+
+    def lower_floor() -> bool:
+        nonlocal floor
+        if floor <= lowest:
+            return False
+        floor = max(floor * 0.8, lowest)
+        _set_floor(curves, floor)
+        return True
+
     while True:
         _set_floor(curves, floor)
         try:
             if kind == "latency" and not custom:
-                counts, achieved, timing = _calibrate_latency(budget, fraction, cfg)
+                counts, achieved, timing = _calibrate_latency(budget, fraction, cfg, lower_floor)
                 searches = 0
             else:
                 counts, achieved, searches = _search(budget, fraction, cfg.target_tolerance)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ResNet", "BasicBlock", "MobileNetV2", "InvertedResidual", "Conv2dNormActivation"]
+__all__ = ["ResNet", "BasicBlock", "MobileNetV2", "InvertedResidual", "Conv2dNormActivation", "make_divisible"]
 
 
 # --------------------------------------------------------------------------- ResNet-18
@@ -104,8 +104,8 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------- MobileNetV2
 
 
-def _make_divisible(v: float, divisor: int = 8) -> int:
-    """torchvision's channel rounding (never more than 10 % below ``v``)."""
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's channel rounding (never more than 10 % below ``v``); benchmarks/tv_models.py uses it too."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
     return new_v + divisor if new_v < 0.9 * v else new_v
 
@@ -159,7 +159,7 @@ class MobileNetV2(nn.Module):
         input_channel, self.last_channel = 32, 1280
         features: list[nn.Module] = [Conv2dNormActivation(in_channels, input_channel, stride=2)]
         for t, c, n, s in MOBILENET_V2_SETTING:
-            output_channel = _make_divisible(c)
+            output_channel = make_divisible(c)
             for i in range(n):
                 features.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, t))
                 input_channel = output_channel

@@ -56,6 +56,19 @@ def test_refine_mir_runs_after_a_method_and_is_recorded(tmp_path: Path, fashion_
     assert res.exit_code == 2 and "refine must be None or 'mir'" in res.output
 
 
+def test_ridge_auto_runs_from_the_command_line_and_is_refused_by_baselines(tmp_path: Path, fashion_dir) -> None:
+    # the CLI validated "auto" as a number and refused it before compress() could choose the ridge
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "2", "--method", "nc",
+                              "--ridge", "auto", "--holdout", "0.2", "--out", str(tmp_path), "--test-limit", "100",
+                              "--no-latency", "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["ridge"] in (1e-3, 1e-2, 0.1, 1.0)
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", "l1",
+                              "--ridge", "auto", "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 2 and "give baseline 'l1' a number" in " ".join(res.output.split())
+
+
 def test_evaluate_prints_a_table(fashion_dir) -> None:
     res = runner.invoke(app, ["evaluate", str(DEMO_TEACHER), "--limit", "100", "--no-latency",
                               "--data-dir", str(fashion_dir)])  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,6 +337,60 @@ def test_per_layer_teacher_capture_gives_the_same_student_as_the_cache() -> None
     assert torch.allclose(cached(x), streamed(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["ours", "nc"])
+@pytest.mark.parametrize("arch", ["resnet20", "inverted_residual"])
+def test_activations_spilled_to_disk_give_the_same_student(method: str, arch: str, monkeypatch) -> None:
+    """spill_mb=0: every kept value and layer input goes through files, batch by batch (batch 3 of 8
+    images: a short last batch), with the teacher streamed too; the student must be the in-memory one."""
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (saved.append(f), real_save(obj, f, *a, **k)))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import inverted_residual
+
+    model = get_model("resnet20", 10, 1).eval() if arch == "resnet20" else inverted_residual().eval()
+    x = torch.randn(8, *((1, 16, 16) if arch == "resnet20" else (3, 16, 16)))
+    common = dict(method=method, keep=0.5, batch_size=3)
+    ref, r_ref = compress(model, x, **common)
+    assert not saved
+    spilled, r_sp = compress(model, x, spill_mb=0, teacher_cache_mb=0, **common)
+    assert len(saved) > 20  # layer inputs and kept values went to disk
+    assert r_ref.capture == r_sp.capture == "one-pass"
+    for (name, a), (_, b) in zip(ref.state_dict().items(), spilled.state_dict().items(), strict=True):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+
+
+def test_graph_stream_keeps_only_values_a_later_step_reads_without_recomputing() -> None:
+    """Step 0 collects the input of conv 2 and changes conv 0 (its producer) too, so step 1 restarts at conv 0:
+    it needs the image, not conv 0's or the ReLU's outputs (it computes them anew)."""
+    from crossdistill.capture import GraphStream
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.randn(2, 1, 12, 12)
+    stream = GraphStream(model, ["2", "4"], [["0", "2"], ["4"]], x)
+    h = stream.next_input()
+    assert torch.allclose(h, model[1](model[0](x)))
+    kept = [v for v in stream.env[0].values() if isinstance(v, torch.Tensor)]
+    assert len(kept) == 1 and torch.equal(kept[0], x)
+    assert torch.allclose(stream.next_input(), model[:4](x))
+
+
+def test_batches_on_disk_read_back_as_written() -> None:
+    from crossdistill.spill import Batches, pairs
+
+    x = torch.randn(7, 2, 3)
+    stored = Batches(on_disk=True)
+    for j in range(0, 7, 3):
+        stored.append(x[j : j + 3])
+    assert stored.shape == (7, 2, 3) and len(stored) == 7
+    assert torch.equal(stored.cat(), x)
+    # a tensor and a Batches are cut at the same images, whatever the requested size
+    got = list(pairs(x * 2, stored, 2))
+    assert [len(a) for a, _ in got] == [2, 1, 2, 1, 1]
+    assert all(torch.equal(a, 2 * b) for a, b in got)
+
+
 def test_reported_output_error_equals_a_fresh_teacher_and_student_pass() -> None:
     """The output error reuses the teacher's output from the capture pass: it must equal the error of the
     returned student against the teacher run anew on the same images."""
@@ -343,3 +399,38 @@ def test_reported_output_error_equals_a_fresh_teacher_and_student_pass() -> None
     teacher, x = _resnet20().eval(), _images(6)
     student, report = compress(teacher, x, method="nc", keep=0.5)
     assert report.output_error == pytest.approx(output_error(student, teacher, x), rel=1e-6)
+
+
+@pytest.mark.parametrize("method, holdout", [("ours", 0.0), ("nc", 0.0), ("cp", 0.0), ("ours", 0.3)])
+def test_bn_train_mode_output_error_is_against_the_unmodified_teacher(method, holdout) -> None:
+    """bn_mode='train' runs the run's teacher copy in train mode while capturing, which moves its BN running
+    statistics: the report's output error (fitted or held-out images) must be against the teacher as given."""
+    from crossdistill.baselines import run_baseline
+    from crossdistill.run import output_error, split_holdout
+
+    teacher, x = _resnet20().eval(), _images(10)
+    with torch.no_grad():  # running statistics far from the images' own, so a moved copy shows
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.running_var.fill_(3.0)
+    settings = {"bn_mode": "train", "keep": 0.5, "holdout": holdout}
+    if method in METHODS:
+        student, report = compress(teacher, x, method=method, **settings)
+    else:
+        student, report = run_baseline(method, teacher, x, None, **settings)
+    measured_on = x[split_holdout(x, holdout)[1]] if holdout else x
+    assert report.output_error == pytest.approx(output_error(student, teacher, measured_on), rel=1e-6)
+
+
+def test_eval_mode_and_removing_restore_the_model_when_the_block_fails() -> None:
+    from crossdistill.capture import eval_mode, removing
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model), removing([]) as handles:
+        handles.append(model[0].register_forward_hook(lambda m, a, o: seen.append(m.training)))
+        model(torch.randn(2, 1, 5, 5))
+        raise RuntimeError("boom")
+    assert seen == [False]  # ran in eval mode, hooked
+    assert model.training and not model[0]._forward_hooks  # mode back, hook gone

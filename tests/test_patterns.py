@@ -415,3 +415,91 @@ def test_torchvision_shufflenet_units_compress_instead_of_crashing_the_trace(met
         student, report = run_method(method, teacher, x, keep=0.5)
     assert report.params_after < report.params_before and torch.isfinite(student(x)).all()
     assert any("dependency graph" in r["reason"] or "feed" in r["reason"] for r in report.left_whole)
+
+
+def test_the_shufflenet_guard_leaves_torch_pruning_unchanged_after_our_call() -> None:
+    """The division-by-zero guard is swapped in for our own trace / group calls only: afterwards (and on an
+    error inside) torch-pruning's function is its own again, so other torch-pruning users are unaffected."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import index_mapping
+
+    own = index_mapping.update_reshape_index_mapping
+    assert own.__module__ == "torch_pruning.dependency.index_mapping" and own.__name__ == "update_reshape_index_mapping"
+    model = _tv_shufflenet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    remover = ChannelRemover(model, x)  # crashed inside torch-pruning without the guard
+    assert index_mapping.update_reshape_index_mapping is own
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            remover.prunable_channels(name)
+    assert index_mapping.update_reshape_index_mapping is own
+    # torch-pruning itself still fails on this model (when this fails, upstream fixed it: drop _reshape_guard)
+    with pytest.raises(ZeroDivisionError):
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    assert index_mapping.update_reshape_index_mapping is own
+
+
+# --------------------------------------------------------------------------- never worse than L1, held out
+
+# Zoo networks where the default ridge lets NC / Ours / Ours-S fit a few noise images and miss others by
+# x2-x5 the L1 student's error (benchmarks/results/ridge_rule_zoo.md); ridge_per_unknown=1 (opt-in: it costs
+# accuracy on trained VGG-16, results/sweep_ridge_fashion-mnist.md) keeps every re-fit within 5 % of L1.
+_OVERFIT_CASES = [("efficientnet", 4), ("mobilenet_v3", 4), ("mobilenet_v3", 8)]
+
+
+def _heldout_errors(arch: str, n_fit: int, **kw) -> dict[str, float]:
+    import zoo
+
+    torch.manual_seed(0)
+    teacher = getattr(zoo, arch)()
+    g = torch.Generator().manual_seed(1)
+    fit, held = torch.randn(n_fit, 3, SIZE, SIZE, generator=g), torch.randn(16, 3, SIZE, SIZE, generator=g)
+    recalibrate_bn(teacher, torch.cat([fit, held]))
+    teacher.eval()
+    errors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("l1", "nc", "ours", "ours-s"):
+            student, _ = run_method(method, teacher, fit, keep=0.5, **kw)
+            errors[method] = output_error(student, teacher, held)
+    return errors
+
+
+@pytest.mark.parametrize(("arch", "n_fit"), _OVERFIT_CASES)
+def test_conditioned_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_fit: int) -> None:
+    errors = _heldout_errors(arch, n_fit, ridge_per_unknown=1.0)
+    # 5 %: the L1 student is itself a rough fit here (error ~1)
+    assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours", "ours-s")), errors
+
+
+# ridge_guard (opt-in): per layer the smallest ridge whose re-fit is no worse than the masked start on held-out
+# image halves. It meets the same bound except Ours on mobilenet_v3 with 4 images (1.116 vs L1 1.049, x1.064):
+# two images per half decide each layer there.
+_GUARD_CASES = [
+    ("efficientnet", 4),
+    pytest.param("mobilenet_v3", 4, marks=pytest.mark.xfail(reason="Ours at x1.064 of L1", strict=False)),
+    ("mobilenet_v3", 8),
+]
+
+
+@pytest.mark.parametrize(("arch", "n_fit"), _GUARD_CASES)
+def test_guarded_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_fit: int) -> None:
+    errors = _heldout_errors(arch, n_fit, ridge_guard=True)
+    assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours", "ours-s")), errors
+
+
+def test_guard_keeps_nc_and_ours_s_within_l1_with_four_images() -> None:
+    # the xfail case above, for the methods that do meet the bound there
+    errors = _heldout_errors("mobilenet_v3", 4, ridge_guard=True)
+    assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours-s")), errors
+
+
+def test_default_ridge_overfits_where_the_conditioned_one_does_not() -> None:
+    # the failure the option exists for, so a future default that fixes it shows up here
+    errors = _heldout_errors("mobilenet_v3", 8)
+    assert errors["nc"] > 2 * errors["l1"], errors
+
+
+def test_per_unknown_ridge_adds_with_the_unknowns_per_row() -> None:
+    assert conditioned_ridge(1e-3, 1000, 100, per_unknown=1.0) == pytest.approx(0.101)
+    assert conditioned_ridge(1e-3, 10, 100, per_unknown=0.3) == pytest.approx(3.001)

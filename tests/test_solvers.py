@@ -81,6 +81,20 @@ def test_system_loss_equals_the_objective_evaluated_directly(method, path, make,
         assert system.loss(W) == pytest.approx(ref, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_gram_system_loss_of_weights_with_removed_columns_equals_the_objective(method) -> None:
+    """loss() works on the columns a weight uses: a masked or an all-zero weight gives the full objective."""
+    layer, wT, hT, hS = gram_case(1)
+    system = _stats(layer, hT, hS).system(_terms(method), wT)
+    for W in (
+        _channel_mask(wT, torch.tensor([0, 3, 5])),
+        _channel_mask(torch.randn_like(wT), torch.tensor([7])),
+        0 * wT,
+    ):
+        ref = _ref_loss(method, layer, wT, W, hT, hS)
+        assert system.loss(W) == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
 def test_stats_crossing_from_rows_to_gram_mid_stream_keep_the_objective() -> None:
     # d = 72; 9 rows per 3x3 image: the first three images are kept as rows, the fourth folds them into Grams
     layer, wT, hT, hS = _case(8, 5, 6, 3)
@@ -348,6 +362,20 @@ def test_ridge_solve_is_the_closed_form_with_a_relative_ridge_towards_the_prior(
     lam = 0.1 * float(G.diagonal().mean())
     expected = torch.linalg.solve(G + lam * torch.eye(6, dtype=torch.float64), R + lam * prior.double())
     torch.testing.assert_close(ridge_solve(G, R, 0.1, prior), expected)
+
+
+def test_batched_ridge_solve_gives_each_system_its_own_ridge() -> None:
+    gen = torch.Generator().manual_seed(1)
+    X = (
+        torch.randn(3, 40, 5, generator=gen, dtype=torch.float64)
+        * torch.tensor([1.0, 10.0, 0.1]).view(3, 1, 1).double()
+    )
+    G, R = X.transpose(1, 2) @ X, torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+    prior = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+    out = ridge_solve(G, R, 0.3, prior)
+    for b in range(3):
+        torch.testing.assert_close(out[b], ridge_solve(G[b], R[b], 0.3, prior[b]))
+    assert torch.equal(G, X.transpose(1, 2) @ X)  # the ridge went on a copy
 
 
 def test_ridge_solve_falls_back_to_the_minimum_norm_solution_when_cholesky_fails() -> None:

@@ -200,6 +200,42 @@ def test_mixed_meets_the_target_on_a_registry_resnet() -> None:
     _check_met(_ready(get_model("resnet20", 10, 1), x), x, "flops", 0.4, depth="mixed")
 
 
+def _curve(name: str, errors: list[float], cost: float = 1.0, floor: int = 1):
+    from crossdistill.allocate import LayerCurve
+
+    n = len(errors) - 1  # errors at kept counts n, n-1, ..., 0 (convex: hull segments are one channel each)
+    return LayerCurve(name, n, n, list(range(n, -1, -1)), errors, cost, floor)
+
+
+def test_mixed_ranks_blocks_against_channels_per_cost_and_respects_the_floor() -> None:
+    from crossdistill.blockdrop import rank_mixed
+
+    block = {"block": "layer2.1", "error": 0.6, "saved": 2.0, "score": 0.3}
+    cheap = _curve("layer1.0.conv2", [0.0, 0.1, 0.2, 0.3, 0.4])  # 0.1 per unit saved: all before the block
+    steep = _curve("layer3.0.conv2", [0.0, 1.0, 2.0, 3.0, 4.0])  # 1.0 per unit: after the block
+    assert rank_mixed([block], [cheap, steep], need=6.0) == ["layer2.1"]  # 4 by cheap channels, 2 by the block
+    assert rank_mixed([block], [cheap, steep], need=3.0) == []  # channels alone fill it before the block's turn
+    floored = _curve("layer1.0.conv2", [0.0, 0.1, 0.2, 0.3, 0.4], floor=3)  # only one channel may go
+    assert rank_mixed([block], [floored, steep], need=3.0) == ["layer2.1"]
+
+
+def test_mixed_gives_back_the_channel_saving_of_a_block_it_drops() -> None:
+    from crossdistill.blockdrop import rank_mixed
+
+    block = {"block": "layer1.0", "error": 0.3, "saved": 3.0, "score": 0.1}
+    inner = _curve("layer1.0.conv2", [0.0, 0.01, 0.02, 0.03])  # counted first, then dropped with its block
+    other = _curve("layer3.0.conv2", [0.0, 1.0, 2.0, 3.0])
+    # need 3: the inner channels count 3, so without giving them back the block would not fit
+    assert rank_mixed([block], [inner, other], need=3.5) == ["layer1.0"]
+
+
+def test_mixed_allocates_the_remaining_channels_with_the_default_signal() -> None:
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    alloc = _check_met(model, x, "flops", 0.3, depth="mixed")
+    assert alloc["signal"] == CompressConfig().signal and alloc["floor"] <= CompressConfig().alloc_floor
+
+
 def test_block_drop_on_a_model_without_residual_blocks_names_the_fix() -> None:
     x = torch.randn(4, 1, 16, 16)
     with pytest.raises(UserError, match="depth='channels'"):
@@ -247,6 +283,27 @@ def test_latency_target_reports_the_timed_ratio_and_its_noise() -> None:
     assert set(timing) == {"timed_ratio", "noise", "table_ratio"}
     assert timing["timed_ratio"] > 0 and timing["table_ratio"] > 0 and timing["noise"] >= 0  # noisy table: may exceed 1
     assert report.allocation["achieved"] == timing["timed_ratio"]
+
+
+def test_latency_target_lowers_the_floor_when_the_timed_ratio_needs_it(monkeypatch) -> None:
+    import crossdistill.latency
+    import crossdistill.target
+
+    # latency stood in by FLOPs (table and timing alike), so the test is deterministic
+    def flops_ms(shape, batch=64, table=None):
+        return lambda m: float(count_flops(m, shape))
+
+    def timed(teacher, student, shape, batch):
+        return count_flops(student, shape) / count_flops(teacher, shape), 0.0
+
+    monkeypatch.setattr(crossdistill.latency, "latency_measure", flops_ms)
+    monkeypatch.setattr(crossdistill.target, "timed_ratio", timed)
+    x = torch.randn(10, 1, 16, 16)
+    model = _ready(get_model("resnet20", 10, 1), x)
+    with pytest.warns(UserWarning, match="alloc_floor 0.4 cannot meet the target"):
+        student, report = compress(model, x, target={"latency": 0.25}, method="nc")
+    assert report.allocation["floor"] < 0.4
+    assert abs(report.allocation["achieved"] - 0.25) <= 0.02
 
 
 # --------------------------------------------------------------------------- CLI

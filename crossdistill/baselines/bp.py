@@ -66,24 +66,30 @@ from .common import (
 )
 from .l1 import prune_l1
 
-__all__ = ["BPConfig", "bp_defaults", "l1_bp", "prepare_bn"]
+__all__ = ["BPConfig", "bp_defaults", "l1_bp", "prepare_bn", "check_bp_params"]
+
+
+def check_bp_params(hp: Any) -> None:
+    """The training settings of L1+BP / FitNet (``bn_mode`` recalibrate | train | eval), checked before any
+    work is done."""
+    if hp.bn_mode == "recalibrate":
+        if hp.recal_views < 1:
+            raise UserError(f"recal_views must be >= 1, got {hp.recal_views}")
+        hp = replace(hp, bn_mode="eval")
+    check_train_params(hp)
 
 
 def prepare_bn(run: Run, hp: Any) -> Any:
     """``bn_mode="recalibrate"``: re-estimate the student's BN statistics on ``hp.recal_views`` augmented
     views of each few-shot image, then return a copy of ``hp`` that trains with them frozen (eval)."""
+    check_bp_params(hp)
     if hp.bn_mode != "recalibrate":
-        check_train_params(hp)
         return hp
-    if hp.recal_views < 1:
-        raise UserError(f"recal_views must be >= 1, got {hp.recal_views}")
     gen = torch.Generator().manual_seed(hp.seed)
     pad = auto_pad(run.images, hp.pad)
     views = torch.cat([run.images] + [augment(run.images, pad, gen) for _ in range(hp.recal_views - 1)])
     recalibrate_bn(run.student, views, hp.batch_size)
-    hp = replace(hp, bn_mode="eval")
-    check_train_params(hp)
-    return hp
+    return replace(hp, bn_mode="eval")
 
 
 @dataclass
@@ -120,8 +126,7 @@ def l1_bp(
 ) -> tuple[nn.Module, CompressReport]:
     """L1-norm pruning of ``teacher``, then cross-entropy fine-tuning on (``images``, ``labels``)."""
     cfg, hp = resolve_configs(config, params if params is not None else bp_defaults(teacher), BPConfig, overrides)
-    if hp.bn_mode != "recalibrate":
-        check_train_params(hp)
+    check_bp_params(hp)
     run = start("l1+bp", teacher, images, labels, cfg, Needs(labels=True))
     kept = prune_l1(run)
     train_hp = prepare_bn(run, hp)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import eval_mode
 from ..config import CompressConfig
 from ..data import augment
 from ..errors import UserError
@@ -191,12 +192,8 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def eval_loss(model: nn.Module, fn: Callable[[], torch.Tensor]) -> float:
     """``fn()`` with the model in eval mode and no gradients (mode restored after)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return float(fn())
-    finally:
-        model.train(was)
 
 
 def stage_record(run: Run, name: str, loss_before: float, loss_after: float, seconds: float) -> LayerRecord:

@@ -68,10 +68,9 @@ from ..config import CompressConfig
 from ..errors import UserError
 from ..models import model_family
 from ..run import CompressReport
-from .bp import prepare_bn
+from .bp import check_bp_params, prepare_bn
 from .common import (
     Needs,
-    check_train_params,
     eval_loss,
     feature_rows,
     finish,
@@ -185,8 +184,7 @@ def fitnet(
     cfg, hp = resolve_configs(
         config, params if params is not None else fitnet_defaults(teacher), FitNetConfig, overrides
     )
-    if hp.bn_mode != "recalibrate":
-        check_train_params(hp)
+    check_bp_params(hp)
     if not 0.0 <= hp.alpha <= 1.0 or hp.temperature <= 0:
         raise UserError(f"alpha must lie in [0, 1] and temperature be > 0, got {hp.alpha}, {hp.temperature}")
     run = start("fitnet", teacher, images, labels, cfg, Needs(labels=True))

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import capture_outputs
+from ..capture import capture_outputs, removing
 from ..config import CompressConfig
 from ..run import CompressReport
 from .common import Needs, Run, feature_rows, finish, mse, resolve_configs, ridge_lstsq, start
@@ -82,12 +82,8 @@ def following_bn(model: nn.Module, name: str, example: torch.Tensor) -> str | No
             found.append(bns[m])
 
     handles = [layer.register_forward_hook(layer_hook)] + [m.register_forward_pre_hook(bn_hook) for m in bns]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), torch.no_grad():
+        model(example)
     return found[0] if found else None
 
 
