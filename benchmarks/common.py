@@ -49,3 +49,16 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def validation_draws(info, seeds, ks, val_per_class: int):
+    """Per (seed, K): the few-shot draw from the train split (as ``load_few_shot``) with its labels, and
+    ``val_per_class`` validation images per class from the train split, disjoint from the draw (never test)."""
+    from crossdistill.data import few_shot_indices, load_dataset, load_validation, normalize
+
+    train = load_dataset(info.name, "train")
+    for seed in seeds:
+        for k in ks:
+            draw = few_shot_indices(train, k, seed, info.num_classes)
+            vx, vy = load_validation(info.name, val_per_class, seed=0, exclude=draw)
+            yield seed, k, normalize(train.images[draw], info), train.labels[draw], vx, vy

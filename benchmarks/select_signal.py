@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 from bench_target import overrides_for, tp_allocation, uniform_keep
-from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path, validation_draws
 from tables import header, publish
 
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.config import SIGNALS
-from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
+from crossdistill.data import dataset_info
 from crossdistill.evaluate import accuracy, count_flops
 from crossdistill.target import plan_target, pruned_plan
 
@@ -65,47 +65,42 @@ def run_cells(args) -> None:
     out = Path(args.out)
     done = {tuple(r[k] for k in KEYS) for r in read_jsonl(out)}
     info = dataset_info(args.dataset)
-    train = load_dataset(info.name, "train")
     env = {**machine(), "note": "shared 2-core machine, loaded by other jobs"}
-    for seed in args.seeds:
-        for k in args.ks:
-            draw = few_shot_indices(train, k, seed, info.num_classes)
-            images = normalize(train.images[draw], info)
-            vx, vy = load_validation(info.name, args.val_per_class, seed=0, exclude=draw)
-            for model_name in args.models:
-                teacher, _ = load_checkpoint(teacher_path(model_name, info.name))
-                teacher.eval()
-                base_cfg = CompressConfig(mu=official_mu(model_name))
-                plan = pruned_plan(teacher, images[:1], base_cfg)
-                shape = images.shape[1:]
-                base = count_flops(teacher, shape)
-                for fraction in args.targets:
-                    for variant in args.variants:
-                        todo = [r for r in args.refits if (model_name, fraction, k, seed, variant, r) not in done]
-                        if not todo:
-                            continue
-                        t0 = time.perf_counter()
-                        alloc_variant, _, criterion = variant.partition("+")
-                        overrides, own = allocation(alloc_variant, teacher, images, plan, base_cfg, fraction)
-                        alloc_s = time.perf_counter() - t0
-                        for refit in todo:
-                            cfg = copy.deepcopy(base_cfg)
-                            cfg.method, cfg.keep_overrides, cfg.kept_channels = refit, overrides, own
-                            cfg.channel_criterion = criterion or cfg.channel_criterion
-                            t1 = time.perf_counter()
-                            student, _ = compress(teacher, images, cfg)
-                            row = {
-                                "model": model_name, "dataset": info.name, "target": fraction, "k": k, "seed": seed,
-                                "variant": variant, "refit": refit, "val_accuracy": accuracy(student, vx, vy),
-                                "val_images": len(vy), "flops_fraction": count_flops(student, shape) / base,
-                                "alloc_seconds": alloc_s, "refit_seconds": time.perf_counter() - t1,
-                                "keep_overrides": overrides,
-                                "machine": env,
-                            }  # fmt: skip
-                            append_jsonl(out, row)
-                            print(f"{model_name} {fraction} K={k} seed={seed} {variant} {refit} "
-                                  f"val {row['val_accuracy']:.4f} flops {row['flops_fraction']:.3f} "
-                                  f"({alloc_s:.0f}+{row['refit_seconds']:.0f} s)", flush=True)  # fmt: skip
+    for seed, k, images, _, vx, vy in validation_draws(info, args.seeds, args.ks, args.val_per_class):
+        for model_name in args.models:
+            teacher, _ = load_checkpoint(teacher_path(model_name, info.name))
+            teacher.eval()
+            base_cfg = CompressConfig(mu=official_mu(model_name))
+            plan = pruned_plan(teacher, images[:1], base_cfg)
+            shape = images.shape[1:]
+            base = count_flops(teacher, shape)
+            for fraction in args.targets:
+                for variant in args.variants:
+                    todo = [r for r in args.refits if (model_name, fraction, k, seed, variant, r) not in done]
+                    if not todo:
+                        continue
+                    t0 = time.perf_counter()
+                    alloc_variant, _, criterion = variant.partition("+")
+                    overrides, own = allocation(alloc_variant, teacher, images, plan, base_cfg, fraction)
+                    alloc_s = time.perf_counter() - t0
+                    for refit in todo:
+                        cfg = copy.deepcopy(base_cfg)
+                        cfg.method, cfg.keep_overrides, cfg.kept_channels = refit, overrides, own
+                        cfg.channel_criterion = criterion or cfg.channel_criterion
+                        t1 = time.perf_counter()
+                        student, _ = compress(teacher, images, cfg)
+                        row = {
+                            "model": model_name, "dataset": info.name, "target": fraction, "k": k, "seed": seed,
+                            "variant": variant, "refit": refit, "val_accuracy": accuracy(student, vx, vy),
+                            "val_images": len(vy), "flops_fraction": count_flops(student, shape) / base,
+                            "alloc_seconds": alloc_s, "refit_seconds": time.perf_counter() - t1,
+                            "keep_overrides": overrides,
+                            "machine": env,
+                        }  # fmt: skip
+                        append_jsonl(out, row)
+                        print(f"{model_name} {fraction} K={k} seed={seed} {variant} {refit} "
+                              f"val {row['val_accuracy']:.4f} flops {row['flops_fraction']:.3f} "
+                              f"({alloc_s:.0f}+{row['refit_seconds']:.0f} s)", flush=True)  # fmt: skip
 
 
 def summary(out: Path) -> str:

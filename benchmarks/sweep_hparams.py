@@ -32,12 +32,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path, validation_draws
 from tables import write_md
 
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig
-from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
+from crossdistill.data import dataset_info
 from crossdistill.methods import run_method
 from crossdistill.mir import MirConfig, MirExtras, mir_refine
 
@@ -79,52 +79,46 @@ def cells(args: argparse.Namespace) -> list[tuple[str, dict]]:
 def run(args: argparse.Namespace, out: Path) -> None:
     done = {tuple(json.dumps(r[k], sort_keys=True) for k in KEYS) for r in read_jsonl(out)}
     info = dataset_info(args.dataset)
-    train = load_dataset(info.name, "train")
     env = machine()
-    for seed in args.seeds:
-        for k in args.ks:
-            # the few-shot draw (as load_few_shot) and a validation split that excludes it
-            draw = few_shot_indices(train, k, seed, info.num_classes)
-            images, labels = normalize(train.images[draw], info), train.labels[draw]
-            vx, vy = load_validation(info.name, args.val_per_class, seed=0, exclude=draw)
-            for model_name in args.models:
-                path = teacher_path(model_name, info.name)
-                if not path.exists():
-                    print(f"skip {model_name}: no teacher at {path}")
+    for seed, k, images, labels, vx, vy in validation_draws(info, args.seeds, args.ks, args.val_per_class):
+        for model_name in args.models:
+            path = teacher_path(model_name, info.name)
+            if not path.exists():
+                print(f"skip {model_name}: no teacher at {path}")
+                continue
+            teacher, meta = load_checkpoint(path)
+            starts: dict[str, torch.nn.Module] = {}
+            for method, params in cells(args):
+                cell = {"model": model_name, "prune": "structured", "keep": args.keep, "k": k, "seed": seed,
+                        "method": method, "params": params}  # fmt: skip
+                if tuple(json.dumps(cell[key], sort_keys=True) for key in KEYS) in done:
                     continue
-                teacher, meta = load_checkpoint(path)
-                starts: dict[str, torch.nn.Module] = {}
-                for method, params in cells(args):
-                    cell = {"model": model_name, "prune": "structured", "keep": args.keep, "k": k, "seed": seed,
-                            "method": method, "params": params}  # fmt: skip
-                    if tuple(json.dumps(cell[key], sort_keys=True) for key in KEYS) in done:
-                        continue
-                    t0 = time.perf_counter()
-                    cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name))
-                    row = {**cell, "dataset": info.name, "val_images": len(vy), "teacher_sha256": meta["sha256"]}
-                    if method != "refine":
-                        student, _ = run_method(method, teacher, images, labels, cfg, **params)
-                        row["val_accuracy"] = val_accuracy(student, vx, vy)
-                    else:
-                        start = params["start"].removesuffix("-recal")
-                        if start not in starts:
-                            starts[start], _ = run_method(start, teacher, images, labels, cfg)
-                        curve: list[dict] = []
+                t0 = time.perf_counter()
+                cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name))
+                row = {**cell, "dataset": info.name, "val_images": len(vy), "teacher_sha256": meta["sha256"]}
+                if method != "refine":
+                    student, _ = run_method(method, teacher, images, labels, cfg, **params)
+                    row["val_accuracy"] = val_accuracy(student, vx, vy)
+                else:
+                    start = params["start"].removesuffix("-recal")
+                    if start not in starts:
+                        starts[start], _ = run_method(start, teacher, images, labels, cfg)
+                    curve: list[dict] = []
 
-                        def record(step: int, model: torch.nn.Module, c=curve, x=vx, y=vy) -> None:
-                            c.append({"step": step, "val_accuracy": val_accuracy(model, x, y)})
+                    def record(step: int, model: torch.nn.Module, c=curve, x=vx, y=vy) -> None:
+                        c.append({"step": step, "val_accuracy": val_accuracy(model, x, y)})
 
-                        mcfg = MirConfig(steps=args.max_steps, lr=params["lr"], eval_every=args.eval_every,
-                                         recalibrate_bn=params["start"].endswith("-recal"))  # fmt: skip
-                        _, rinfo = mir_refine(starts[start], teacher, images, mcfg, extras=MirExtras(on_eval=record))
-                        row["curve"] = curve
-                        row["loss_before"], row["loss_after"] = rinfo["loss_before"], rinfo["loss_after"]
-                    row["seconds"] = time.perf_counter() - t0
-                    row["machine"] = {**env, "note": "shared 2-core machine, loaded by other jobs"}
-                    append_jsonl(out, row)
-                    acc = row.get("val_accuracy", max((c["val_accuracy"] for c in row.get("curve", [])), default=0))
-                    print(f"{model_name} K={k} seed={seed} {method} {params} val {acc:.4f} ({row['seconds']:.0f} s)",
-                          flush=True)  # fmt: skip
+                    mcfg = MirConfig(steps=args.max_steps, lr=params["lr"], eval_every=args.eval_every,
+                                     recalibrate_bn=params["start"].endswith("-recal"))  # fmt: skip
+                    _, rinfo = mir_refine(starts[start], teacher, images, mcfg, extras=MirExtras(on_eval=record))
+                    row["curve"] = curve
+                    row["loss_before"], row["loss_after"] = rinfo["loss_before"], rinfo["loss_after"]
+                row["seconds"] = time.perf_counter() - t0
+                row["machine"] = {**env, "note": "shared 2-core machine, loaded by other jobs"}
+                append_jsonl(out, row)
+                acc = row.get("val_accuracy", max((c["val_accuracy"] for c in row.get("curve", [])), default=0))
+                print(f"{model_name} K={k} seed={seed} {method} {params} val {acc:.4f} ({row['seconds']:.0f} s)",
+                      flush=True)  # fmt: skip
 
 
 def summarize(out: Path, md: Path) -> None:

@@ -18,12 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path
+from common import RESULTS, append_jsonl, machine, official_mu, read_jsonl, teacher_path, validation_draws
 from sweep_hparams import val_accuracy
 
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig
-from crossdistill.data import dataset_info, few_shot_indices, load_dataset, load_validation, normalize
+from crossdistill.data import dataset_info
 from crossdistill.methods import run_method
 
 SETTINGS = {  # name -> CompressConfig fields
@@ -40,30 +40,25 @@ KEYS = ("model", "k", "seed", "method", "setting")
 def run(args: argparse.Namespace, out: Path) -> None:
     done = {tuple(r[k] for k in KEYS) for r in read_jsonl(out)}
     info = dataset_info(args.dataset)
-    train = load_dataset(info.name, "train")
     env = {**machine(), "note": "shared 2-core machine, loaded by other jobs"}
-    for seed in args.seeds:
-        for k in args.ks:
-            draw = few_shot_indices(train, k, seed, info.num_classes)
-            images, labels = normalize(train.images[draw], info), train.labels[draw]
-            vx, vy = load_validation(info.name, args.val_per_class, seed=0, exclude=draw)
-            for model_name in args.models:
-                teacher, meta = load_checkpoint(teacher_path(model_name, info.name))
-                for method in args.methods:
-                    for name in args.settings:
-                        cell = {"model": model_name, "k": k, "seed": seed, "method": method, "setting": name}
-                        if tuple(cell[key] for key in KEYS) in done:
-                            continue
-                        t0 = time.perf_counter()
-                        cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name), **SETTINGS[name])
-                        student, _ = run_method(method, teacher, images, labels, cfg)
-                        row = {**cell, **SETTINGS[name], "keep": args.keep, "dataset": info.name,
-                               "val_images": len(vy), "val_accuracy": val_accuracy(student, vx, vy),
-                               "seconds": time.perf_counter() - t0, "teacher_sha256": meta["sha256"],
-                               "machine": env}  # fmt: skip
-                        append_jsonl(out, row)
-                        print(f"{model_name} K={k} seed={seed} {method} {name} val {row['val_accuracy']:.4f} "
-                              f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+    for seed, k, images, labels, vx, vy in validation_draws(info, args.seeds, args.ks, args.val_per_class):
+        for model_name in args.models:
+            teacher, meta = load_checkpoint(teacher_path(model_name, info.name))
+            for method in args.methods:
+                for name in args.settings:
+                    cell = {"model": model_name, "k": k, "seed": seed, "method": method, "setting": name}
+                    if tuple(cell[key] for key in KEYS) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name), **SETTINGS[name])
+                    student, _ = run_method(method, teacher, images, labels, cfg)
+                    row = {**cell, **SETTINGS[name], "keep": args.keep, "dataset": info.name,
+                           "val_images": len(vy), "val_accuracy": val_accuracy(student, vx, vy),
+                           "seconds": time.perf_counter() - t0, "teacher_sha256": meta["sha256"],
+                           "machine": env}  # fmt: skip
+                    append_jsonl(out, row)
+                    print(f"{model_name} K={k} seed={seed} {method} {name} val {row['val_accuracy']:.4f} "
+                          f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
 
 
 def summarize(out: Path, md: Path) -> None:
