@@ -51,6 +51,18 @@ FAITHFUL = {"tv_resnet18": "tv:resnet18", "tv_resnet50": "tv:resnet50", "tv_mobi
             "timm_ghostnet_100": "zoo:ghostnet", "timm_efficientnet_lite0": "zoo:bn_act"}  # fmt: skip
 
 
+def noise_images(teacher: torch.nn.Module, n_fit: int, n_held: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fitted and held-out noise images (seeded), the teacher's BN statistics re-estimated on both, eval mode."""
+    from crossdistill.compress import recalibrate_bn
+
+    gen = torch.Generator().manual_seed(1)
+    fit = torch.randn(n_fit, 3, size, size, generator=gen)
+    held = torch.randn(n_held, 3, size, size, generator=gen)
+    recalibrate_bn(teacher, torch.cat([fit, held]))
+    teacher.eval()
+    return fit, held
+
+
 def build(arch: str) -> tuple[torch.nn.Module, int]:
     from crossdistill.models import get_model, list_models, load_model_file
 
@@ -67,15 +79,10 @@ def rel_err(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor)
 
 
 def one(arch: str, method: str) -> dict:
-    from crossdistill.compress import recalibrate_bn
     from crossdistill.methods import run_method
 
     teacher, size = build(arch)
-    gen = torch.Generator().manual_seed(1)
-    fit = torch.randn(N_FIT, 3, size, size, generator=gen)
-    held = torch.randn(N_HELD, 3, size, size, generator=gen)
-    recalibrate_bn(teacher, torch.cat([fit, held]))
-    teacher.eval()
+    fit, held = noise_images(teacher, N_FIT, N_HELD, size)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -134,18 +141,13 @@ def reload_check(student: torch.nn.Module, spec: str, x: torch.Tensor, report: d
 
 
 def one_real(row: str, method: str) -> dict | None:
-    from crossdistill.compress import recalibrate_bn
     from crossdistill.methods import run_method
 
     built = build_real(row)
     if built is None:
         return None
     teacher, size, source, spec = built
-    gen = torch.Generator().manual_seed(1)
-    fit = torch.randn(REAL_FIT, 3, size, size, generator=gen)
-    held = torch.randn(REAL_HELD, 3, size, size, generator=gen)
-    recalibrate_bn(teacher, torch.cat([fit, held]))
-    teacher.eval()
+    fit, held = noise_images(teacher, REAL_FIT, REAL_HELD, size)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
