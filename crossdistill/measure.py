@@ -51,6 +51,7 @@ __all__ = [
     "count_params",
     "count_nonzero_params",
     "count_flops",
+    "FlopCount",
     "count_sparse_flops",
     "measure_latency",
     "measure_latency_pair",
@@ -117,6 +118,46 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     whose channels were physically removed cost proportionally less.
     """
     return _flops_by_module(model, input_shape)[0]
+
+
+class FlopCount:
+    """FLOPs of ``model`` counted once (:func:`count_flops`), and of the same model with channels removed
+    without tracing it again (:meth:`recount`).
+
+    FlopCounterMode counts a Conv2d or Linear as 2 x its output positions x its weight elements, and
+    removing channels changes neither the positions nor anything outside those layers. So when every
+    counted FLOP lies in a Conv2d / Linear layer, the same layers, narrower, cost the sum of each layer's
+    FLOPs per weight element times its weight elements now: exactly FlopCounterMode's own count, from the
+    shapes. Otherwise (a matmul in a ``forward``, layers renamed, added or dropped) it counts again.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int]):
+        self.input_shape = tuple(input_shape)
+        self.total, per_module = _flops_by_module(model, input_shape)
+        layers = _flop_layers(model)
+        per_weight: dict[str, tuple[type, int]] | None = {}
+        for name, m in layers.items():
+            flops, numel = per_module.get(name, 0), m.weight.numel()
+            if numel == 0 or flops % numel:
+                per_weight = None
+                break
+            per_weight[name] = (type(m), flops // numel)
+        if per_weight is not None and sum(per_module.get(n, 0) for n in layers) != self.total:
+            per_weight = None  # FLOPs outside the layers
+        self.per_weight = per_weight  # layer -> (type, FLOPs per weight element); None: count again
+
+    def recount(self, model: nn.Module) -> int:
+        """FLOPs of ``model``: the counted model with channels removed (from its shapes), else counted anew."""
+        if self.per_weight is not None:
+            layers = _flop_layers(model)
+            same = layers.keys() == self.per_weight.keys()
+            if same and all(type(m) is self.per_weight[n][0] for n, m in layers.items()):
+                return sum(self.per_weight[n][1] * m.weight.numel() for n, m in layers.items())
+        return count_flops(model, self.input_shape)
+
+
+def _flop_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def count_sparse_flops(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -49,14 +49,19 @@ def is_depthwise(layer: nn.Module) -> bool:
 
 
 @contextmanager
-def _reshape_guard() -> Iterator[None]:
+def _reshape_guard(mapped: bool = False) -> Iterator[None]:
     """torch-pruning 1.6 divides by an inferred channel count of 0 at some reshapes (torchvision's
     ShuffleNetV2: the channel shuffle after a split), while tracing and again in every
     ``get_pruning_group``, and aborts. Inside this block such a reshape is left without an index map instead
     (:meth:`ChannelRemover.prunable_channels` refuses channels that pass a reshape between convs anyway).
     torch-pruning's function is swapped only for the duration of our own call and restored on exit, so other
-    users of torch-pruning in the process see it unchanged (not thread-safe against a concurrent trace)."""
+    users of torch-pruning in the process see it unchanged (not thread-safe against a concurrent trace).
+
+    ``mapped``: the graph's index maps are up to date for the model as it is (:meth:`ChannelRemover.pruning_group`
+    knows): ``get_pruning_group`` then skips re-deriving every map of the graph, which walks back from each
+    reshape through the whole network on every call (ResNet-56: most of a group's cost)."""
     original = index_mapping.update_reshape_index_mapping
+    update_all = index_mapping.update_index_mapping
 
     def guarded(graph, node):  # noqa: ANN001, ANN202 - torch-pruning's own signature
         try:
@@ -65,10 +70,13 @@ def _reshape_guard() -> Iterator[None]:
             return None
 
     index_mapping.update_reshape_index_mapping = guarded
+    if mapped:
+        index_mapping.update_index_mapping = lambda graph: None
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_index_mapping = update_all
 
 
 class ChannelRemover:
@@ -89,9 +97,16 @@ class ChannelRemover:
             for p in frozen:
                 p.requires_grad_(False)
         self.names = {m: n for n, m in model.named_modules()}
+        # groups already walked, valid while every parameter keeps its shape (see pruning_group)
+        self._walked: dict[tuple, tp.Group] = {}
+        # the parameter shapes the graph's index maps were last derived for (build_dependency derives them)
+        self._shapes: tuple | None = self._param_shapes()
         self._groups: dict[str, list[int]] = {}
         self._ties: dict[str, dict[int, int]] = {}  # layer -> {twin input channel: the channel it is tied to}
         self._shared: set[str] = set()
+
+    def _param_shapes(self) -> tuple:
+        return tuple(p.shape for p in self.model.parameters())
 
     def _group(self, layer: nn.Module, idxs: list[int]) -> tp.Group:
         fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
@@ -99,9 +114,25 @@ class ChannelRemover:
 
     def pruning_group(self, layer: nn.Module, fn: Callable[..., Any], idxs: list[int]) -> tp.Group:
         """torch-pruning's group of ``fn`` (e.g. ``tp.prune_conv_out_channels``) on channels ``idxs`` of
-        ``layer``, with the reshape guard (every caller goes through here, never ``graph.get_pruning_group``)."""
-        with _reshape_guard():
-            return self.graph.get_pruning_group(layer, fn, idxs=idxs)
+        ``layer``, with the reshape guard (every caller goes through here, never ``graph.get_pruning_group``).
+
+        Walked once per model state: a group and the graph's index maps depend only on the graph and the
+        channel counts, so both are kept while every parameter of the model keeps its shape (a re-fit writes
+        weights in place and keeps them; removing channels, here or by anyone, changes a shape and drops
+        them). The same planning questions (prunable channels, touched modules, the channels about to go)
+        then cost one walk each per compression. Callers read the group, or prune it (which changes the
+        shapes); they do not modify it."""
+        shapes = self._param_shapes()
+        if shapes != self._shapes:
+            self._walked.clear()
+        key = (layer, fn, tuple(int(i) for i in idxs))
+        group = self._walked.get(key)
+        if group is None:
+            with _reshape_guard(mapped=shapes == self._shapes):
+                group = self.graph.get_pruning_group(layer, fn, idxs=list(idxs))
+            self._shapes = shapes  # get_pruning_group re-derived the index maps (or they were current)
+            self._walked[key] = group
+        return group
 
     def coupled_layers(self, layer: nn.Module) -> tuple[list[str], list[str]]:
         """(layers whose input channels change, layers whose output channels change) if input channel 0 of

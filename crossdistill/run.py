@@ -48,7 +48,7 @@ from .coverage import (
     width_mismatches,
 )
 from .errors import UserError
-from .measure import count_flops, count_params
+from .measure import FlopCount, count_flops, count_params
 from .objectives import Term
 from .plan import LayerPlan, make_plan
 from .pruning import ChannelRemover, apply_mask, sparsity
@@ -263,6 +263,7 @@ class Run:
     remover: ChannelRemover | None = None  # structured only; set by plan_layers
     records: list[LayerRecord] = field(default_factory=list)
     heldout: torch.Tensor | None = None  # images held out of the fit (config.holdout), for the report's error
+    flops: FlopCount | None = None  # the count before; finish's count after comes from it (same layers, narrower)
     # (images, F^T(images)) in eval mode, kept from the pass that captured the teacher's inputs (finish
     # reuses it for the output error instead of running the teacher again)
     teacher_output: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -319,9 +320,9 @@ def start(
         p.requires_grad_(True)
     example = images[:1]
     params_before = count_params(student)
-    flops_before = count_flops(student, example.shape[1:])
-    run = Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops_before, t_start)
-    run.heldout = heldout
+    flops = FlopCount(student, example.shape[1:])
+    run = Run(name, cfg, device, teacher, student, images, labels, example, params_before, flops.total, t_start)
+    run.heldout, run.flops = heldout, flops
     return run
 
 
@@ -374,7 +375,7 @@ def finish(
         params_before=run.params_before,
         params_after=count_params(student),
         flops_before=run.flops_before,
-        flops_after=count_flops(student, run.example.shape[1:]),
+        flops_after=run.flops.recount(student) if run.flops else count_flops(student, run.example.shape[1:]),
         sparsity=sparsity(student, [p.name for p in run.plan]),
         seconds=time.perf_counter() - run.t_start,
         peak_memory_mb=measure_peak_memory_mb(run.device),

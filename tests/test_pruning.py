@@ -1,0 +1,158 @@
+"""ChannelRemover's walked-group cache: the same groups as torch-pruning's own walk, dropped when the model
+changes shape (channels removed here or by anyone), and the same students with the cache as without."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from crossdistill.compress import compress
+from crossdistill.measure import FlopCount, count_flops
+from crossdistill.models import resnet20
+from crossdistill.pruning import ChannelRemover, _reshape_guard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo import TinyDenseNet, TinyMobileNetV2, ghostnet  # noqa: E402
+
+BUILDERS = {"resnet20": lambda: resnet20(5), "densenet": TinyDenseNet, "mobilenet": TinyMobileNetV2, "ghost": ghostnet}
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return BUILDERS[name]().eval()
+
+
+def _x(n: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _describe(remover: ChannelRemover, group: tp.Group) -> list[tuple]:
+    """A group as plain data: (module name, handler, indices, root indices) per item."""
+    names = {m: n for n, m in remover.model.named_modules()}
+    out = []
+    for item in group:
+        mod = item.dep.target.module
+        roots = item.root_idxs if item.root_idxs is not None else item.idxs
+        handler = f"{type(item.dep.handler.__self__).__name__}.{item.dep.handler.__name__}"
+        out.append((names.get(mod, type(mod).__name__), handler, list(item.idxs), list(roots)))
+    return sorted(out)
+
+
+def _walk(remover: ChannelRemover, layer: nn.Module, fn, idxs: list[int]) -> list[tuple]:
+    """torch-pruning's own walk, index maps re-derived, nothing kept."""
+    with _reshape_guard():
+        return _describe(remover, remover.graph.get_pruning_group(layer, fn, idxs=idxs))
+
+
+def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_cached_groups_are_torch_prunings_own_walks(arch: str) -> None:
+    model = _model(arch)
+    remover = ChannelRemover(model, _x())
+    for _, conv in _convs(model):
+        sides = ((tp.prune_conv_in_channels, conv.in_channels), (tp.prune_conv_out_channels, conv.out_channels))
+        for fn, width in sides:
+            idxs = list(range(0, width, 2))
+            first = remover.pruning_group(conv, fn, idxs)
+            assert remover.pruning_group(conv, fn, idxs) is first  # walked once
+            assert _describe(remover, first) == _walk(remover, conv, fn, idxs)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "densenet", "mobilenet"])
+def test_removing_channels_drops_the_walked_groups(arch: str) -> None:
+    model = _model(arch)
+    remover = ChannelRemover(model, _x())
+    names = [n for n, m in _convs(model) if remover.independently_prunable(n)]
+    assert names
+    before = {n: remover.pruning_group(model.get_submodule(n), tp.prune_conv_in_channels, [0]) for n in names}
+    target = model.get_submodule(names[0])
+    remover.remove_input_channels(names[0], torch.arange(0, target.in_channels, 2))
+    fresh = ChannelRemover(copy.deepcopy(model), _x())  # a graph traced on the pruned model
+    for n in names:
+        layer = model.get_submodule(n)
+        after = remover.pruning_group(layer, tp.prune_conv_in_channels, list(range(layer.in_channels)))
+        other = fresh.model.get_submodule(n)
+        expected = fresh.pruning_group(other, tp.prune_conv_in_channels, list(range(other.in_channels)))
+        assert _describe(remover, after) == _describe(fresh, expected)
+    assert remover.pruning_group(target, tp.prune_conv_in_channels, [0]) is not before[names[0]]
+
+
+def test_a_shape_changed_outside_the_remover_drops_the_walked_groups() -> None:
+    model = _model("resnet20")
+    remover = ChannelRemover(model, _x())
+    name = next(n for n, _ in _convs(model) if remover.independently_prunable(n))
+    layer = model.get_submodule(name)
+    old = remover.pruning_group(layer, tp.prune_conv_in_channels, [0, 1])
+    old.prune()  # torch-pruning directly: the remover is not told
+    group = remover.pruning_group(layer, tp.prune_conv_in_channels, [0, 1])
+    assert group is not old
+    assert _describe(remover, group) == _walk(remover, layer, tp.prune_conv_in_channels, [0, 1])
+
+
+def test_a_weight_written_in_place_keeps_the_walked_groups() -> None:
+    model = _model("resnet20")
+    remover = ChannelRemover(model, _x())
+    layer = _convs(model)[3][1]
+    group = remover.pruning_group(layer, tp.prune_conv_in_channels, [0])
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # a re-fit: same shapes, same graph
+    assert remover.pruning_group(layer, tp.prune_conv_in_channels, [0]) is group
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "ghost"])
+@pytest.mark.parametrize("method", ["ours", "nc"])
+def test_students_are_the_same_without_the_cache(arch: str, method: str, monkeypatch) -> None:
+    model, x = _model(arch), _x(8)
+    cached, report = compress(model, x, method=method, keep=0.5)
+
+    def uncached(self, layer, fn, idxs):  # every call walks again, index maps re-derived
+        with _reshape_guard():
+            return self.graph.get_pruning_group(layer, fn, idxs=list(idxs))
+
+    monkeypatch.setattr(ChannelRemover, "pruning_group", uncached)
+    plain, plain_report = compress(model, x, method=method, keep=0.5)
+    assert [r.kept_channels for r in report.layers] == [r.kept_channels for r in plain_report.layers]
+    a, b = cached.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert report.flops_after == plain_report.flops_after
+
+
+class _MatmulHead(nn.Module):
+    """A conv net whose forward multiplies two maps itself: FLOPs outside any Conv2d / Linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return (h.flatten(2) @ h.flatten(2).transpose(1, 2)).flatten(1)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "densenet", "mobilenet", "ghost", "matmul"])
+def test_flops_after_from_the_shapes_are_flop_counter_modes_own(arch: str) -> None:
+    model = _MatmulHead().eval() if arch == "matmul" else _model(arch)
+    counted = FlopCount(model, (3, 16, 16))
+    assert counted.total == count_flops(model, (3, 16, 16))
+    assert (counted.per_weight is None) == (arch == "matmul")  # a matmul in forward: counted again
+    student, report = compress(model, _x(8), method="ours", keep=0.5)
+    assert report.flops_after < report.flops_before == counted.total
+    assert report.flops_after == counted.recount(student) == count_flops(student, (3, 16, 16))
+
+
+def test_flops_are_counted_again_when_the_layers_differ() -> None:
+    model = _model("resnet20")
+    counted = FlopCount(model, (3, 16, 16))
+    other = copy.deepcopy(model)
+    other.fc = nn.Sequential(nn.Linear(other.fc.in_features, 7), nn.Linear(7, 5))  # a layer more
+    assert counted.recount(other) == count_flops(other, (3, 16, 16))
