@@ -226,6 +226,10 @@ class GraphStream:
     :class:`crossdistill.spill.Batches` on disk instead of one tensor. Peak
     memory is then a few batches' values, whatever the number of images;
     float32 as computed, so the results are the same.
+
+    :meth:`with_output` (before the first step): after the last step, :meth:`output` gives the model's
+    output from the kept values, recomputing only from the first node the last step changed
+    (``changed[-1]``), so that a report's output error costs the network's tail, not another forward pass.
     """
 
     def __init__(
@@ -259,13 +263,8 @@ class GraphStream:
             raise GraphUnsupported("the planned layers are not in the traced graph's order")
         self.where = where
         # step i recomputes from restart[i]: the earliest node whose module step i-1 changed
-        restart = [0]
-        for i in range(1, len(names)):
-            touched = [calls[m][0] for m in changed[i - 1] if len(calls.get(m, [])) == 1]
-            if any(len(calls.get(m, [])) > 1 for m in changed[i - 1]):
-                raise GraphUnsupported("a changed module is called more than once")
-            restart.append(min([where[i - 1], *touched]))
-        self.restart = restart
+        self.calls, self.changed = calls, changed
+        self.restart = [0] + [self._restart_after(i) for i in range(len(names) - 1)]
         self.last_use = [max((index[u] for u in n.users), default=-1) for n in self.nodes]
         self.inplace = [self._is_inplace(n) for n in self.nodes]
         for i, n in enumerate(self.nodes):  # a value read again after an in-place op changed it
@@ -278,6 +277,19 @@ class GraphStream:
         self.step = 0
         self.spill_bytes = None if spill_mb is None else spill_mb * 2**20
         self.disk: tempfile.TemporaryDirectory | None = None  # kept tensors, one file per batch, once spilled
+
+    def _restart_after(self, i: int) -> int:
+        """The node the step after step ``i`` recomputes from: the earliest one whose module step ``i`` changed."""
+        calls = self.calls
+        if any(len(calls.get(m, [])) > 1 for m in self.changed[i]):
+            raise GraphUnsupported("a changed module is called more than once")
+        return min([self.where[i], *[calls[m][0] for m in self.changed[i] if len(calls.get(m, [])) == 1]])
+
+    def with_output(self) -> None:
+        """Keep what :meth:`output` needs after the last step (call before the first step)."""
+        if self.step != 0 or len(self.restart) > len(self.where):
+            raise RuntimeError("with_output() comes once, before the first step")
+        self.restart.append(self._restart_after(len(self.where) - 1))
 
     def _is_inplace(self, n) -> bool:
         if n.op == "call_function":
@@ -340,6 +352,26 @@ class GraphStream:
     def kept_bytes(self) -> int:
         """Bytes of the kept tensors in memory (all batches)."""
         return sum(nbytes(v) for env in self.env for v in env.values() if type(v) is torch.Tensor)
+
+    @torch.no_grad()
+    def output(self) -> torch.Tensor | None:
+        """The model's output on all images (N, ...) after the last step (``output=True``), or None when the
+        graph returns something other than one tensor."""
+        if self.step != len(self.where) or len(self.restart) != len(self.where) + 1:
+            raise RuntimeError("output() comes after the last step of a stream set up with with_output()")
+        end = next(k for k, n in enumerate(self.nodes) if n.op == "output")
+        value = self.nodes[end].args[0]
+        if not isinstance(value, torch.fx.Node):
+            return None
+        outs = []
+        for b, x in enumerate(self.batches):
+            env = self._load(b)
+            for j in range(self.restart[-1], end):
+                env[self.nodes[j]] = self._run(j, env, x, self.restart[-1])
+            outs.append(env[value])
+            self.env[b] = {}
+        self.step += 1
+        return torch.cat(outs) if all(type(o) is torch.Tensor for o in outs) else None
 
     @torch.no_grad()
     def next_input(self, collect: bool = True) -> torch.Tensor | Batches | None:

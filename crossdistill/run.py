@@ -210,9 +210,11 @@ def output_error(
     images: torch.Tensor,
     batch_size: int = 128,
     teacher_output: torch.Tensor | None = None,
+    student_output: torch.Tensor | None = None,
 ) -> float:
     """``||F^S(x) - F^T(x)|| / ||F^T(x)||`` over ``images``, both networks in eval mode (modes restored).
-    ``teacher_output``: F^T(images) in eval mode already computed (then the teacher is not run)."""
+    ``teacher_output`` / ``student_output``: F^T(images) / F^S(images) in eval mode already computed (then
+    that network is not run)."""
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
@@ -222,7 +224,7 @@ def output_error(
             x = images[i : i + batch_size]
             with torch.no_grad():
                 yT = teacher(x) if teacher_output is None else teacher_output[i : i + batch_size]
-                yS = student(x)
+                yS = student(x) if student_output is None else student_output[i : i + batch_size]
             if not isinstance(yT, torch.Tensor):  # a dict / tuple output: compare its first tensor
                 yT, yS = first_tensor(yT), first_tensor(yS)
             diff += float((yS - yT).double().pow(2).sum())
@@ -267,6 +269,9 @@ class Run:
     # (images, F^T(images)) in eval mode, kept from the pass that captured the teacher's inputs (finish
     # reuses it for the output error instead of running the teacher again)
     teacher_output: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (images, F^S(images), the student's state then): the end of the one-pass stream, in eval mode (finish
+    # uses it while the student is still in that state: no BN recalibration, no refinement since)
+    student_output: tuple[torch.Tensor, torch.Tensor, tuple] | None = None
     capture: str = "per-layer"  # how refit_layers captured the student's inputs
 
     @property
@@ -387,14 +392,22 @@ def finish(
         report.heldout = heldout_errors(run.teacher, student, run.images, run.heldout, [p.name for p in run.plan])
         report.output_error = report.heldout["output_error"]
     else:
-        kept = run.teacher_output
+        kept, ends = run.teacher_output, run.student_output
         known = kept[1] if kept is not None and kept[0] is run.images else None
-        report.output_error = output_error(student, run.teacher, run.images, teacher_output=known)
+        same = ends is not None and ends[0] is run.images and ends[2] == state_versions(student)
+        report.output_error = output_error(
+            student, run.teacher, run.images, teacher_output=known, student_output=ends[1] if same else None
+        )
     _check_coverage(run, report)
     if report.heldout is not None and report.heldout["warning"]:
         warnings.warn(report.heldout["warning"], ShortfallWarning, stacklevel=2)
     student.widths = layer_widths(student)  # type: ignore[attr-defined]
     return student, report
+
+
+def state_versions(model: nn.Module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: any change to the model changes it."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 def _check_coverage(run: Run, report: CompressReport) -> None:
@@ -477,9 +490,13 @@ def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
             changed.append(run.remover.touched_modules(p.name, p.channels))
         else:
             changed.append([p.name])
+    # finish's output error on the fit images, from the stream's end: eval mode, nothing changing the student after
+    ends = run.heldout is None and not run.cfg.recalibrate_bn and run.cfg.refine is None and not run.student.training
     try:
         names = [p.name for p in run.plan]
         stream = GraphStream(run.student, names, changed, run.images, run.cfg.batch_size, run.cfg.spill_mb)
+        if ends:
+            stream.with_output()
     except GraphUnsupported as e:
         warnings.warn(f"capturing each layer's input with a forward pass per layer: {e}", stacklevel=3)
         return None
@@ -640,3 +657,7 @@ def _refit_each(
             res.fell_back,
         )
         run.records.append(record)
+    if stream is not None and len(stream.restart) > len(stream.where):  # set up with with_output()
+        out = stream.output()
+        if out is not None:
+            run.student_output = (run.images, out, state_versions(run.student))

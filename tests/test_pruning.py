@@ -13,7 +13,6 @@ import torch_pruning as tp
 from torch import nn
 
 from crossdistill.compress import compress
-from crossdistill.measure import FlopCount, count_flops
 from crossdistill.models import resnet20
 from crossdistill.pruning import ChannelRemover, _reshape_guard
 
@@ -124,35 +123,3 @@ def test_students_are_the_same_without_the_cache(arch: str, method: str, monkeyp
     a, b = cached.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert report.flops_after == plain_report.flops_after
-
-
-class _MatmulHead(nn.Module):
-    """A conv net whose forward multiplies two maps itself: FLOPs outside any Conv2d / Linear layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.c = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-        return (h.flatten(2) @ h.flatten(2).transpose(1, 2)).flatten(1)
-
-
-@pytest.mark.parametrize("arch", ["resnet20", "densenet", "mobilenet", "ghost", "matmul"])
-def test_flops_after_from_the_shapes_are_flop_counter_modes_own(arch: str) -> None:
-    model = _MatmulHead().eval() if arch == "matmul" else _model(arch)
-    counted = FlopCount(model, (3, 16, 16))
-    assert counted.total == count_flops(model, (3, 16, 16))
-    assert (counted.per_weight is None) == (arch == "matmul")  # a matmul in forward: counted again
-    student, report = compress(model, _x(8), method="ours", keep=0.5)
-    assert report.flops_after < report.flops_before == counted.total
-    assert report.flops_after == counted.recount(student) == count_flops(student, (3, 16, 16))
-
-
-def test_flops_are_counted_again_when_the_layers_differ() -> None:
-    model = _model("resnet20")
-    counted = FlopCount(model, (3, 16, 16))
-    other = copy.deepcopy(model)
-    other.fc = nn.Sequential(nn.Linear(other.fc.in_features, 7), nn.Linear(7, 5))  # a layer more
-    assert counted.recount(other) == count_flops(other, (3, 16, 16))
