@@ -6,8 +6,10 @@ Wraps the main steps (Gram matrices, solves, captures, torch-pruning's dependenc
 CPU-time counters (time.process_time, one thread), after the one-time torch._dynamo import that the
 first FlopCounterMode does, then runs one compression per method in this process (the first: as
 bench_scale.py times it; ``--warm`` runs one before). Nested steps are counted in their callers too
-(``LayerStep.stats`` contains ``add_batch`` contains ``gram``). Run it with another commit's code on
-PYTHONPATH for a before/after; interleave the two, the machine's load moves these numbers by ±15 %.
+(``LayerStep.stats`` contains ``add_batch`` contains ``gram``; ``_group`` contains ``pruning_group``,
+torch-pruning's walks, which ``prunable_channels`` and ``remove_input_channels`` call too). Steps a commit
+does not have are left out. Run it with another commit's code on PYTHONPATH for a before/after;
+interleave the two, the machine's load moves these numbers by ±15 %.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
 
     import crossdistill
     import crossdistill.capture as capture
+    import crossdistill.measure as measure
     import crossdistill.pruning as pruning
     import crossdistill.run as run
     import crossdistill.solvers as solvers
@@ -64,13 +67,14 @@ def main() -> None:
         (solvers, ["ridge_solve", "weight_product", "gram", "channel_scores", "never_worse"]),
         (solvers.GramSystem, ["loss"]),
         (solvers.LayerStats, ["add_batch", "system"]),
-        (capture.GraphStream, ["next_input"]),
-        (pruning.ChannelRemover, ["remove_input_channels", "_group", "prunable_channels"]),
+        (capture.GraphStream, ["next_input", "output"]),
+        (pruning.ChannelRemover, ["remove_input_channels", "_group", "pruning_group", "prunable_channels"]),
+        (getattr(measure, "FlopCount", None), ["__init__", "recount"]),  # the FLOP counts from session 6 on
         (run.LayerStep, ["stats"]),
     ]
     for owner, names in steps:
         for name in names:
-            if hasattr(owner, name):
+            if owner is not None and hasattr(owner, name):
                 _wrap(owner, name, acc, calls)
     teacher, _ = load_checkpoint(teacher_path("resnet56", "fashion-mnist"))
     images, _ = load_few_shot("fashion-mnist", 5, 0)

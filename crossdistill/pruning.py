@@ -99,6 +99,7 @@ class ChannelRemover:
         self.names = {m: n for n, m in model.named_modules()}
         # groups already walked, valid while every parameter keeps its shape (see pruning_group)
         self._walked: dict[tuple, tp.Group] = {}
+        self._owners = [m for m in model.modules() if m._parameters]  # modules holding parameters directly
         # the parameter shapes the graph's index maps were last derived for (build_dependency derives them)
         self._shapes: tuple | None = self._param_shapes()
         self._groups: dict[str, list[int]] = {}
@@ -106,7 +107,8 @@ class ChannelRemover:
         self._shared: set[str] = set()
 
     def _param_shapes(self) -> tuple:
-        return tuple(p.shape for p in self.model.parameters())
+        # every parameter, read from its module each time: a removal replaces a module's parameter objects
+        return tuple(p.shape for m in self._owners for p in m._parameters.values() if p is not None)
 
     def _group(self, layer: nn.Module, idxs: list[int]) -> tp.Group:
         fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels

@@ -572,7 +572,9 @@ def _refit_each(
     layer_terms = [terms_for(p) for p in plan]
     uses_teacher = any(t.p != 0 or t.r != 0 for terms in layer_terms if terms for t in terms)
     names = [p.name for p in plan]
-    cache = _teacher_inputs(run, names) if uses_teacher else None
+    # only the layers re-fitted: a layer left as it is (the mu-mix's unpruned ones) needs no teacher input
+    refitted = [n for n, terms in zip(names, layer_terms, strict=True) if terms is not None]
+    cache = _teacher_inputs(run, refitted) if uses_teacher else None
     stream = _student_stream(run, layer_terms)
     teacher_stream = None
     if uses_teacher and cache is None and stream is not None:
@@ -587,8 +589,6 @@ def _refit_each(
         wT = run.teacher.get_submodule(p.name).weight.detach()
         total = wT.shape[1] if run.structured else wT.numel()
         if terms is None:
-            if cache is not None:
-                cache.pop(p.name)
             for st in (stream, teacher_stream):
                 if st is not None:
                     st.next_input(collect=False)  # keeps the stream in step; its values are reused later
