@@ -35,6 +35,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from .errors import UserError
 
@@ -173,6 +174,9 @@ class ChannelRemover:
             self._groups[name], self._ties[name] = [], {}
             return []
         c_in = layer.weight.shape[1]
+        if self._every_channel_shared(layer, c_in):
+            self._groups[name], self._ties[name] = [], {}
+            return []
         covered: dict[nn.Module, set[int]] = {}  # other consumers -> their input channels shared with ``layer``
         producers = [0] * c_in
         blocked = [False] * c_in
@@ -231,6 +235,60 @@ class ChannelRemover:
             groups[t] = groups[r]
         self._groups[name] = [groups[j] for j in chosen]
         return chosen
+
+    def _every_channel_shared(self, layer: nn.Module, c_in: int) -> bool:
+        """Whether input channel 0's group alone shows that no input channel of ``layer`` can go.
+
+        When no dependency reachable from these channels maps them unevenly (a channel concatenation, split
+        or slice: :meth:`_maps_channels`), every input channel's group is channel 0's with the indices
+        moved, so when channel 0 also feeds another layer, comes from two producers or is a model output,
+        so does every channel, and :meth:`prunable_channels` finds none. Walking one channel instead of all
+        of them spares most of a plan's walking: a residual stream read by twenty layers is one large group.
+        The other consumers then read every channel of ``layer``, and are marked shared, as the full walk
+        marks them."""
+        try:
+            group = self._group(layer, [0])
+        except (IndexError, ZeroDivisionError, KeyError):
+            return False
+        if self._maps_channels(layer):
+            return False
+        producers, blocked, others = 0, False, {}
+        for item in group:
+            mod, handler = item.dep.target.module, item.dep.handler
+            blocked |= isinstance(mod, tp.ops._OutputOp)
+            if not isinstance(mod, _PARAM_LAYERS) or mod is layer or is_depthwise(mod):
+                continue
+            if self.graph.is_out_channel_pruning_fn(handler):
+                producers += 1  # (whether this producer may lose the channel is left to the full walk)
+            elif self.graph.is_in_channel_pruning_fn(handler):
+                blocked = True
+                others.setdefault(mod, set()).update(int(i) for i in item.idxs)
+        if not (blocked or producers > 1):
+            return False
+        for mod, idxs in others.items():  # channel 0's inputs of ``mod``, repeated for each of the c_in channels
+            if len(idxs) * c_in == getattr(mod, "in_channels", getattr(mod, "in_features", -1)) and mod in self.names:
+                self._shared.add(self.names[mod])
+        return True
+
+    def _maps_channels(self, layer: nn.Module) -> bool:
+        """Whether any dependency that removing input channels of ``layer`` can trigger, whatever the
+        channels, maps indices other than channel by channel alike (the graph's maps as of the last walk):
+        a concatenation, split or slice of channels does; a flatten (channel c to features c*s ... c*s+s-1,
+        and back) does not. torch-pruning's own walk without indices: every (node, pruning function)
+        reachable, each once."""
+        fn = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
+        stack, seen = [(self.graph.module2node[layer], fn)], set()
+        while stack:
+            node, trigger = stack.pop()
+            for dep in node.dependencies:
+                if not dep.is_triggered_by(trigger):
+                    continue
+                if any(m is not None and not isinstance(m, _FlattenIndexMapping) for m in dep.index_mapping):
+                    return True
+                if (dep.target, dep.handler) not in seen:
+                    seen.add((dep.target, dep.handler))
+                    stack.append((dep.target, dep.handler))
+        return False
 
     def _find_ties(self, layer: nn.Module, chosen: list[int], orphans: set[int], blocked: list[bool]) -> dict[int, int]:
         """Twin input channels of ``layer``: {twin: the chosen channel whose removal takes it along}. A twin is

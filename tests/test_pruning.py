@@ -13,11 +13,24 @@ import torch_pruning as tp
 from torch import nn
 
 from crossdistill.compress import compress
+from crossdistill.errors import UserError
 from crossdistill.models import resnet20
 from crossdistill.pruning import ChannelRemover, _reshape_guard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import TinyDenseNet, TinyMobileNetV2, ghostnet  # noqa: E402
+from zoo import (  # noqa: E402
+    TinyDenseNet,
+    TinyGoogLeNet,
+    TinyMobileNetV2,
+    TinyResNeXt,
+    TinyShuffleNet,
+    convnext,
+    efficientnet,
+    ghostnet,
+    inverted_residual,
+    mobilenet_v3,
+    squeezenet,
+)
 
 BUILDERS = {"resnet20": lambda: resnet20(5), "densenet": TinyDenseNet, "mobilenet": TinyMobileNetV2, "ghost": ghostnet}
 
@@ -123,3 +136,55 @@ def test_students_are_the_same_without_the_cache(arch: str, method: str, monkeyp
     a, b = cached.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert report.flops_after == plain_report.flops_after
+
+
+ZOO_ALL = {
+    **BUILDERS,
+    "efficientnet": efficientnet,
+    "mobilenet_v3": mobilenet_v3,
+    "convnext": convnext,
+    "squeezenet": squeezenet,
+    "inverted_residual": inverted_residual,
+    "resnext": TinyResNeXt,
+    "shufflenet": TinyShuffleNet,
+    "googlenet": TinyGoogLeNet,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ZOO_ALL))
+def test_one_channel_walk_finds_what_the_walk_over_every_channel_finds(arch: str, monkeypatch) -> None:
+    """A layer whose channel 0 is shared (a residual stream) is settled from channel 0's group alone."""
+    torch.manual_seed(0)
+    model = ZOO_ALL[arch]().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def answers(remover: ChannelRemover) -> tuple:
+        try:
+            chosen = [remover.prunable_channels(n) for n in names]
+        except UserError:  # a model torch-pruning cannot trace: the same error either way
+            return ("untraceable",)
+        groups = [remover.channel_groups(n) for n in names]
+        ties = [remover.channel_ties(n) for n in names]
+        as_lists = lambda ts: [None if t is None else t.tolist() for t in ts]  # noqa: E731
+        return chosen, as_lists(groups), as_lists(ties), remover._shared
+
+    fast = answers(_remover(model))
+    monkeypatch.setattr(ChannelRemover, "_every_channel_shared", lambda self, layer, c_in: False)
+    assert fast == answers(_remover(model))
+
+
+def _remover(model: nn.Module) -> ChannelRemover:
+    try:
+        return ChannelRemover(model, _x())
+    except UserError:
+        pytest.skip("torch-pruning cannot trace this model")
+
+
+def test_a_residual_stream_is_settled_from_one_channel() -> None:
+    model = _model("resnet20")
+    remover = ChannelRemover(model, _x())
+    reader = model.layer1[0].conv1  # reads the stream that every block of the stage adds to
+    assert remover._every_channel_shared(reader, reader.in_channels)
+    inner = model.layer1[0].conv2  # its only producer is conv1: prunable
+    assert not remover._every_channel_shared(inner, inner.in_channels)
+    assert remover.prunable_channels("layer1.0.conv2") == list(range(inner.in_channels))
