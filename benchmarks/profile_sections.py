@@ -86,8 +86,15 @@ def main() -> None:
             teacher(images)
         return time.process_time() - c
 
+    def forward_wall() -> float:
+        c = time.perf_counter()
+        with torch.no_grad():
+            teacher(images)
+        return time.perf_counter() - c
+
     forward()
     one = sorted(forward() for _ in range(5))[2]
+    one_wall = sorted(forward_wall() for _ in range(5))[2]
     count_flops(teacher, images.shape[1:])  # the one-time import, outside the timing
     print(f"# code: {os.path.dirname(crossdistill.__file__)}")
     for method in args.methods:
@@ -97,11 +104,18 @@ def main() -> None:
         acc.clear()
         calls.clear()
         c = time.process_time()
-        run_method(method, teacher, images, keep=0.5, **extra)
+        _, report = run_method(method, teacher, images, keep=0.5, **extra)
         total = time.process_time() - c
         print(f"== {method}: teacher forward {one:.3f} s, compression {total:.3f} s = {total / one:.2f} passes")
         for label, sec in sorted(acc.items(), key=lambda kv: -kv[1]):
             print(f"  {label:45s} {sec:7.3f} s {sec / one:6.2f} passes  ({calls[label]} calls)")
+        # the per-layer steps by kind (LayerRecord.seconds: wall time, capture + solve + removal of that layer)
+        kinds = {"pruned": [], "re-fitted, not pruned": [], "left as they are": []}
+        for r in report.layers:
+            kind = "left as they are" if r.skipped else "pruned" if r.kept < r.total else "re-fitted, not pruned"
+            kinds[kind].append(r.seconds)
+        steps = ", ".join(f"{k} {len(v)}: {sum(v) / one_wall:.2f}" for k, v in kinds.items() if v)
+        print(f"  layer steps in wall-time passes (teacher forward {one_wall:.3f} s wall): {steps}")
 
 
 if __name__ == "__main__":
