@@ -355,8 +355,8 @@ class GraphStream:
 
     @torch.no_grad()
     def output(self) -> torch.Tensor | None:
-        """The model's output on all images (N, ...) after the last step (``output=True``), or None when the
-        graph returns something other than one tensor."""
+        """The model's output on all images (N, ...) after the last step of a stream set up with
+        :meth:`with_output`, or None when the graph returns something other than one tensor."""
         if self.step != len(self.where) or len(self.restart) != len(self.where) + 1:
             raise RuntimeError("output() comes after the last step of a stream set up with with_output()")
         end = next(k for k, n in enumerate(self.nodes) if n.op == "output")

@@ -59,8 +59,8 @@ def _reshape_guard(mapped: bool = False) -> Iterator[None]:
     users of torch-pruning in the process see it unchanged (not thread-safe against a concurrent trace).
 
     ``mapped``: the graph's index maps are up to date for the model as it is (:meth:`ChannelRemover.pruning_group`
-    knows): ``get_pruning_group`` then skips re-deriving every map of the graph, which walks back from each
-    reshape through the whole network on every call (ResNet-56: most of a group's cost)."""
+    knows): ``get_pruning_group`` then skips re-deriving every map of the graph (a walk back from each
+    reshape and concatenation), which it otherwise does on every call."""
     original = index_mapping.update_reshape_index_mapping
     update_all = index_mapping.update_index_mapping
 

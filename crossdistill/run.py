@@ -394,7 +394,7 @@ def finish(
     else:
         kept, ends = run.teacher_output, run.student_output
         known = kept[1] if kept is not None and kept[0] is run.images else None
-        same = ends is not None and ends[0] is run.images and ends[2] == state_versions(student)
+        same = ends is not None and ends[0] is run.images and ends[2] == _state_versions(student)
         report.output_error = output_error(
             student, run.teacher, run.images, teacher_output=known, student_output=ends[1] if same else None
         )
@@ -405,7 +405,7 @@ def finish(
     return student, report
 
 
-def state_versions(model: nn.Module) -> tuple:
+def _state_versions(model: nn.Module) -> tuple:
     """Identity and in-place version of every parameter and buffer: any change to the model changes it."""
     return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
@@ -660,4 +660,4 @@ def _refit_each(
     if stream is not None and len(stream.restart) > len(stream.where):  # set up with with_output()
         out = stream.output()
         if out is not None:
-            run.student_output = (run.images, out, state_versions(run.student))
+            run.student_output = (run.images, out, _state_versions(run.student))
