@@ -1,8 +1,10 @@
 """Held-out output error of NC / Ours / Ours-S vs L1 without re-fit on the tiny zoo networks (#13).
 
 Each tests/zoo.py network (random init, 3x16x16, keep 0.5) is fitted on 4 or 8 N(0,1) images and
-scored on 16 others: ||F^S - F^T|| / ||F^T|| at the output, for the default ridge, ``ridge_per_unknown=1``
-``ridge_cv`` and ``ridge_guard``. Rows go to ``results/ridge_rule_zoo.jsonl`` (replaced), the table to
+scored on 16 others: ||F^S - F^T|| / ||F^T|| at the output, for main's default (``safety="off"``),
+``ridge_per_unknown=1``, ``ridge_cv``, ``ridge_guard`` (split halves), ``ridge_guard="views"`` alone (each with
+the safety net off), and the new default (the safety net, ``safety="views"``). Rows go to
+``results/ridge_rule_zoo.jsonl`` (replaced), the table to
 ``ridge_rule_zoo.md``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py
@@ -24,11 +26,14 @@ from crossdistill.run import output_error
 sys.path.insert(0, str(ROOT / "tests"))
 import zoo  # noqa: E402
 
+OFF = {"safety": "off"}
 SETTINGS = {
-    "default": {},
-    "per_unknown=1": {"ridge_per_unknown": 1.0},
-    "cv": {"ridge_cv": True},
-    "guard": {"ridge_guard": True},
+    "off": OFF,  # main's default before the safety net
+    "per_unknown=1": {"ridge_per_unknown": 1.0, **OFF},
+    "cv": {"ridge_cv": True, **OFF},
+    "guard": {"ridge_guard": True, **OFF},
+    "views guard": {"ridge_guard": "views", **OFF},
+    "safety (default)": {},
 }
 METHODS = ("nc", "ours", "ours-s")
 TOL = 1.05  # "no worse than L1": within 5 %
@@ -46,7 +51,7 @@ def main() -> None:
             fit, held = torch.randn(n_fit, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, generator=g)
             recalibrate_bn(teacher, torch.cat([fit, held]))
             teacher.eval()
-            jobs = [("l1", "default")] + [(m, s) for s in SETTINGS for m in METHODS]
+            jobs = [("l1", "off")] + [(m, s) for s in SETTINGS for m in METHODS]
             for method, setting in jobs:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -71,7 +76,7 @@ def main() -> None:
     for n_fit in (4, 8):
         for arch in builders:
             get = {(r["method"], r["setting"]): r["held"] for r in rows if r["arch"] == arch and r["images"] == n_fit}
-            l1 = get[("l1", "default")]
+            l1 = get[("l1", "off")]
             cells = []
             for s in SETTINGS:
                 for m in METHODS:
