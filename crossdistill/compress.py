@@ -156,6 +156,8 @@ def compress(
     fields, e.g. ``compress(model, x, method="ours", mu=0.9, keep=0.5)``.
     Returns ``(student, report)``: the student is an ordinary ``nn.Module``
     (the teacher is left untouched); narrower layers are physically removed.
+    With ``safety="views"`` (the default) a student worse than the no-re-fit start on check views of the
+    images is replaced by a guarded re-run or the start (:func:`_safety_net`, ``report.safety``).
     """
     cfg = copy.deepcopy(config) if config is not None else CompressConfig()
     for k, v in overrides.items():
@@ -262,8 +264,9 @@ def _safety_net(
     if skip is not None:
         return run, allocation, {**info, "skipped": skip}
     views = make_views(run.images, cfg.safety_views, cfg.safety_shift)
-    with torch.no_grad(), eval_mode(run.teacher):
-        yT = torch.cat([run.teacher(views[i : i + cfg.batch_size]) for i in range(0, len(views), cfg.batch_size)])
+    with torch.no_grad(), eval_mode(run.teacher):  # F^T(views) once, for the student and the start
+        outs = [run.teacher(views[i : i + cfg.batch_size]) for i in range(0, len(views), cfg.batch_size)]
+    yT = torch.cat(outs) if all(isinstance(o, torch.Tensor) for o in outs) else None  # dict outputs: run again
     student_err, start_err = views_errors(run, views, yT)
     info.update(views=len(views), student_error=student_err, start_error=start_err)
     if student_err <= cfg.safety_slack * start_err + SAFETY_ATOL:
