@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,21 +71,40 @@ def make_views(images: torch.Tensor, n_views: int, shift: float) -> torch.Tensor
     return out
 
 
+def _apply_start_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero, in ``model`` (the teacher or a copy), every input channel / weight ``masks`` says was removed."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            layer = model.get_submodule(name)
+            if mask.dim() == 1:  # kept input channels
+                shape = (1, -1) + (1,) * (layer.weight.dim() - 2)
+                layer.weight.mul_(mask.to(layer.weight.device, layer.weight.dtype).view(shape))
+            else:
+                apply_mask(layer, mask.to(layer.weight.device))
+
+
 def masked_start(run: Run) -> nn.Module:
     """The no-re-fit start of ``run``: a copy of the teacher with every input channel (structured) or weight
     (unstructured) the run removed set to zero, teacher weights everywhere else. Removed channels feed only
     the layer that drops them (and the gate's squeeze conv, zeroed too), so this computes what the pruned
     start computes."""
     start = copy.deepcopy(run.teacher).eval()
-    with torch.no_grad():
-        for name, mask in run.start_masks.items():
-            layer = start.get_submodule(name)
-            if mask.dim() == 1:  # kept input channels
-                shape = (1, -1) + (1,) * (layer.weight.dim() - 2)
-                layer.weight.mul_(mask.to(layer.weight.device, layer.weight.dtype).view(shape))
-            else:
-                apply_mask(layer, mask.to(layer.weight.device))
+    _apply_start_masks(start, run.start_masks)
     return start
+
+
+@contextmanager
+def _teacher_as_start(run: Run) -> Iterator[nn.Module]:
+    """The run's own teacher, masked into the start for the duration of the block and then restored exactly
+    (the masked layers' weights are saved): no copy of the whole network for one look at the views."""
+    saved = {n: run.teacher.get_submodule(n).weight.detach().clone() for n in run.start_masks}
+    try:
+        _apply_start_masks(run.teacher, run.start_masks)
+        yield run.teacher
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                run.teacher.get_submodule(n).weight.copy_(w)
 
 
 def pruned_start(run: Run) -> nn.Module:
@@ -104,8 +125,10 @@ def views_errors(run: Run, views: torch.Tensor, teacher_out: Any) -> tuple[float
     bs = run.cfg.batch_size
     known = teacher_out if isinstance(teacher_out, torch.Tensor) else None
     student = output_error(run.student, run.teacher, views, bs, teacher_output=known)
-    start = output_error(masked_start(run), run.teacher, views, bs, teacher_output=known)
-    return student, start
+    if known is None:  # the teacher runs alongside: the start must be a separate copy
+        return student, output_error(masked_start(run), run.teacher, views, bs)
+    with _teacher_as_start(run) as start:
+        return student, output_error(start, run.teacher, views, bs, teacher_output=known)
 
 
 def warn_fired(info: dict[str, Any]) -> None:
