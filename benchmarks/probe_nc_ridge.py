@@ -11,7 +11,7 @@ preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 With ``guard`` (``results/ridge_guard_real.jsonl``; ``table guard`` writes its .md) it runs L1 and each
 method at the default and with ``ridge_guard``, interleaved in one run so their times compare.
 With ``safety`` (``results/safety_real.jsonl``, resumable; ``table safety`` writes its .md) it runs L1 and
-each method with the safety net off (the old default), on (the new default, ``safety="views"``) and the
+each method with the safety net off (the old default), on with 16 and with 8 views (the default) and the
 views guard alone (``ridge_guard="views"``, safety off), interleaved; each row records ``report.safety``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py \
@@ -59,14 +59,21 @@ GUARD_OUT = Path(__file__).parent / "results" / "ridge_guard_real.jsonl"
 SAFETY_VARIANTS = [("l1", {})] + [
     (m, kw)
     for m in ("nc", "ours", "ours-s")
-    for kw in ({"safety": "off"}, {"safety": "views"}, {"ridge_guard": "views", "safety": "off"})
+    for kw in (
+        {"safety": "off"},
+        {"safety": "views", "safety_views": 16},
+        {"safety": "views", "safety_views": 8},
+        {"ridge_guard": "views", "safety": "off", "safety_views": 16},
+    )
 ]
 SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
 
 
 def _label(rec: dict) -> str:
-    keys = ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout", "safety")
+    keys = ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout", "safety", "safety_views")
     extra = {k: v for k, v in rec.items() if k in keys}
+    if rec.get("safety") == "views" or rec.get("ridge_guard") == "views":  # rows before views=8 was the default
+        extra.setdefault("safety_views", 16)
     return rec["method"] + (" " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
 
 
@@ -106,7 +113,7 @@ def table(src: Path = RULE_OUT) -> None:
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                on = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=views"), None)
+                on = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=views safety_views=8"), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:
                     sf = on.get("safety_report") or {}

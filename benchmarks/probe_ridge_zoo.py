@@ -32,7 +32,8 @@ SETTINGS = {
     "per_unknown=1": {"ridge_per_unknown": 1.0, **OFF},
     "cv": {"ridge_cv": True, **OFF},
     "guard": {"ridge_guard": True, **OFF},
-    "views guard": {"ridge_guard": "views", **OFF},
+    "views guard": {"ridge_guard": "views", "safety_views": 16, **OFF},
+    "safety 16 views": {"safety_views": 16},
     "safety (default)": {},
 }
 METHODS = ("nc", "ours", "ours-s")

@@ -1,10 +1,10 @@
 """Does the safety net (``CompressConfig.safety="views"``, the new default) fire on trained teachers? (#13)
 
-    OMP_NUM_THREADS=1 python benchmarks/probe_safety_trained.py --models vgg16 resnet56 --ks 1 5 --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/probe_safety_trained.py --models vgg16 resnet56 --ks 1 5 --seeds 0 1 --views 8
     python benchmarks/probe_safety_trained.py --summary     # rebuild the markdown summary only
 
 For each (model, K, seed, method) on the shipped Fashion-MNIST teachers: the run with ``safety="off"``
-(main's behaviour, the students the #11 / #12 grids use) and with the default, in one process. Each row
+(main's behaviour, the students the #11 / #12 grids use) and with the net on ``--views`` views, in one process. Each row
 records whether the net fired, what it returned, the output errors of the student and of the no-re-fit start
 on the check views, whether the two students are bit-identical (every state-dict tensor equal), and the
 validation accuracy of each (``--val-per-class`` images per class from the TRAIN split, disjoint from the
@@ -28,7 +28,7 @@ from crossdistill.compress import CompressConfig
 from crossdistill.data import dataset_info
 from crossdistill.methods import run_method
 
-KEYS = ("model", "k", "seed", "method")
+KEYS = ("model", "k", "seed", "method", "views")
 
 
 def _identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -37,14 +37,14 @@ def _identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def run(args: argparse.Namespace, out: Path) -> None:
-    done = {tuple(r[k] for k in KEYS) for r in read_jsonl(out)}
+    done = {tuple(r.get(k, 16) for k in KEYS) for r in read_jsonl(out)}  # rows without "views": 16
     info = dataset_info(args.dataset)
     env = {**machine(), "note": "shared 2-core machine, loaded by other jobs"}
     for seed, k, images, labels, vx, vy in validation_draws(info, args.seeds, args.ks, args.val_per_class):
         for model_name in args.models:
             teacher, meta = load_checkpoint(teacher_path(model_name, info.name))
             for method in args.methods:
-                cell = {"model": model_name, "k": k, "seed": seed, "method": method}
+                cell = {"model": model_name, "k": k, "seed": seed, "method": method, "views": args.views}
                 if tuple(cell[key] for key in KEYS) in done:
                     continue
                 cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name))
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
                 t1 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    on, report = run_method(method, teacher, images, labels, cfg)
+                    on, report = run_method(method, teacher, images, labels, cfg, safety_views=args.views)
                 t2 = time.perf_counter()
                 same = _identical(off, on)
                 acc_off = val_accuracy(off, vx, vy)
@@ -77,21 +77,22 @@ def summarize(out: Path, md: Path) -> None:
         "# Safety net on trained teachers (validation images of the train split; never test)",
         "",
         f"`benchmarks/probe_safety_trained.py`, raw rows in `{out.name}`. Structured keep 0.5, lstsq, "
-        '`safety="off"` (main) vs the default `safety="views"` (16 views: flip + shift 1/16) in one process. '
+        '`safety="off"` (main) vs `safety="views"` with `views` check views (flip + shift 1/16) in one process. '
         "Errors: ||F^S - F^T|| / ||F^T|| on the check views. Shared, loaded 2-core machine.",
         "",
-        "| model | K | seed | method | fired | returned | student err (views) | start err (views) | ratio | "
+        "| model | K | seed | method | views | fired | returned | student err (views) | start err (views) | ratio | "
         "identical | val off | val on | time on / off |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fired = 0
-    for r in sorted(rows, key=lambda r: tuple(r[k] for k in KEYS)):
+    for r in sorted(rows, key=lambda r: tuple(r.get(k, 16) for k in KEYS)):
         s = r["safety"] or {}
         fired += bool(s.get("fired"))
         se, st = s.get("student_error"), s.get("start_error")
         ratio = f"{se / st:.3f}" if se is not None and st else ""
         lines.append(
-            f"| {r['model']} | {r['k']} | {r['seed']} | {r['method']} | {s.get('fired')} | {s.get('returned')} | "
+            f"| {r['model']} | {r['k']} | {r['seed']} | {r['method']} | {r.get('views', 16)} | {s.get('fired')} | "
+            f"{s.get('returned')} | "
             f"{se:.4g} | {st:.4g} | {ratio} | {r['identical']} | {100 * r['val_accuracy_off']:.2f} | "
             f"{100 * r['val_accuracy_on']:.2f} | {r['seconds_on'] / max(r['seconds_off'], 1e-9):.2f} |"
         )
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=["nc", "ours", "ours-s"])
     ap.add_argument("--keep", type=float, default=0.5)
+    ap.add_argument("--views", type=int, default=8, help="safety_views of the run with the net on")
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--summary", action="store_true", help="only rebuild the markdown summary")
     args = ap.parse_args()
