@@ -11,7 +11,7 @@ preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 With ``guard`` (``results/ridge_guard_real.jsonl``; ``table guard`` writes its .md) it runs L1 and each
 method at the default and with ``ridge_guard``, interleaved in one run so their times compare.
 With ``safety`` (``results/safety_real.jsonl``, resumable; ``table safety`` writes its .md) it runs L1 and
-each method with the safety net off (the old default), on with 16 and with 8 views (the default) and the
+each method with the safety net off (the old default), on with 16 (the default) and with 8 views and the
 views guard alone (``ridge_guard="views"``, safety off), interleaved; each row records ``report.safety``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py \
@@ -113,7 +113,8 @@ def table(src: Path = RULE_OUT) -> None:
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                on = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=views safety_views=8"), None)
+                default = f"{m} safety=views safety_views=16"
+                on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:
                     sf = on.get("safety_report") or {}

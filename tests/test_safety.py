@@ -92,7 +92,8 @@ def test_safety_fires_on_a_blow_up_and_returns_the_start() -> None:
     s = report.safety
     assert s["fired"] and s["returned"] == "start" and s["student_error"] > s["start_error"]
     assert s["guarded_error"] > s["start_error"] and set(s["layers"]) <= {r.name for r in report.layers}
-    assert output_error(student, teacher, make_views(fit, s["views"], 0.0625)) == pytest.approx(s["start_error"], rel=1e-4)
+    views = make_views(fit, s["views"], 0.0625)
+    assert output_error(student, teacher, views) == pytest.approx(s["start_error"], rel=1e-4)
     l1, _ = _quiet("l1", teacher, fit)
     assert report.params_after == off_report.params_after  # the start has the student's architecture
     assert output_error(off, teacher, held) > 2 * output_error(l1, teacher, held)
@@ -111,11 +112,12 @@ def test_safety_leaves_a_student_that_is_better_than_the_start_bit_identical() -
 
 
 # the #13 bound on the zoo's overfitting cases, with the defaults. mobilenet_v3 with 4 images: Ours / Ours-S end at
-# x1.07 / x1.10 of L1 (the views of 4 images near-tie the start there; fresh images do not)
+# x1.07 / x1.07 of L1: the start itself (channels chosen on 4 noise images) is above L1 on fresh images there,
+# and the views of 4 images near-tie student and start
 _CASES = [
     ("efficientnet", 4),
     pytest.param(
-        "mobilenet_v3", 4, marks=pytest.mark.xfail(reason="Ours / Ours-S at x1.07 / x1.10 of L1", strict=False)
+        "mobilenet_v3", 4, marks=pytest.mark.xfail(reason="Ours / Ours-S at x1.07 / x1.07 of L1", strict=False)
     ),
     ("mobilenet_v3", 8),
 ]
@@ -131,7 +133,7 @@ def test_default_students_are_no_worse_than_l1_on_fresh_images(arch: str, n_fit:
 def test_safety_with_unstructured_pruning_and_a_holdout_runs() -> None:
     teacher, fit, _ = _noise_case("mobilenet_v3", 8)
     student, report = _quiet("ours-s", teacher, fit, prune="unstructured", holdout=0.25)
-    assert report.safety["views"] == 8 and report.safety["returned"] in ("student", "guarded", "start")
+    assert report.safety["views"] == 16 and report.safety["returned"] in ("student", "guarded", "start")
     assert student(fit).shape == teacher(fit).shape
 
 
