@@ -10,6 +10,13 @@ preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 
 With ``guard`` (``results/ridge_guard_real.jsonl``; ``table guard`` writes its .md) it runs L1 and each
 method at the default and with ``ridge_guard``, interleaved in one run so their times compare.
+With ``safety`` (``results/safety_real.jsonl``, resumable; ``table safety`` writes its .md) it runs L1 and
+each method with the safety net off (the old default), on with 16 (the default) and with 8 views and the
+views guard alone (``ridge_guard="views"``, safety off), interleaved; each row records ``report.safety``.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py \
+        tv_mobilenet_v3_small,tv_regnet_x_400mf,tv_efficientnet_b0,tv_googlenet,tv_resnet50 safety
+
 With a second argument ``rule`` it runs the #13 ridge rules instead (L1 without re-fit; NC, Ours, Ours-S
 at the default, ``ridge_per_unknown=1`` and ``ridge_cv``; NC at ridge 0.1) into ``results/ridge_rule_real.jsonl``.
 """
@@ -48,10 +55,25 @@ RULE_OUT = Path(__file__).parent / "results" / "ridge_rule_real.jsonl"
 # ``guard``: L1, then each method at the default and with ridge_guard, interleaved (same run: timings compare)
 GUARD_VARIANTS = [("l1", {})] + [(m, kw) for m in ("nc", "ours", "ours-s") for kw in ({}, {"ridge_guard": True})]
 GUARD_OUT = Path(__file__).parent / "results" / "ridge_guard_real.jsonl"
+# ``safety``: L1, then each method with the safety net off / on (default) / the views guard alone, interleaved
+SAFETY_VARIANTS = [("l1", {})] + [
+    (m, kw)
+    for m in ("nc", "ours", "ours-s")
+    for kw in (
+        {"safety": "off"},
+        {"safety": "views", "safety_views": 16},
+        {"safety": "views", "safety_views": 8},
+        {"ridge_guard": "views", "safety": "off", "safety_views": 16},
+    )
+]
+SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
 
 
 def _label(rec: dict) -> str:
-    extra = {k: v for k, v in rec.items() if k in ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout")}
+    keys = ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout", "safety", "safety_views")
+    extra = {k: v for k, v in rec.items() if k in keys}
+    if rec.get("safety") == "views" or rec.get("ridge_guard") == "views":  # rows before views=8 was the default
+        extra.setdefault("safety_views", 16)
     return rec["method"] + (" " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
 
 
@@ -63,7 +85,7 @@ def table(src: Path = RULE_OUT) -> None:
     held = {(r["arch"], _label(r)): r["held"] for r in rows}
     lines = [
         "# Held-out output error on real torchvision networks (`benchmarks/probe_nc_ridge.py <nets> "
-        + ("guard`)" if src == GUARD_OUT else "rule`)"),
+        + {GUARD_OUT: "guard`)", SAFETY_OUT: "safety`)"}.get(src, "rule`)"),
         "",
         "Random init, keep 0.5, 50 fitted / 25 held-out N(0,1) images at 64x64, one thread, shared 2-core "
         "machine. ||F^S - F^T|| / ||F^T|| on the held-out images; **bold**: above L1 x 1.05. Raw: "
@@ -86,15 +108,35 @@ def table(src: Path = RULE_OUT) -> None:
             pairs = [(m, (a, m), (a, m + " ridge_guard=True")) for m in ("nc", "ours", "ours-s")]
             ratios = [f"{m} x{secs[g] / max(secs[d], 1e-9):.2f}" for m, d, g in pairs if d in secs and g in secs]
             lines.append(f"- {a.removeprefix('tv_')}: " + ", ".join(ratios))
+    if src == SAFETY_OUT:  # what the net did, and its time over the old default's (same run, interleaved)
+        lines += ["", "Safety net (default): what it returned; time with it / without (same run, interleaved):", ""]
+        for a in archs:
+            cells = []
+            for m in ("nc", "ours", "ours-s"):
+                default = f"{m} safety=views safety_views=16"
+                on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
+                off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
+                if on is not None and off is not None:
+                    sf = on.get("safety_report") or {}
+                    cells.append(f"{m} {sf.get('returned', '?')} x{on['seconds'] / max(off['seconds'], 1e-9):.2f}")
+            lines.append(f"- {a.removeprefix('tv_')}: " + ", ".join(cells))
     src.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
     if sys.argv[1] == "table":
-        return table(GUARD_OUT if mode == "guard" else RULE_OUT)
+        return table({"guard": GUARD_OUT, "safety": SAFETY_OUT}.get(mode, RULE_OUT))
     torch.set_num_threads(1)
-    variants, out = {"rule": (RULE_VARIANTS, RULE_OUT), "guard": (GUARD_VARIANTS, GUARD_OUT)}.get(mode, (VARIANTS, OUT))
+    modes = {
+        "rule": (RULE_VARIANTS, RULE_OUT),
+        "guard": (GUARD_VARIANTS, GUARD_OUT),
+        "safety": (SAFETY_VARIANTS, SAFETY_OUT),
+    }
+    variants, out = modes.get(mode, (VARIANTS, OUT))
+    done = set()
+    if mode == "safety" and out.exists():  # resumable: a (net, variant) row already there is skipped
+        done = {(r["arch"], _label(r)) for r in map(json.loads, out.read_text().splitlines()) if r}
     for row in sys.argv[1].split(","):
         teacher, size, source, _ = bc.build_real(row)
         gen = torch.Generator().manual_seed(1)
@@ -103,13 +145,17 @@ def main() -> None:
         recalibrate_bn(teacher, torch.cat([fit, held]))
         teacher.eval()
         for method, kw in variants:
+            if (row, _label({"method": method, **kw})) in done:
+                continue
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                student, _ = run_method(method, teacher, fit, keep=0.5, **kw)
+                student, report = run_method(method, teacher, fit, keep=0.5, **kw)
             rec = {"arch": row, "source": source, "method": method, **kw,
                    "fit": bc.rel_err(student, teacher, fit), "held": bc.rel_err(student, teacher, held),
                    "seconds": round(time.perf_counter() - t0, 1), "machine": bc.machine()}  # fmt: skip
+            if mode == "safety":
+                rec["safety_report"] = report.safety
             print(json.dumps(rec), flush=True)
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -1,11 +1,14 @@
 """Held-out output error of NC / Ours / Ours-S vs L1 without re-fit on the tiny zoo networks (#13).
 
 Each tests/zoo.py network (random init, 3x16x16, keep 0.5) is fitted on 4 or 8 N(0,1) images and
-scored on 16 others: ||F^S - F^T|| / ||F^T|| at the output, for the default ridge, ``ridge_per_unknown=1``
-``ridge_cv`` and ``ridge_guard``. Rows go to ``results/ridge_rule_zoo.jsonl`` (replaced), the table to
+scored on 16 others: ||F^S - F^T|| / ||F^T|| at the output, for main's default (``safety="off"``),
+``ridge_per_unknown=1``, ``ridge_cv``, ``ridge_guard`` (split halves), ``ridge_guard="views"`` alone (each with
+the safety net off), and the new default (the safety net, ``safety="views"``). Rows go to
+``results/ridge_rule_zoo.jsonl`` (replaced), the table to
 ``ridge_rule_zoo.md``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py
+    PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py table     # the .md from the JSONL
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from crossdistill.run import output_error
 sys.path.insert(0, str(ROOT / "tests"))
 import zoo  # noqa: E402
 
+OFF = {"safety": "off"}
 SETTINGS = {
-    "default": {},
-    "per_unknown=1": {"ridge_per_unknown": 1.0},
-    "cv": {"ridge_cv": True},
-    "guard": {"ridge_guard": True},
+    "off": OFF,  # main's default before the safety net
+    "per_unknown=1": {"ridge_per_unknown": 1.0, **OFF},
+    "cv": {"ridge_cv": True, **OFF},
+    "guard": {"ridge_guard": True, **OFF},
+    "views guard": {"ridge_guard": "views", "safety_views": 16, **OFF},
+    "safety (default, 16 views)": {},
+    "safety 8 views": {"safety_views": 8},
 }
 METHODS = ("nc", "ours", "ours-s")
 TOL = 1.05  # "no worse than L1": within 5 %
@@ -46,7 +53,7 @@ def main() -> None:
             fit, held = torch.randn(n_fit, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, generator=g)
             recalibrate_bn(teacher, torch.cat([fit, held]))
             teacher.eval()
-            jobs = [("l1", "default")] + [(m, s) for s in SETTINGS for m in METHODS]
+            jobs = [("l1", "off")] + [(m, s) for s in SETTINGS for m in METHODS]
             for method, setting in jobs:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -58,6 +65,11 @@ def main() -> None:
     out = RESULTS / "ridge_rule_zoo.jsonl"
     env = {**machine(), "note": "shared 2-core machine"}
     out.write_text("".join(json.dumps({**r, "machine": env}) + "\n" for r in rows))
+    table(rows, list(builders))
+
+
+def table(rows: list[dict], archs: list[str]) -> None:
+    """``ridge_rule_zoo.md`` from the rows (``python probe_ridge_zoo.py table`` rebuilds it from the JSONL)."""
     lines = [
         "# Held-out output error vs L1 without re-fit, tiny zoo networks (`benchmarks/probe_ridge_zoo.py`)",
         "",
@@ -69,9 +81,9 @@ def main() -> None:
     ]
     worse = {s: 0 for s in SETTINGS}
     for n_fit in (4, 8):
-        for arch in builders:
+        for arch in archs:
             get = {(r["method"], r["setting"]): r["held"] for r in rows if r["arch"] == arch and r["images"] == n_fit}
-            l1 = get[("l1", "default")]
+            l1 = get[("l1", "off")]
             cells = []
             for s in SETTINGS:
                 for m in METHODS:
@@ -84,4 +96,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["table"]:
+        saved = [json.loads(line) for line in (RESULTS / "ridge_rule_zoo.jsonl").read_text().splitlines()]
+        table(saved, list(dict.fromkeys(r["arch"] for r in saved)))
+    else:
+        main()

@@ -391,6 +391,10 @@ def compress(
     ridge: str = typer.Option(
         str(DEFAULTS.ridge), help="lstsq ridge (x mean Gram diagonal), or auto: chosen on the --holdout images"
     ),
+    safety: str = typer.Option(
+        DEFAULTS.safety,
+        help="views: check the student against the no-re-fit start on flipped/shifted views, fall back if worse | off",
+    ),
     include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
     skip_unsupported: bool = typer.Option(
         DEFAULTS.skip_unsupported, help="leave layers that cannot be compressed untouched"
@@ -519,6 +523,7 @@ def compress(
             "round_to": round_to,
             "holdout": holdout,
             "ridge": _ridge(ridge),
+            "safety": safety,
         }
         budget = {
             "flops": target_flops,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .capture import eval_mode
 from .config import CompressConfig
 from .errors import UserError
 from .mir import refine_step
@@ -45,6 +46,7 @@ from .run import (
     resolve_device,
     start,
 )
+from .safety import make_views, pruned_start, views_errors, warn_fired
 from .solvers import (
     AdamOptions,
     LstsqOptions,
@@ -80,8 +82,12 @@ def _in_memory(step: LayerStep) -> tuple[torch.Tensor, torch.Tensor]:
     return hT, hT if step.hS is step.hT else materialize(step.hS)
 
 
-def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
-    """The per-layer solve of ``cfg.solver``: official Adam, or exact least squares (grouped convs per group)."""
+def _solver(
+    cfg: CompressConfig, n_fit: int | None = None, guarded: dict[str, float | None] | None = None
+) -> Callable[[LayerStep], SolveResult]:
+    """The per-layer solve of ``cfg.solver``: official Adam, or exact least squares (grouped convs per group).
+    ``n_fit``: ridge_guard="views", the first ``n_fit`` images are fitted, the rest are views; ``guarded``
+    collects each layer's guarded ridge (None: the start kept)."""
     lstsq = LstsqOptions(
         cfg.ridge,
         cfg.steps,
@@ -96,8 +102,11 @@ def _solver(cfg: CompressConfig) -> Callable[[LayerStep], SolveResult]:
     def solve(step: LayerStep) -> SolveResult:
         if cfg.solver == "adam":
             return adam_solve(step.layer, step.problem, *_in_memory(step), adam)  # full batch: every image at once
-        if cfg.ridge_guard:  # the image halves index images: inputs in memory (few-shot sizes)
-            return guard_solve(step.layer, step.problem, *_in_memory(step), lstsq)[0]
+        if cfg.ridge_guard:  # the image halves / views index images: inputs in memory (few-shot sizes)
+            res, ridge = guard_solve(step.layer, step.problem, *_in_memory(step), lstsq, n_fit)
+            if guarded is not None:
+                guarded[step.name] = ridge
+            return res
         if getattr(step.layer, "groups", 1) != 1:  # grouped / depthwise conv: solved group by group
             return solve_grouped(step.layer, step.problem, step.hT, step.hS, lstsq)
         if cfg.ridge_cv and step.problem.structured:
@@ -147,6 +156,8 @@ def compress(
     fields, e.g. ``compress(model, x, method="ours", mu=0.9, keep=0.5)``.
     Returns ``(student, report)``: the student is an ordinary ``nn.Module``
     (the teacher is left untouched); narrower layers are physically removed.
+    With ``safety="views"`` (the default) a student worse than the no-re-fit start on check views of the
+    images is replaced by a guarded re-run or the start (:func:`_safety_net`, ``report.safety``).
     """
     cfg = copy.deepcopy(config) if config is not None else CompressConfig()
     for k, v in overrides.items():
@@ -158,7 +169,31 @@ def compress(
     cfg.validate()
     if cfg.method not in METHODS:
         raise UserError(f"compress() runs {', '.join(METHODS)}; use run_method() for {cfg.method!r}")
+    run, allocation = _layerwise(teacher, images, copy.deepcopy(cfg), on_layer)
+    safety = _safety_net(teacher, images, cfg, run, allocation, on_layer) if cfg.safety != "off" else None
+    if safety is not None:
+        run, allocation, safety = safety
 
+    # finish: BN statistics if asked, then the holistic refinement from the layer-wise solution
+    # (refine="mir", crossdistill.mir), then the report
+    student, report = finish(run, refine=refine_step)
+    report.allocation = allocation.to_dict() if allocation is not None else None
+    report.safety = safety
+    if safety is not None and safety.get("fired"):
+        warn_fired(safety)
+    return student, report
+
+
+def _layerwise(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    cfg: CompressConfig,
+    on_layer: Callable[[int, int, str], None] | None,
+    guarded: dict[str, float | None] | None = None,
+) -> tuple[Run, Allocation | None]:
+    """Setup, budget, plan and the per-layer re-fit of one run (``cfg`` is the run's own copy: a target
+    changes it). ``ridge_guard="views"``: the check views join the images for the capture only (each layer
+    is fitted on the images and judged on the views), and leave them afterwards. ``guarded``: see _solver."""
     # setup: copies of the teacher on the device, checked images
     run = start(cfg.method, teacher, images, None, cfg)
 
@@ -187,14 +222,67 @@ def compress(
             return terms
         return unpruned_terms if moves_unpruned else None
 
-    # one step per layer: capture, solve, write, remove
-    refit_layers(run, terms_for, _solver(cfg), on_layer)
+    fit = run.images
+    if cfg.ridge_guard == "views":
+        run.fit_images = len(fit)
+        run.images = torch.cat([fit, make_views(fit, cfg.safety_views, cfg.safety_shift)])
 
-    # finish: BN statistics if asked, then the holistic refinement from the layer-wise solution
-    # (refine="mir", crossdistill.mir), then the report
-    student, report = finish(run, refine=refine_step)
-    report.allocation = allocation.to_dict() if allocation is not None else None
-    return student, report
+    # one step per layer: capture, solve, write, remove
+    refit_layers(run, terms_for, _solver(cfg, run.fit_images, guarded), on_layer)
+
+    if run.fit_images is not None:  # the views leave: the report and refinement see the fit images only
+        kept = run.teacher_output
+        run.images = fit
+        run.teacher_output = (fit, kept[1][: len(fit)]) if kept is not None else None
+    return run, allocation
+
+
+# relative output error below which a student is "as good as" the start whatever the slack: float rounding (keep=1
+# leaves the start = the teacher, error 0, and an exact re-fit at ~1e-7)
+SAFETY_ATOL = 1e-6
+
+
+def _safety_net(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    cfg: CompressConfig,
+    run: Run,
+    allocation: Allocation | None,
+    on_layer: Callable[[int, int, str], None] | None,
+) -> tuple[Run, Allocation | None, dict[str, Any]]:
+    """``cfg.safety="views"`` (crossdistill.safety): the run, or its fallback, and what happened."""
+    info: dict[str, Any] = {"mode": cfg.safety, "slack": cfg.safety_slack, "fired": False, "returned": "student"}
+    skip = None
+    if cfg.bn_mode == "train":
+        skip = "bn_mode='train'"
+    elif allocation is not None and allocation.dropped_blocks:
+        skip = "blocks dropped (the start is not the teacher)"
+    elif len(run.images) < 2:
+        skip = "fewer than 2 images"
+    elif run.start_masks is None:
+        skip = "a re-fitted layer was narrowed before its turn (no start in the teacher's indexing)"
+    if skip is not None:
+        return run, allocation, {**info, "skipped": skip}
+    views = make_views(run.images, cfg.safety_views, cfg.safety_shift)
+    with torch.no_grad(), eval_mode(run.teacher):  # F^T(views) once, for the student and the start
+        outs = [run.teacher(views[i : i + cfg.batch_size]) for i in range(0, len(views), cfg.batch_size)]
+    yT = torch.cat(outs) if all(isinstance(o, torch.Tensor) for o in outs) else None  # dict outputs: run again
+    student_err, start_err = views_errors(run, views, yT)
+    info.update(views=len(views), student_error=student_err, start_error=start_err)
+    if student_err <= cfg.safety_slack * start_err + SAFETY_ATOL:
+        return run, allocation, info
+    info["fired"] = True
+    if cfg.solver == "lstsq" and cfg.ridge_guard != "views":  # the re-run with each layer judged on the views
+        layers: dict[str, float | None] = {}
+        redo = dataclasses.replace(copy.deepcopy(cfg), ridge_guard="views", ridge_cv=False)
+        run2, alloc2 = _layerwise(teacher, images, redo, on_layer, layers)
+        info["guarded_error"] = views_errors(run2, views, yT)[0]
+        info["layers"] = {n: ("start" if r is None else r) for n, r in layers.items()}
+        if info["guarded_error"] <= cfg.safety_slack * start_err + SAFETY_ATOL:
+            return run2, alloc2, {**info, "returned": "guarded"}
+    run.student = pruned_start(run)
+    run.student.train(run.teacher.training)
+    return run, allocation, {**info, "returned": "start"}
 
 
 RIDGE_CANDIDATES = (1e-3, 1e-2, 1e-1, 1.0)

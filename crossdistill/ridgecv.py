@@ -165,7 +165,7 @@ def _safe(sys_a: LeastSquares, sys_b: LeastSquares, W0, mask, opts: LstsqOptions
 
 
 def guard_solve(
-    layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions
+    layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions, n_fit: int | None = None
 ) -> tuple[SolveResult, float | None]:
     """The re-fit with the smallest ridge that is no worse than the start on images it was not fitted on.
 
@@ -178,27 +178,50 @@ def guard_solve(
     where the exact re-fit generalises it stays as it is. Returns the result and the ridge used (None: the
     start was kept, or a grouped conv). Grouped / depthwise convs (structured: nothing removed): one ridge
     for the layer (:func:`_guard_groups`); unstructured grouped ones are solved as usual.
+
+    ``n_fit`` (``ridge_guard="views"``): the first ``n_fit`` images are the fit, the others check views
+    (crossdistill.safety.make_views). Each ridge is then solved on the fit images only and judged on the
+    views alone: no halving (the fit keeps every image and class), and no blind spot at K=1.
     """
+    n = len(hT)
+    views = n_fit is not None and 0 < n_fit < n
     if getattr(layer, "groups", 1) != 1:
-        if problem.structured and len(hT) >= 2:
-            return _guard_groups(layer, problem, hT, hS, opts), None
+        if problem.structured and (views or (n_fit is None and n >= 2)):
+            return _guard_groups(layer, problem, hT, hS, opts, n_fit), None
+        if n_fit is not None and n_fit < n:  # unstructured with views: fitted on the fit images alone
+            hT, hS = hT[:n_fit], (hS[:n_fit] if hS is not hT else None)
+            hS = hT if hS is None else hS
         return solve_grouped(layer, problem, hT, hS, opts), opts.ridge
-    if len(hT) < 2:  # nothing to hold out
-        system = _Fixed(_half_stats(layer, problem, hT, hS, torch.arange(len(hT)), opts.batch_size))
+    if not views and (n_fit is not None or n < 2):  # nothing to hold out
+        m = n if n_fit is None else n_fit
+        system = _Fixed(_half_stats(layer, problem, hT, hS, torch.arange(m), opts.batch_size))
         solve = solve_structured if problem.structured else solve_unstructured
         return solve(system, problem, opts), opts.ridge
-    sys_a, sys_b, full = _halves(layer, problem, hT, hS, opts.batch_size)
     W0 = problem.w0.flatten(1).double()
+    if views:
+        idx = torch.arange(n)
+        full = _half_stats(layer, problem, hT, hS, idx[:n_fit], opts.batch_size)
+        check = _half_stats(layer, problem, hT, hS, idx[n_fit:], opts.batch_size)
+        safe = lambda mask, o: _safe_on(full, check, W0, mask, o)  # noqa: E731
+    else:
+        sys_a, sys_b, full = _halves(layer, problem, hT, hS, opts.batch_size)
+        safe = lambda mask, o: _safe(sys_a, sys_b, W0, mask, o)  # noqa: E731
     for r in (opts.ridge, *[c for c in CV_RIDGES if c > opts.ridge]):
         o = replace(opts, ridge=r)
         res, mask = _solve_full(full, problem, W0, o)
-        if _safe(sys_a, sys_b, W0, mask, o):
+        if safe(mask, o):
             return res, r
     # none is safe: the start on the channels chosen at the largest ridge (the energy of ~ the start weights)
     start = W0 * mask.to(W0.dtype)
     out = never_worse(full, start, W0, mask if not problem.structured else mask[0], res.loss_before)
     out.weight, out.kept = out.weight.reshape(problem.w0.shape).float(), res.kept
     return out, None
+
+
+def _safe_on(fit: LeastSquares, check: LeastSquares, W0, mask, opts: LstsqOptions) -> bool:
+    """Whether the re-fit on ``fit`` scores within :data:`GUARD_SLACK` of the masked start on ``check``."""
+    start = W0 * mask.to(W0.dtype)
+    return check.loss(_fit_masked(fit, W0, mask, opts)) <= GUARD_SLACK * check.loss(start)
 
 
 def _solve_full(full: LeastSquares, problem: LayerProblem, W0, opts: LstsqOptions) -> tuple[SolveResult, torch.Tensor]:
@@ -213,21 +236,28 @@ def _solve_full(full: LeastSquares, problem: LayerProblem, W0, opts: LstsqOption
     return res, mask.expand_as(W0)
 
 
-def _guard_groups(layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions) -> SolveResult:
+def _guard_groups(
+    layer, problem: LayerProblem, hT: torch.Tensor, hS: torch.Tensor, opts: LstsqOptions, n_fit: int | None = None
+) -> SolveResult:
     """:func:`guard_solve`'s rule for a grouped conv, one ridge for the whole layer (all groups solved at once
-    per ridge): a depthwise group has a handful of rows per half, too few to judge it on its own."""
+    per ridge): a depthwise group has a handful of rows per half, too few to judge it on its own. ``n_fit``:
+    fit on the first ``n_fit`` images, judge on the rest (the views), as guard_solve."""
     idx = torch.arange(len(hT))
+    parts = (idx[:n_fit], idx[n_fit:]) if n_fit is not None else (idx[0::2], idx[1::2])
     halves: list[GroupSystems] = []
-    for part in (idx[0::2], idx[1::2]):
+    for part in parts:
         xT = hT[part]
         halves.append(group_systems(layer, problem, xT, xT if hS is hT else hS[part], opts.batch_size))
     sys_a, sys_b = halves
-    full = sys_a + sys_b
+    full = sys_a if n_fit is not None else sys_a + sys_b
     W0 = problem.w0.reshape(layer.groups, -1, full.A.shape[1]).double()
-    start = float(sys_a.loss(W0).sum() + sys_b.loss(W0).sum())  # the start is not fitted: in = out of sample
     for r in (opts.ridge, *[c for c in CV_RIDGES if c > opts.ridge]):
         o = replace(opts, ridge=r)
-        held = float(sys_b.loss(sys_a.solve(W0, o)).sum() + sys_a.loss(sys_b.solve(W0, o)).sum())
+        if n_fit is not None:  # judged on the views only
+            held, start = float(sys_b.loss(sys_a.solve(W0, o)).sum()), float(sys_b.loss(W0).sum())
+        else:  # the start is not fitted: in = out of sample
+            held = float(sys_b.loss(sys_a.solve(W0, o)).sum() + sys_a.loss(sys_b.solve(W0, o)).sum())
+            start = float(sys_a.loss(W0).sum() + sys_b.loss(W0).sum())
         if held <= GUARD_SLACK * start:
             return groups_result(full, full.solve(W0, o), W0, problem.w0.shape)
     return groups_result(full, W0, W0, problem.w0.shape)

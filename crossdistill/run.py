@@ -118,6 +118,10 @@ class CompressReport:
     # holdout > 0: output error on the held-out and the fitted images, overall and per layer (coverage.py)
     heldout: dict[str, Any] | None = None
     left_whole: list[dict[str, Any]] = field(default_factory=list)  # structured: {name, type, reason}
+    # the safety net (compress(), config.safety; crossdistill.safety): the errors on the check views, whether
+    # it fired and what it returned ("student" | "guarded" | "start"), or why it was skipped. With "start",
+    # ``layers`` still describe the re-fit that was replaced (their kept channels are the start's)
+    safety: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,6 +277,11 @@ class Run:
     # uses it while the student is still in that state: no BN recalibration, no refinement since)
     student_output: tuple[torch.Tensor, torch.Tensor, tuple] | None = None
     capture: str = "per-layer"  # how refit_layers captured the student's inputs
+    # what the run removed, in the teacher's indexing: layer -> kept input channels (C_in,) or weight mask
+    # (unstructured), for the no-re-fit start (crossdistill.safety.masked_start); None: not expressible
+    start_masks: dict[str, torch.Tensor] | None = field(default_factory=dict)
+    # ridge_guard="views": run.images[:fit_images] are fitted, the rest are check views no fit uses
+    fit_images: int | None = None
 
     @property
     def structured(self) -> bool:
@@ -504,6 +513,26 @@ def _student_stream(run: Run, layer_terms: list) -> GraphStream | None:
     return stream
 
 
+def _mask_start(run: Run, name: str, kept: torch.Tensor, width: int) -> None:
+    """Record in ``run.start_masks`` that layer ``name``, ``width`` input channels wide, keeps only input
+    channels / weights ``kept`` (indices, or a boolean weight mask), combined with what was recorded for it
+    before; a layer already narrower than the teacher's cannot be expressed in the teacher's indexing
+    (start_masks becomes None: the safety net is skipped)."""
+    if run.start_masks is None:
+        return
+    wT = run.teacher.get_submodule(name).weight
+    if width != wT.shape[1]:
+        run.start_masks = None
+        return
+    if kept.dtype == torch.bool:
+        mask = kept.detach().clone().cpu()
+    else:
+        mask = torch.zeros(wT.shape[1], dtype=torch.bool)
+        mask[kept.cpu()] = True
+    before = run.start_masks.get(name)
+    run.start_masks[name] = mask if before is None else before & mask
+
+
 def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
     """Re-fit the other readers of the channels about to go from ``name`` (the squeeze conv of a
     squeeze-excite block: it pools the channels it gates) on the channels kept, before they go. Left as
@@ -519,6 +548,7 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
         layer = run.student.get_submodule(other)
         c_in = layer.weight.shape[1]
         fixed = torch.tensor(sorted(set(range(c_in)) - set(gone)), dtype=torch.long, device=run.device)
+        _mask_start(run, other, fixed, c_in)
         if len(fixed) == 0 or len(fixed) == c_in:
             continue
         hS = capture_input(run.student, other, run.images, run.cfg.batch_size)
@@ -529,7 +559,7 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
             ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned, ridge_per_unknown=run.cfg.ridge_per_unknown
         )
         if getattr(run.cfg, "ridge_guard", False):  # the same out-of-sample guard as the layer's own re-fit
-            res = guard_solve(layer, problem, hS, hS, opts)[0]
+            res = guard_solve(layer, problem, hS, hS, opts, run.fit_images)[0]
         else:
             stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
             res = solve_structured(stats, problem, opts)
@@ -634,8 +664,10 @@ def _refit_each(
         if pruned:
             _refit_gate_inputs(run, p.name, res.kept)
             res.kept = run.remover.remove_input_channels(p.name, res.kept)
+            _mask_start(run, p.name, res.kept, total)
         elif not run.structured:
             apply_mask(layer, res.kept)
+            _mask_start(run, p.name, res.kept, layer.weight.shape[1])
         kept_channels = res.kept.tolist() if pruned else None
         if res.fell_back:
             warnings.warn(

@@ -342,7 +342,9 @@ def _zoo_ready(arch: str, x: torch.Tensor) -> nn.Module:
 def test_se_and_pointwise_linear_networks_reach_the_keep_ratio(arch: str, recwarn) -> None:
     x = _images()
     teacher = _zoo_ready(arch, x)
-    student, report = compress(teacher, x, method="nc", keep=0.5)
+    # the re-fit's reach on the fit images: the safety net (which judges fresh views, and may return the start on
+    # random-init nets) is tests/test_safety.py's subject
+    student, report = compress(teacher, x, method="nc", keep=0.5, safety="off")
     assert report.flops_after <= 0.6 * report.flops_before and report.shortfall is None
     _assert_beats(student, teacher, _no_reconstruction(teacher, report, x), x, 0.8, 0.75)
 

@@ -30,6 +30,23 @@ def test_compress_writes_a_student_that_loads_with_and_without_crossdistill(tmp_
     report = json.loads((out / "report.json").read_text())
     assert report["k"] == 1 and report["config"]["method"] == "ours"
     assert report["flops_after"] < report["flops_before"]
+    # a trained teacher: the re-fit beats the no-re-fit start on the views, the safety net keeps the student
+    assert (
+        report["safety"]["returned"] == "student"
+        and report["safety"]["student_error"] < report["safety"]["start_error"]
+    )
+
+
+def test_safety_option_reaches_the_config_and_bad_values_are_refused(tmp_path: Path, fashion_dir) -> None:
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--method", "nc",
+                              "--safety", "off", "--out", str(tmp_path), "--test-limit", "100", "--no-latency",
+                              "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["safety"] == "off" and report["safety"] is None
+    res = runner.invoke(app, ["compress", "--teacher", str(DEMO_TEACHER), "--k", "1", "--safety", "on",
+                              "--data-dir", str(fashion_dir)])  # fmt: skip
+    assert res.exit_code == 2 and "safety must be 'views' or 'off'" in res.output
 
 
 @pytest.mark.parametrize("method", sorted(BASELINES))

@@ -467,7 +467,7 @@ def _heldout_errors(arch: str, n_fit: int, **kw) -> dict[str, float]:
 
 @pytest.mark.parametrize(("arch", "n_fit"), _OVERFIT_CASES)
 def test_conditioned_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_fit: int) -> None:
-    errors = _heldout_errors(arch, n_fit, ridge_per_unknown=1.0)
+    errors = _heldout_errors(arch, n_fit, ridge_per_unknown=1.0, safety="off")
     # 5 %: the L1 student is itself a rough fit here (error ~1)
     assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours", "ours-s")), errors
 
@@ -484,19 +484,19 @@ _GUARD_CASES = [
 
 @pytest.mark.parametrize(("arch", "n_fit"), _GUARD_CASES)
 def test_guarded_refits_are_no_worse_than_l1_on_heldout_images(arch: str, n_fit: int) -> None:
-    errors = _heldout_errors(arch, n_fit, ridge_guard=True)
+    errors = _heldout_errors(arch, n_fit, ridge_guard=True, safety="off")
     assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours", "ours-s")), errors
 
 
 def test_guard_keeps_nc_and_ours_s_within_l1_with_four_images() -> None:
     # the xfail case above, for the methods that do meet the bound there
-    errors = _heldout_errors("mobilenet_v3", 4, ridge_guard=True)
+    errors = _heldout_errors("mobilenet_v3", 4, ridge_guard=True, safety="off")
     assert all(errors[m] <= 1.05 * errors["l1"] for m in ("nc", "ours-s")), errors
 
 
 def test_default_ridge_overfits_where_the_conditioned_one_does_not() -> None:
-    # the failure the option exists for, so a future default that fixes it shows up here
-    errors = _heldout_errors("mobilenet_v3", 8)
+    # the failure the options (and the safety net, tests/test_safety.py) exist for
+    errors = _heldout_errors("mobilenet_v3", 8, safety="off")
     assert errors["nc"] > 2 * errors["l1"], errors
 
 

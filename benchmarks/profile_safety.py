@@ -1,0 +1,79 @@
+"""The safety net's cost in teacher forward passes, in one process (#13).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/profile_safety.py --repeats 5 --views 16 8
+
+ResNet-56 on its Fashion-MNIST teacher, K=5 draw (50 images), structured keep 0.5, Ours and NC with
+``safety="off"`` and the net with each ``--views`` count alternated (after one warm-up run of each), CPU
+seconds of this one-thread process; one teacher forward pass over the same 50 images timed between them
+(median). Where the net does not fire (trained teacher) the difference is the check itself: the teacher, the
+student and the masked start on the views. Rows go to ``results/safety_cost.jsonl`` (appended), one per run;
+the summary prints medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+from common import RESULTS, append_jsonl, machine, teacher_path
+
+from crossdistill.checkpoint import load_checkpoint
+from crossdistill.data import load_few_shot
+from crossdistill.methods import run_method
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--views", type=int, nargs="+", default=[16], help="safety_views settings to time")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    teacher, _ = load_checkpoint(teacher_path("resnet56", "fashion-mnist"))
+    teacher.eval()
+    images, _ = load_few_shot("fashion-mnist", 5, 0)
+
+    def forward() -> float:
+        c0 = time.process_time()
+        with torch.no_grad():
+            teacher(images)
+        return time.process_time() - c0
+
+    out = RESULTS / "safety_cost.jsonl"
+    cost: dict[tuple[str, str], list[float]] = {}
+    passes: list[float] = []
+    for rep in range(args.repeats + 1):  # repeat 0 warms up (first FLOP counter, allocator)
+        for method in ("ours", "nc"):
+            for safety in ("off", *[f"views{v}" for v in args.views]):
+                passes.append(forward())
+                c0 = time.process_time()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    kw = {"safety": "off"} if safety == "off" else {"safety_views": int(safety.removeprefix("views"))}
+                    _, report = run_method(method, teacher, images, keep=0.5, mu=0.9, **kw)
+                cpu = time.process_time() - c0
+                if rep == 0:
+                    continue
+                cost.setdefault((method, safety), []).append(cpu)
+                row = {"model": "resnet56", "n": len(images), "method": method, "safety": safety, "repeat": rep,
+                       "cpu_s": round(cpu, 4), "fired": (report.safety or {}).get("fired"),
+                       "teacher_forward_cpu_s": round(passes[-1], 4), "machine": machine(),
+                       "note": "shared 2-core machine, loaded by other jobs"}  # fmt: skip
+                append_jsonl(out, row)
+    one = sorted(passes)[len(passes) // 2]
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    for method in ("ours", "nc"):
+        off = cost[(method, "off")]
+        for v in args.views:
+            on = cost[(method, f"views{v}")]
+            paired = [b - a for a, b in zip(off, on, strict=True)]  # each repeat's on - off, run back to back
+            summary = {"method": method, "views": v, "passes_off": round(med(off) / one, 2),
+                       "passes_on": round(med(on) / one, 2), "check_passes_paired": round(med(paired) / one, 2),
+                       "forward_cpu_s": round(one, 4)}  # fmt: skip
+            print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
