@@ -14,22 +14,10 @@ from torch import nn
 from crossdistill.capture import GraphStream
 from crossdistill.compress import compress
 from crossdistill.measure import FlopCount, count_flops
-from crossdistill.models import resnet20
 from crossdistill.run import output_error
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import TinyDenseNet, TinyMobileNetV2, ghostnet  # noqa: E402
-
-BUILDERS = {"resnet20": lambda: resnet20(5), "densenet": TinyDenseNet, "mobilenet": TinyMobileNetV2, "ghost": ghostnet}
-
-
-def _model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    return BUILDERS[name]().eval()
-
-
-def _x(n: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+from zoo import cache_net, noise_batch  # noqa: E402
 
 
 class _MatmulHead(nn.Module):
@@ -47,17 +35,17 @@ class _MatmulHead(nn.Module):
 
 @pytest.mark.parametrize("arch", ["resnet20", "densenet", "mobilenet", "ghost", "matmul"])
 def test_flops_after_from_the_shapes_are_flop_counter_modes_own(arch: str) -> None:
-    model = _MatmulHead().eval() if arch == "matmul" else _model(arch)
+    model = _MatmulHead().eval() if arch == "matmul" else cache_net(arch)
     counted = FlopCount(model, (3, 16, 16))
     assert counted.total == count_flops(model, (3, 16, 16))
     assert (counted.per_weight is None) == (arch == "matmul")  # a matmul in forward: counted again
-    student, report = compress(model, _x(8), method="ours", keep=0.5)
+    student, report = compress(model, noise_batch(8), method="ours", keep=0.5)
     assert report.flops_after < report.flops_before == counted.total
     assert report.flops_after == counted.recount(student) == count_flops(student, (3, 16, 16))
 
 
 def test_flops_are_counted_again_when_the_layers_differ() -> None:
-    model = _model("resnet20")
+    model = cache_net("resnet20")
     counted = FlopCount(model, (3, 16, 16))
     other = copy.deepcopy(model)
     other.fc = nn.Sequential(nn.Linear(other.fc.in_features, 7), nn.Linear(7, 5))  # a layer more
@@ -65,7 +53,7 @@ def test_flops_are_counted_again_when_the_layers_differ() -> None:
 
 
 def test_the_stream_ends_with_the_models_own_output() -> None:
-    model, x = _model("resnet20"), _x(10)
+    model, x = cache_net("resnet20"), noise_batch(10)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
     stream = GraphStream(model, names, [[n] for n in names], x, batch_size=4)
     stream.with_output()
@@ -84,7 +72,7 @@ def test_the_reports_output_error_is_the_students_own(arch: str, recalibrate: bo
     ends = []
     original = GraphStream.output
     monkeypatch.setattr(GraphStream, "output", lambda self: ends.append(1) or original(self))
-    model, x = _model(arch), _x(8)
+    model, x = cache_net(arch), noise_batch(8)
     student, report = compress(model, x, method="ours", keep=0.5, recalibrate_bn=recalibrate)
     assert report.capture == "one-pass"
     assert len(ends) == (0 if recalibrate else 1)  # BN statistics re-estimated after the stream: run again

@@ -14,34 +14,22 @@ from torch import nn
 
 from crossdistill.compress import compress
 from crossdistill.errors import UserError
-from crossdistill.models import resnet20
 from crossdistill.pruning import ChannelRemover, _reshape_guard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo import (  # noqa: E402
-    TinyDenseNet,
+    CACHE_NETS,
     TinyGoogLeNet,
-    TinyMobileNetV2,
     TinyResNeXt,
     TinyShuffleNet,
+    cache_net,
     convnext,
     efficientnet,
-    ghostnet,
     inverted_residual,
     mobilenet_v3,
+    noise_batch,
     squeezenet,
 )
-
-BUILDERS = {"resnet20": lambda: resnet20(5), "densenet": TinyDenseNet, "mobilenet": TinyMobileNetV2, "ghost": ghostnet}
-
-
-def _model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    return BUILDERS[name]().eval()
-
-
-def _x(n: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def _describe(remover: ChannelRemover, group: tp.Group) -> list[tuple]:
@@ -66,10 +54,10 @@ def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-@pytest.mark.parametrize("arch", sorted(BUILDERS))
+@pytest.mark.parametrize("arch", sorted(CACHE_NETS))
 def test_cached_groups_are_torch_prunings_own_walks(arch: str) -> None:
-    model = _model(arch)
-    remover = ChannelRemover(model, _x())
+    model = cache_net(arch)
+    remover = ChannelRemover(model, noise_batch())
     for _, conv in _convs(model):
         sides = ((tp.prune_conv_in_channels, conv.in_channels), (tp.prune_conv_out_channels, conv.out_channels))
         for fn, width in sides:
@@ -81,14 +69,14 @@ def test_cached_groups_are_torch_prunings_own_walks(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["resnet20", "densenet", "mobilenet"])
 def test_removing_channels_drops_the_walked_groups(arch: str) -> None:
-    model = _model(arch)
-    remover = ChannelRemover(model, _x())
+    model = cache_net(arch)
+    remover = ChannelRemover(model, noise_batch())
     names = [n for n, m in _convs(model) if remover.independently_prunable(n)]
     assert names
     before = {n: remover.pruning_group(model.get_submodule(n), tp.prune_conv_in_channels, [0]) for n in names}
     target = model.get_submodule(names[0])
     remover.remove_input_channels(names[0], torch.arange(0, target.in_channels, 2))
-    fresh = ChannelRemover(copy.deepcopy(model), _x())  # a graph traced on the pruned model
+    fresh = ChannelRemover(copy.deepcopy(model), noise_batch())  # a graph traced on the pruned model
     for n in names:
         layer = model.get_submodule(n)
         after = remover.pruning_group(layer, tp.prune_conv_in_channels, list(range(layer.in_channels)))
@@ -99,8 +87,8 @@ def test_removing_channels_drops_the_walked_groups(arch: str) -> None:
 
 
 def test_a_shape_changed_outside_the_remover_drops_the_walked_groups() -> None:
-    model = _model("resnet20")
-    remover = ChannelRemover(model, _x())
+    model = cache_net("resnet20")
+    remover = ChannelRemover(model, noise_batch())
     name = next(n for n, _ in _convs(model) if remover.independently_prunable(n))
     layer = model.get_submodule(name)
     old = remover.pruning_group(layer, tp.prune_conv_in_channels, [0, 1])
@@ -111,8 +99,8 @@ def test_a_shape_changed_outside_the_remover_drops_the_walked_groups() -> None:
 
 
 def test_a_weight_written_in_place_keeps_the_walked_groups() -> None:
-    model = _model("resnet20")
-    remover = ChannelRemover(model, _x())
+    model = cache_net("resnet20")
+    remover = ChannelRemover(model, noise_batch())
     layer = _convs(model)[3][1]
     group = remover.pruning_group(layer, tp.prune_conv_in_channels, [0])
     with torch.no_grad():
@@ -123,7 +111,7 @@ def test_a_weight_written_in_place_keeps_the_walked_groups() -> None:
 @pytest.mark.parametrize("arch", ["resnet20", "ghost"])
 @pytest.mark.parametrize("method", ["ours", "nc"])
 def test_students_are_the_same_without_the_cache(arch: str, method: str, monkeypatch) -> None:
-    model, x = _model(arch), _x(8)
+    model, x = cache_net(arch), noise_batch(8)
     cached, report = compress(model, x, method=method, keep=0.5)
 
     def uncached(self, layer, fn, idxs):  # every call walks again, index maps re-derived
@@ -139,7 +127,7 @@ def test_students_are_the_same_without_the_cache(arch: str, method: str, monkeyp
 
 
 ZOO_ALL = {
-    **BUILDERS,
+    **CACHE_NETS,
     "efficientnet": efficientnet,
     "mobilenet_v3": mobilenet_v3,
     "convnext": convnext,
@@ -175,14 +163,14 @@ def test_one_channel_walk_finds_what_the_walk_over_every_channel_finds(arch: str
 
 def _remover(model: nn.Module) -> ChannelRemover:
     try:
-        return ChannelRemover(model, _x())
+        return ChannelRemover(model, noise_batch())
     except UserError:
         pytest.skip("torch-pruning cannot trace this model")
 
 
 def test_a_residual_stream_is_settled_from_one_channel() -> None:
-    model = _model("resnet20")
-    remover = ChannelRemover(model, _x())
+    model = cache_net("resnet20")
+    remover = ChannelRemover(model, noise_batch())
     reader = model.layer1[0].conv1  # reads the stream that every block of the stage adds to
     assert remover._every_channel_shared(reader, reader.in_channels)
     inner = model.layer1[0].conv2  # its only producer is conv1: prunable

@@ -518,3 +518,25 @@ def pooled_mlp_head() -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5),
     )  # fmt: skip
+
+
+def _resnet20() -> nn.Module:
+    from crossdistill.models import resnet20
+
+    return resnet20(5)
+
+
+# a registry model and three zoo patterns (dense concat, inverted residual, ghost), for the tests of what a
+# compression caches or skips (tests/test_pruning.py, tests/test_passes.py)
+CACHE_NETS = {"resnet20": _resnet20, "densenet": TinyDenseNet, "mobilenet": TinyMobileNetV2, "ghost": ghostnet}
+
+
+def cache_net(name: str) -> nn.Module:
+    """``CACHE_NETS[name]`` with seeded weights, in eval mode."""
+    torch.manual_seed(0)
+    return CACHE_NETS[name]().eval()
+
+
+def noise_batch(n: int = 1) -> torch.Tensor:
+    """``n`` seeded N(0, 1) images of 3x16x16."""
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
