@@ -558,7 +558,7 @@ def _refit_gate_inputs(run: Run, name: str, kept: torch.Tensor) -> None:
         opts = LstsqOptions(
             ridge=ridge, ridge_conditioned=run.cfg.ridge_conditioned, ridge_per_unknown=run.cfg.ridge_per_unknown
         )
-        if getattr(run.cfg, "ridge_guard", False):  # the same out-of-sample guard as the layer's own re-fit
+        if run.cfg.ridge_guard:  # the same out-of-sample guard as the layer's own re-fit
             res = guard_solve(layer, problem, hS, hS, opts, run.fit_images)[0]
         else:
             stats = LayerStep(other, layer, problem, hS, hS, run.cfg.batch_size).stats()
