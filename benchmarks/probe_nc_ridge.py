@@ -11,8 +11,10 @@ preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 With ``guard`` (``results/ridge_guard_real.jsonl``; ``table guard`` writes its .md) it runs L1 and each
 method at the default and with ``ridge_guard``, interleaved in one run so their times compare.
 With ``safety`` (``results/safety_real.jsonl``, resumable; ``table safety`` writes its .md) it runs L1 and
-each method with the safety net off (the old default), on with 16 (the default) and with 8 views and the
-views guard alone (``ridge_guard="views"``, safety off), interleaved; each row records ``report.safety``.
+each method with the safety net off (the old default), on with 16 and with 8 views (session 6's net), the
+views guard alone (``ridge_guard="views"``, safety off) and session 7's default (8 views, a second set for
+the guarded re-run, the L1 start as a second reference: ``safety_l1_ratio``), interleaved; each row records
+``report.safety``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py \
         tv_mobilenet_v3_small,tv_regnet_x_400mf,tv_efficientnet_b0,tv_googlenet,tv_resnet50 safety
@@ -64,13 +66,24 @@ SAFETY_VARIANTS = [("l1", {})] + [
         {"safety": "views", "safety_views": 16},
         {"safety": "views", "safety_views": 8},
         {"ridge_guard": "views", "safety": "off", "safety_views": 16},
+        # session 7's default: 8 views, the guarded re-run judged on a second set, the L1 start as a second reference
+        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45},
     )
 ]
 SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
 
 
 def _label(rec: dict) -> str:
-    keys = ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout", "safety", "safety_views")
+    keys = (
+        "ridge",
+        "ridge_per_unknown",
+        "ridge_cv",
+        "ridge_guard",
+        "holdout",
+        "safety",
+        "safety_views",
+        "safety_l1_ratio",
+    )
     extra = {k: v for k, v in rec.items() if k in keys}
     if rec.get("safety") == "views" or rec.get("ridge_guard") == "views":  # rows before views=8 was the default
         extra.setdefault("safety_views", 16)
@@ -113,7 +126,7 @@ def table(src: Path = RULE_OUT) -> None:
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                default = f"{m} safety=views safety_views=16"
+                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45"
                 on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:
