@@ -66,8 +66,10 @@ SAFETY_VARIANTS = [("l1", {})] + [
         {"safety": "views", "safety_views": 16},
         {"safety": "views", "safety_views": 8},
         {"ridge_guard": "views", "safety": "off", "safety_views": 16},
-        # session 7's default: 8 views, the guarded re-run judged on a second set, the L1 start as a second reference
-        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45},
+        # session 7: 8 views, the guarded re-run judged on a second set, the L1 start as a second reference; first
+        # with 8 views for the guard and the second set, then (the default) 16 once the net fires
+        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 8},
+        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 16},
     )
 ]
 SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
@@ -126,7 +128,7 @@ def table(src: Path = RULE_OUT) -> None:
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45"
+                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45 safety_views_fired=16"
                 on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:

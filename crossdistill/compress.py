@@ -256,7 +256,7 @@ class _SecondViews:
     def views(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.made is None:
             cfg = self.run.cfg
-            v = make_views(self.run.images, cfg.safety_views, cfg.safety_shift, second=True)
+            v = make_views(self.run.images, cfg.safety_views_fired, cfg.safety_shift, second=True)
             self.made = (v, teacher_outputs(self.run, v))
         return self.made
 
@@ -298,11 +298,14 @@ def _safety_net(
         # the guarded re-run's layers were each judged on the first views: it and the start are judged on a second set
         judge = second.views()
         start_err2 = view_error(masked_start(run), run, *judge)
-        info.update(start_error_second=start_err2)
+        info.update(start_error_second=start_err2, views_second=len(judge[0]))
         result, err = None, start_err2
         if cfg.solver == "lstsq" and cfg.ridge_guard != "views":  # the re-run with each layer judged on the views
             layers: dict[str, float | None] = {}
             guarded = dataclasses.replace(copy.deepcopy(cfg), ridge_guard="views", ridge_cv=False)
+            guarded.safety_views = (
+                cfg.safety_views_fired
+            )  # each layer guarded on that many views (the first set's kind)
             run2, alloc2 = _layerwise(teacher, images, guarded, on_layer, layers)
             info["guarded_error"] = view_error(run2.student, run, *judge)
             info["layers"] = {n: ("start" if r is None else r) for n, r in layers.items()}
@@ -341,7 +344,9 @@ def _l1_reference(
     views, yT = second.views()
     if err is None:  # the student, which passed the first views
         err = view_error(result.student, run, views, yT)
-    info.update(kept=info["returned"], kept_error_second=err)  # what the check against its own start kept
+    info.update(
+        kept=info["returned"], kept_error_second=err, views_second=len(views)
+    )  # what the check against its own start kept
     base = dataclasses.replace(copy.deepcopy(run.cfg), target=None)  # a target's keeps are in keep_overrides
     l1 = l1_start(teacher, images, base)
     l1.cfg.target = run.cfg.target
@@ -355,7 +360,7 @@ def _l1_reference(
         # the method's own re-fit on the L1 channels, guarded as the run it replaces was
         refit = dataclasses.replace(base, kept_channels=channels)
         if info.get("layers") is not None:
-            refit = dataclasses.replace(refit, ridge_guard="views", ridge_cv=False)
+            refit = dataclasses.replace(refit, ridge_guard="views", ridge_cv=False, safety_views=cfg.safety_views_fired)
         run3, _ = _layerwise(teacher, images, refit, None)
         run3.cfg.target = run.cfg.target
         info["l1_refit_error"] = view_error(run3.student, run, views, yT)
