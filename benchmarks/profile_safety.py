@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--views", type=int, nargs="+", default=[16], help="safety_views settings to time")
+    ap.add_argument("--net", default="s7", help="the safety net's version, recorded in the rows (s6: no field)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     teacher, _ = load_checkpoint(teacher_path("resnet56", "fashion-mnist"))
@@ -59,7 +60,7 @@ def main() -> None:
                 cost.setdefault((method, safety), []).append(cpu)
                 row = {"model": "resnet56", "n": len(images), "method": method, "safety": safety, "repeat": rep,
                        "cpu_s": round(cpu, 4), "fired": (report.safety or {}).get("fired"),
-                       "teacher_forward_cpu_s": round(passes[-1], 4), "machine": machine(),
+                       "teacher_forward_cpu_s": round(passes[-1], 4), "net": args.net, "machine": machine(),
                        "note": "shared 2-core machine, loaded by other jobs"}  # fmt: skip
                 append_jsonl(out, row)
     one = sorted(passes)[len(passes) // 2]

@@ -348,7 +348,11 @@ def _l1_reference(
         kept=info["returned"], kept_error_second=err, views_second=len(views)
     )  # what the check against its own start kept
     base = dataclasses.replace(copy.deepcopy(run.cfg), target=None)  # a target's keeps are in keep_overrides
-    l1 = l1_start(teacher, images, base)
+    try:
+        l1 = l1_start(teacher, images, base)
+    except (UserError, RuntimeError) as e:  # a model L1 cannot prune as planned: the first reference stands
+        info["l1_skipped"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None
     l1.cfg.target = run.cfg.target
     l1_err = view_error(l1.student, run, views, yT)
     info["l1_start_error"] = l1_err

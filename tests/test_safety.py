@@ -263,3 +263,17 @@ def test_views_guard_needs_lstsq_and_eval_bn() -> None:
     for kw in ({"solver": "adam"}, {"bn_mode": "train"}):
         with pytest.raises(UserError, match='ridge_guard="views" needs solver="lstsq"'):
             CompressConfig(ridge_guard="views", **kw).validate()
+
+
+def test_l1_reference_that_cannot_be_built_leaves_the_first_check_standing(monkeypatch) -> None:
+    compress_module = sys.modules["crossdistill.compress"]  # the package's name "compress" is the function
+
+    def refuse(*args, **kwargs):
+        raise UserError("removing these channels would leave a layer empty")
+
+    monkeypatch.setattr(compress_module, "l1_start", refuse)
+    teacher, fit, _ = _noise_case("mobilenet_v3", 4)
+    off, _ = _quiet("ours", teacher, fit, safety="off")
+    student, report = _quiet("ours", teacher, fit)  # the L1 start would have replaced it
+    assert report.safety["returned"] == "student" and "leave a layer empty" in report.safety["l1_skipped"]
+    assert _same_weights(student, off)
