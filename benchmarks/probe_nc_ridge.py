@@ -85,6 +85,7 @@ def _label(rec: dict) -> str:
         "safety",
         "safety_views",
         "safety_l1_ratio",
+        "safety_views_fired",
     )
     extra = {k: v for k, v in rec.items() if k in keys}
     if rec.get("safety") == "views" or rec.get("ridge_guard") == "views":  # rows before views=8 was the default
