@@ -7,7 +7,11 @@ ResNet-56 on its Fashion-MNIST teacher, K=5 draw (50 images), structured keep 0.
 seconds of this one-thread process; one teacher forward pass over the same 50 images timed between them
 (median). Where the net does not fire (trained teacher) the difference is the check itself: the teacher, the
 student and the masked start on the views. Rows go to ``results/safety_cost.jsonl`` (appended), one per run;
-the summary prints medians.
+the summary prints medians. On a loaded machine the paired difference of two whole compressions (~7-15 passes
+each) scatters more than the check costs (session 7: -0.5 to +1.5 passes); ``--forwards`` times the check's
+three forwards on the views directly instead, each against a teacher pass (rows with ``"kind"``).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/profile_safety.py --forwards --views 8 16 --repeats 9
 """
 
 from __future__ import annotations
