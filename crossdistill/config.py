@@ -65,13 +65,15 @@ class CompressConfig:
     # re-fit, the student's output error against the teacher on ``safety_views`` check views (horizontal flip +
     # a shift of ``safety_shift`` x the image side, never fitted) is compared with the no-re-fit start's (same
     # channels / weights removed, teacher weights). Above ``safety_slack`` x the start's, the run is redone with
-    # ridge_guard="views", and if that is still above, the start is returned; report.safety and a SafetyWarning
-    # say so. Checked before recalibrate_bn / refine. Skipped (report.safety says why) with bn_mode="train"
-    # (views would change the batch statistics), with dropped blocks, or fewer than 2 images. "off": no check.
+    # ridge_guard="views", and if that is still above (on a second set of views), the start is returned; then, with
+    # structured pruning, the L1 start is a second reference (``safety_l1_ratio``): above it, the re-fit on the L1
+    # channels or the L1 start is returned. report.safety and a SafetyWarning say so. Checked before recalibrate_bn /
+    # refine. Skipped (report.safety says why) with bn_mode="train" (views would change the batch statistics), with
+    # dropped blocks, or fewer than 2 images. "off": no check.
     safety: str = "views"
     # views of the first check (one per image, spread over the images; up to 4 per image when fewer), the only cost
-    # where the net does not fire: 8 costs ~0.4 teacher pass over ResNet-56's 50 images (16: ~0.9,
-    # benchmarks/profile_safety.py); trained teachers' students sit at 0.12-0.34 x their start there.
+    # where the net does not fire: 8 costs ~0.5 teacher pass over ResNet-56's 50 images (16: ~0.8,
+    # benchmarks/profile_safety.py --forwards); trained teachers' students sit at 0.11-0.34 x their start there.
     safety_views: int = 8
     # once it fires (or the L1 start is consulted): the guarded re-run guards each layer on this many views, and it,
     # the start and the L1 start are judged on a second set of as many (make_views(second=True)), which no guard saw.
@@ -86,7 +88,7 @@ class CompressConfig:
     # the second reference, the L1 start (structured, the method's own channel choice; crossdistill.safety.l1_start),
     # is run when the net fired or the student's error on the views is >= this x its own start's: a re-fit that is
     # not far below its own start may owe that to a bad channel choice (random-init googlenet, Ours: 0.52 x its
-    # start, 1.75 vs L1 1.06 on fresh images). Trained teachers' students sit at 0.12-0.34 x their start on 8 views
+    # start, 1.75 vs L1 1.06 on fresh images). Trained teachers' students sit at 0.11-0.34 x their start on 8 views
     # (VGG-16 / ResNet-56, K=1/5, validation images, results/safety_trained_fashion-mnist.md): 0.45 leaves them
     # unchecked (no cost, bit-identical). 0: always; above safety_slack: only when the net fired.
     safety_l1_ratio: float = 0.45
