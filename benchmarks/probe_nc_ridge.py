@@ -67,9 +67,11 @@ SAFETY_VARIANTS = [("l1", {})] + [
         {"safety": "views", "safety_views": 8},
         {"ridge_guard": "views", "safety": "off", "safety_views": 16},
         # session 7: 8 views, the guarded re-run judged on a second set, the L1 start as a second reference; first
-        # with 8 views for the guard and the second set, then (the default) 16 once the net fires
+        # with 8 views for the guard and the second set, then 16 once the net fires (rows "net": "s7a", not re-run:
+        # judged on the second set alone)
         {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 8},
-        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 16},
+        # the default: a candidate guarded on views must also be no worse on the guard's own views
+        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 16, "net": "s7"},
     )
 ]
 SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
@@ -86,6 +88,7 @@ def _label(rec: dict) -> str:
         "safety_views",
         "safety_l1_ratio",
         "safety_views_fired",
+        "net",  # the safety net's version where its settings do not tell (not a CompressConfig field)
     )
     extra = {k: v for k, v in rec.items() if k in keys}
     if rec.get("safety") == "views" or rec.get("ridge_guard") == "views":  # rows before views=8 was the default
@@ -129,7 +132,7 @@ def table(src: Path = RULE_OUT) -> None:
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45 safety_views_fired=16"
+                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45 safety_views_fired=16 net=s7"
                 on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:
@@ -166,7 +169,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                student, report = run_method(method, teacher, fit, keep=0.5, **kw)
+                settings = {k: v for k, v in kw.items() if k != "net"}
+                student, report = run_method(method, teacher, fit, keep=0.5, **settings)
             rec = {"arch": row, "source": source, "method": method, **kw,
                    "fit": bc.rel_err(student, teacher, fit), "held": bc.rel_err(student, teacher, held),
                    "seconds": round(time.perf_counter() - t0, 1), "machine": bc.machine()}  # fmt: skip

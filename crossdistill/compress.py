@@ -247,18 +247,28 @@ def _layerwise(
 
 
 class _SecondViews:
-    """The second set of check views of a run and the teacher's outputs on them, made on first use."""
+    """The views a fired net judges on, made on first use with the teacher's outputs on them: the second set
+    (``second=True``, no guard has seen it) and the guard's own set (what ridge_guard="views" guarded each layer on,
+    ``safety_views_fired`` of the first kind). A candidate that was guarded on views replaces what it is compared
+    with only if it is no worse on both."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.made: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.made: dict[bool, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.made is None:
+    def views(self, second: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if second not in self.made:
             cfg = self.run.cfg
-            v = make_views(self.run.images, cfg.safety_views_fired, cfg.safety_shift, second=True)
-            self.made = (v, teacher_outputs(self.run, v))
-        return self.made
+            v = make_views(self.run.images, cfg.safety_views_fired, cfg.safety_shift, second=second)
+            self.made[second] = (v, teacher_outputs(self.run, v))
+        return self.made[second]
+
+    def no_worse(self, model: nn.Module, reference: nn.Module, slack: float) -> tuple[bool, float, float]:
+        """Whether ``model`` is within ``slack`` x ``reference``'s error on the guard's views too, and the two
+        errors there (the second set is compared by the caller)."""
+        views = self.views(second=False)
+        err, ref = view_error(model, self.run, *views), view_error(reference, self.run, *views)
+        return err <= slack * ref + SAFETY_ATOL, err, ref
 
 
 # relative output error below which a student is "as good as" the start whatever the slack: float rounding (keep=1
@@ -310,8 +320,11 @@ def _safety_net(
             info["guarded_error"] = view_error(run2.student, run, *judge)
             info["layers"] = {n: ("start" if r is None else r) for n, r in layers.items()}
             if info["guarded_error"] <= cfg.safety_slack * start_err2 + SAFETY_ATOL:
-                result, err, allocation = run2, info["guarded_error"], alloc2
-                info["returned"] = "guarded"
+                ok, g_err, s_err = second.no_worse(run2.student, masked_start(run), cfg.safety_slack)
+                info.update(guarded_error_guard_views=g_err, start_error_guard_views=s_err)
+                if ok:
+                    result, err, allocation = run2, info["guarded_error"], alloc2
+                    info["returned"] = "guarded"
     l1 = _l1_reference(teacher, images, cfg, run, info, (result, err, second))
     if l1 is not None:
         return l1, allocation, info
@@ -369,8 +382,11 @@ def _l1_reference(
         run3.cfg.target = run.cfg.target
         info["l1_refit_error"] = view_error(run3.student, run, views, yT)
         if info["l1_refit_error"] <= cfg.safety_slack * l1_err + SAFETY_ATOL:
-            info["returned"] = "l1-refit"
-            return run3
+            ok, r_err, l_err = second.no_worse(run3.student, l1.student, cfg.safety_slack)
+            info.update(l1_refit_error_guard_views=r_err, l1_start_error_guard_views=l_err)
+            if ok:
+                info["returned"] = "l1-refit"
+                return run3
     l1.student.train(run.teacher.training)
     return l1
 
