@@ -127,8 +127,17 @@ def table(src: Path = RULE_OUT) -> None:
             pairs = [(m, (a, m), (a, m + " ridge_guard=True")) for m in ("nc", "ours", "ours-s")]
             ratios = [f"{m} x{secs[g] / max(secs[d], 1e-9):.2f}" for m, d, g in pairs if d in secs and g in secs]
             lines.append(f"- {a.removeprefix('tv_')}: " + ", ".join(ratios))
-    if src == SAFETY_OUT:  # what the net did, and its time over the old default's (same run, interleaved)
-        lines += ["", "Safety net (default): what it returned; time with it / without (same run, interleaved):", ""]
+    if src == SAFETY_OUT:  # the session-7 variants, what the net did, its time over the old default's (same run)
+        lines += [
+            "",
+            "Session 7 (`safety_l1_ratio` rows: the L1 start as a second reference, the guarded re-run judged on a "
+            "second set of views): `safety_views_fired=8`, the guard and the second set 8 views each; `net=s7a`, "
+            "16 each, a guarded candidate judged on the second set only (left unfinished); `net=s7`, the default: "
+            "a guarded candidate must also be no worse on its guard's own views, and no re-fit on the L1 channels "
+            "where the net already fell back to its own start.",
+        ]
+        what = "Safety net (default): what it returned; its time / the safety=off row's (session 6's run: rough)"
+        lines += ["", what + ":", ""]
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
