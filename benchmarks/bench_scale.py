@@ -98,6 +98,8 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         before = forward_pass(repeats)
     w0, c0 = time.perf_counter(), time.process_time()
     extra = {"mu": mu, "capture": capture} if method != "l1" else {}  # l1 has no objective and no capture
+    if os.environ.get("BENCH_SAFETY") and method != "l1":  # an arm of --safety-off: the safety net's setting
+        extra["safety"] = os.environ["BENCH_SAFETY"]
     student, report = run_method(method, teacher, images, keep=0.5, device=device, **extra)
     sync()
     seconds, cpu_seconds = time.perf_counter() - w0, time.process_time() - c0
@@ -227,6 +229,8 @@ def main() -> None:
     )
     ap.add_argument("--captures", nargs="+", default=["one-pass", "per-layer", "none"], help="cells of these captures")
     ap.add_argument("--base-commit", default="base", help="the commit of --base, recorded in its rows")
+    ap.add_argument("--head-commit", default=None, help="with --base: the label of this code's rows")
+    ap.add_argument("--safety-off", action="store_true", help="with --base: a third arm, this code with safety='off'")
     ap.add_argument("--summary", type=Path, default=None, help="only write the median ratios of --out to this .md")
     args = ap.parse_args()
     if args.readme:
@@ -250,9 +254,15 @@ def main() -> None:
         if (model, definitions, n, method, capture, args.device) in done and not args.again:
             continue
         cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
-        codes = [None] if args.base is None else [args.base, None]
-        for code in codes:
-            env = None if code is None else {**os.environ, "PYTHONPATH": str(code), "BENCH_COMMIT": args.base_commit}
+        arms = [(None, None)] if args.base is None else [(args.base, args.base_commit), (None, args.head_commit)]
+        if args.safety_off and method != "l1":
+            arms.append(("off", f"{args.head_commit} safety=off"))
+        for code, label in arms:
+            env = None if code is None and label is None else {**os.environ, "BENCH_COMMIT": label or ""}
+            if code == "off":
+                env["BENCH_SAFETY"] = "off"
+            elif code is not None:
+                env["PYTHONPATH"] = str(code)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds, env=env)
             except subprocess.TimeoutExpired:

@@ -11,8 +11,10 @@ preparation as bench_coverage.one_real. Needs torchvision (e.g. /work/tvenv):
 With ``guard`` (``results/ridge_guard_real.jsonl``; ``table guard`` writes its .md) it runs L1 and each
 method at the default and with ``ridge_guard``, interleaved in one run so their times compare.
 With ``safety`` (``results/safety_real.jsonl``, resumable; ``table safety`` writes its .md) it runs L1 and
-each method with the safety net off (the old default), on with 16 (the default) and with 8 views and the
-views guard alone (``ridge_guard="views"``, safety off), interleaved; each row records ``report.safety``.
+each method with the safety net off (the old default), on with 16 and with 8 views (session 6's net), the
+views guard alone (``ridge_guard="views"``, safety off) and session 7's default (8 views, a second set for
+the guarded re-run, the L1 start as a second reference: ``safety_l1_ratio``), interleaved; each row records
+``report.safety``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_nc_ridge.py \
         tv_mobilenet_v3_small,tv_regnet_x_400mf,tv_efficientnet_b0,tv_googlenet,tv_resnet50 safety
@@ -64,13 +66,30 @@ SAFETY_VARIANTS = [("l1", {})] + [
         {"safety": "views", "safety_views": 16},
         {"safety": "views", "safety_views": 8},
         {"ridge_guard": "views", "safety": "off", "safety_views": 16},
+        # session 7: 8 views, the guarded re-run judged on a second set, the L1 start as a second reference; first
+        # with 8 views for the guard and the second set, then 16 once the net fires (rows "net": "s7a", not re-run:
+        # judged on the second set alone)
+        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 8},
+        # the default: a candidate guarded on views must also be no worse on the guard's own views
+        {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 16, "net": "s7"},
     )
 ]
 SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
 
 
 def _label(rec: dict) -> str:
-    keys = ("ridge", "ridge_per_unknown", "ridge_cv", "ridge_guard", "holdout", "safety", "safety_views")
+    keys = (
+        "ridge",
+        "ridge_per_unknown",
+        "ridge_cv",
+        "ridge_guard",
+        "holdout",
+        "safety",
+        "safety_views",
+        "safety_l1_ratio",
+        "safety_views_fired",
+        "net",  # the safety net's version where its settings do not tell (not a CompressConfig field)
+    )
     extra = {k: v for k, v in rec.items() if k in keys}
     if rec.get("safety") == "views" or rec.get("ridge_guard") == "views":  # rows before views=8 was the default
         extra.setdefault("safety_views", 16)
@@ -108,12 +127,21 @@ def table(src: Path = RULE_OUT) -> None:
             pairs = [(m, (a, m), (a, m + " ridge_guard=True")) for m in ("nc", "ours", "ours-s")]
             ratios = [f"{m} x{secs[g] / max(secs[d], 1e-9):.2f}" for m, d, g in pairs if d in secs and g in secs]
             lines.append(f"- {a.removeprefix('tv_')}: " + ", ".join(ratios))
-    if src == SAFETY_OUT:  # what the net did, and its time over the old default's (same run, interleaved)
-        lines += ["", "Safety net (default): what it returned; time with it / without (same run, interleaved):", ""]
+    if src == SAFETY_OUT:  # the session-7 variants, what the net did, its time over the old default's (same run)
+        lines += [
+            "",
+            "Session 7 (`safety_l1_ratio` rows: the L1 start as a second reference, the guarded re-run judged on a "
+            "second set of views): `safety_views_fired=8`, the guard and the second set 8 views each; `net=s7a`, "
+            "16 each, a guarded candidate judged on the second set only (left unfinished); `net=s7`, the default: "
+            "a guarded candidate must also be no worse on its guard's own views, and no re-fit on the L1 channels "
+            "where the net already fell back to its own start.",
+        ]
+        what = "Safety net (default): what it returned; its time / the safety=off row's (session 6's run: rough)"
+        lines += ["", what + ":", ""]
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                default = f"{m} safety=views safety_views=16"
+                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45 safety_views_fired=16 net=s7"
                 on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:
@@ -150,7 +178,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                student, report = run_method(method, teacher, fit, keep=0.5, **kw)
+                settings = {k: v for k, v in kw.items() if k != "net"}
+                student, report = run_method(method, teacher, fit, keep=0.5, **settings)
             rec = {"arch": row, "source": source, "method": method, **kw,
                    "fit": bc.rel_err(student, teacher, fit), "held": bc.rel_err(student, teacher, held),
                    "seconds": round(time.perf_counter() - t0, 1), "machine": bc.machine()}  # fmt: skip

@@ -9,6 +9,7 @@ the safety net off), and the new default (the safety net, ``safety="views"``). R
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py
     PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py table     # the .md from the JSONL
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probe_ridge_zoo.py only "safety 16 views"  # re-run settings
 """
 
 from __future__ import annotations
@@ -34,17 +35,22 @@ SETTINGS = {
     "cv": {"ridge_cv": True, **OFF},
     "guard": {"ridge_guard": True, **OFF},
     "views guard": {"ridge_guard": "views", "safety_views": 16, **OFF},
-    "safety (default, 16 views)": {},
-    "safety 8 views": {"safety_views": 8},
+    "safety 16 views": {"safety_views": 16},
+    "safety (default, 8 views)": {},  # session 7: second views for the guarded re-run, the L1 start as a reference
 }
 METHODS = ("nc", "ours", "ours-s")
 TOL = 1.05  # "no worse than L1": within 5 %
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
+    """Every setting, or with ``only`` those settings (the other rows are kept from the JSONL)."""
     torch.set_num_threads(1)
     builders = {n: getattr(zoo, n) for n in zoo.ALL} | dict(zoo.PATTERNS)
+    out = RESULTS / "ridge_rule_zoo.jsonl"
     rows = []
+    if only:
+        saved = [json.loads(line) for line in out.read_text().splitlines()]
+        rows = [r for r in saved if r["setting"] in SETTINGS and r["setting"] not in only]
     for n_fit in (4, 8):
         for arch, build in builders.items():
             torch.manual_seed(0)
@@ -54,6 +60,8 @@ def main() -> None:
             recalibrate_bn(teacher, torch.cat([fit, held]))
             teacher.eval()
             jobs = [("l1", "off")] + [(m, s) for s in SETTINGS for m in METHODS]
+            if only:
+                jobs = [(m, s) for m, s in jobs if s in only]
             for method, setting in jobs:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -62,9 +70,8 @@ def main() -> None:
                 row = {"arch": arch, "images": n_fit, "method": method, "setting": setting, **errors}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = RESULTS / "ridge_rule_zoo.jsonl"
     env = {**machine(), "note": "shared 2-core machine"}
-    out.write_text("".join(json.dumps({**r, "machine": env}) + "\n" for r in rows))
+    out.write_text("".join(json.dumps({**r, "machine": r.get("machine", env)}) + "\n" for r in rows))
     table(rows, list(builders))
 
 
@@ -99,5 +106,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["table"]:
         saved = [json.loads(line) for line in (RESULTS / "ridge_rule_zoo.jsonl").read_text().splitlines()]
         table(saved, list(dict.fromkeys(r["arch"] for r in saved)))
+    elif sys.argv[1:2] == ["only"]:
+        main(sys.argv[2:])
     else:
         main()

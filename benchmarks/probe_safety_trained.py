@@ -28,7 +28,13 @@ from crossdistill.compress import CompressConfig
 from crossdistill.data import dataset_info
 from crossdistill.methods import run_method
 
-KEYS = ("model", "k", "seed", "method", "views")
+KEYS = ("model", "k", "seed", "method", "views", "net")
+# rows written before a key existed: 16 views, session 6's net (no L1 reference, guarded re-run on the same views)
+DEFAULTS = {"views": 16, "net": "s6"}
+
+
+def _key(r: dict) -> tuple:
+    return tuple(r.get(k, DEFAULTS.get(k)) for k in KEYS)
 
 
 def _identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -37,7 +43,7 @@ def _identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def run(args: argparse.Namespace, out: Path) -> None:
-    done = {tuple(r.get(k, 16) for k in KEYS) for r in read_jsonl(out)}  # rows without "views": 16
+    done = {_key(r) for r in read_jsonl(out)}
     info = dataset_info(args.dataset)
     env = {**machine(), "note": "shared 2-core machine, loaded by other jobs"}
     for seed, k, images, labels, vx, vy in validation_draws(info, args.seeds, args.ks, args.val_per_class):
@@ -45,7 +51,8 @@ def run(args: argparse.Namespace, out: Path) -> None:
             teacher, meta = load_checkpoint(teacher_path(model_name, info.name))
             for method in args.methods:
                 cell = {"model": model_name, "k": k, "seed": seed, "method": method, "views": args.views}
-                if tuple(cell[key] for key in KEYS) in done:
+                cell["net"] = args.net
+                if _key(cell) in done:
                     continue
                 cfg = CompressConfig(keep=args.keep, mu=official_mu(model_name))
                 t0 = time.perf_counter()
@@ -80,20 +87,25 @@ def summarize(out: Path, md: Path) -> None:
         '`safety="off"` (main) vs `safety="views"` with `views` check views (flip + shift 1/16) in one process. '
         "Errors: ||F^S - F^T|| / ||F^T|| on the check views. Shared, loaded 2-core machine.",
         "",
-        "| model | K | seed | method | views | fired | returned | student err (views) | start err (views) | ratio | "
-        "identical | val off | val on | time on / off |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`net`: s6, the first check and a guarded re-run judged on the same views; s7, the guarded re-run judged "
+        "on a second set and the L1 start as a second reference (run when the ratio is >= `safety_l1_ratio`, "
+        "0.45; `L1 run`).",
+        "",
+        "| model | K | seed | method | views | net | fired | returned | student err (views) | start err (views) | "
+        "ratio | L1 run | identical | val off | val on | time on / off |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fired = 0
-    for r in sorted(rows, key=lambda r: tuple(r.get(k, 16) for k in KEYS)):
+    for r in sorted(rows, key=_key):
         s = r["safety"] or {}
         fired += bool(s.get("fired"))
         se, st = s.get("student_error"), s.get("start_error")
         ratio = f"{se / st:.3f}" if se is not None and st else ""
         lines.append(
-            f"| {r['model']} | {r['k']} | {r['seed']} | {r['method']} | {r.get('views', 16)} | {s.get('fired')} | "
-            f"{s.get('returned')} | "
-            f"{se:.4g} | {st:.4g} | {ratio} | {r['identical']} | {100 * r['val_accuracy_off']:.2f} | "
+            f"| {r['model']} | {r['k']} | {r['seed']} | {r['method']} | {r.get('views', 16)} | "
+            f"{r.get('net', 's6')} | {s.get('fired')} | {s.get('returned')} | "
+            f"{se:.4g} | {st:.4g} | {ratio} | {'l1_start_error' in s} | {r['identical']} | "
+            f"{100 * r['val_accuracy_off']:.2f} | "
             f"{100 * r['val_accuracy_on']:.2f} | {r['seconds_on'] / max(r['seconds_off'], 1e-9):.2f} |"
         )
     lines += ["", f"Fired in {fired} of {len(rows)} cells."]
@@ -110,6 +122,7 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--views", type=int, default=8, help="safety_views of the run with the net on")
     ap.add_argument("--val-per-class", type=int, default=100)
+    ap.add_argument("--net", default="s7", help="the safety net's version, recorded in the rows (s6: session 6's)")
     ap.add_argument("--summary", action="store_true", help="only rebuild the markdown summary")
     args = ap.parse_args()
     out = RESULTS / f"safety_trained_{args.dataset}.jsonl"

@@ -393,7 +393,8 @@ def compress(
     ),
     safety: str = typer.Option(
         DEFAULTS.safety,
-        help="views: check the student against the no-re-fit start on flipped/shifted views, fall back if worse | off",
+        help="views: check the student against the no-re-fit start (and the L1 student) on flipped/shifted views, "
+        "fall back if worse | off",
     ),
     include_linear: bool = typer.Option(DEFAULTS.include_linear, help="also prune / re-fit Linear layers"),
     skip_unsupported: bool = typer.Option(

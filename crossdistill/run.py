@@ -119,8 +119,9 @@ class CompressReport:
     heldout: dict[str, Any] | None = None
     left_whole: list[dict[str, Any]] = field(default_factory=list)  # structured: {name, type, reason}
     # the safety net (compress(), config.safety; crossdistill.safety): the errors on the check views, whether
-    # it fired and what it returned ("student" | "guarded" | "start"), or why it was skipped. With "start",
-    # ``layers`` still describe the re-fit that was replaced (their kept channels are the start's)
+    # it fired, which reference decided ("start" | "l1") and what it returned ("student" | "guarded" | "start" |
+    # "l1-refit" | "l1-start"), or why it was skipped. With "start", ``layers`` still describe the re-fit that was
+    # replaced (their kept channels are the start's); with "l1-start", the L1 run's records (no re-fit)
     safety: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
