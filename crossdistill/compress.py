@@ -369,7 +369,9 @@ def _l1_reference(
     l1.cfg.target = run.cfg.target
     l1_err = view_error(l1.student, run, views, yT)
     info["l1_start_error"] = l1_err
-    if err <= cfg.safety_slack * l1_err + SAFETY_ATOL:
+    # a fired net has shown the images can mislead: then a re-fit must beat the data-free L1 start by a margin
+    slack = cfg.safety_slack * (cfg.safety_l1_margin if info["fired"] else 1.0)
+    if err <= slack * l1_err + SAFETY_ATOL:
         return None
     channels = l1_channels(l1)
     info.update(fired=True, reference="l1", returned="l1-start")
@@ -384,7 +386,7 @@ def _l1_reference(
         run3, _ = _layerwise(teacher, images, refit, None)
         run3.cfg.target = run.cfg.target
         info["l1_refit_error"] = view_error(run3.student, run, views, yT)
-        if info["l1_refit_error"] <= cfg.safety_slack * l1_err + SAFETY_ATOL:
+        if info["l1_refit_error"] <= cfg.safety_slack * cfg.safety_l1_margin * l1_err + SAFETY_ATOL:
             ok, r_err, l_err = second.no_worse(run3.student, l1.student, cfg.safety_slack)
             info.update(l1_refit_error_guard_views=r_err, l1_start_error_guard_views=l_err)
             if ok:

@@ -132,9 +132,10 @@ def test_safety_returns_the_start_when_the_guarded_rerun_is_no_better() -> None:
 
 def test_a_guarded_rerun_must_also_pass_the_views_it_was_guarded_on() -> None:
     # NC on the tiny MobileNetV3 with 4 noise images: the guarded re-run beats the start on the second views but not
-    # on its guard's own views; the start comes back, within L1 on fresh images
+    # on its guard's own views; the start comes back, within L1 on fresh images (margin 1: the start is then kept over
+    # the L1 start; with the default margin the L1 start, a few % better on the second views, replaces it)
     teacher, fit, held = _noise_case("mobilenet_v3", 4)
-    student, report = _quiet("nc", teacher, fit)
+    student, report = _quiet("nc", teacher, fit, safety_l1_margin=1.0)
     s = report.safety
     assert s["returned"] == "start" and s["guarded_error"] <= s["start_error_second"]
     assert s["guarded_error_guard_views"] > s["start_error_guard_views"]
@@ -153,12 +154,12 @@ def test_safety_leaves_a_student_that_is_better_than_the_start_bit_identical() -
 
 
 # the #13 bound on the zoo's overfitting cases, with the defaults. mobilenet_v3 with 4 images: Ours' channel choice
-# is above L1 there and the L1 reference returns the L1 student; Ours-S ends with its guarded re-run at x1.10 of L1
-# on fresh images, which the second views of 4 images put below the L1 start (1.036 vs 1.051)
+# is above L1 there and the L1 reference returns the L1 student; Ours-S's guarded re-run beats the L1 start on the
+# second views of 4 images by 1.4 % only (1.036 vs 1.051) and is x1.10 of L1 on fresh images: safety_l1_margin
+# (a fired student must win by 5 %) returns the L1 student instead
 _CASES = [
     ("efficientnet", 4, ("nc", "ours", "ours-s")),
-    ("mobilenet_v3", 4, ("nc", "ours")),
-    pytest.param("mobilenet_v3", 4, ("ours-s",), marks=pytest.mark.xfail(reason="Ours-S at x1.10 of L1", strict=False)),
+    ("mobilenet_v3", 4, ("nc", "ours", "ours-s")),
     ("mobilenet_v3", 8, ("nc", "ours", "ours-s")),
 ]
 
@@ -204,7 +205,7 @@ def test_l1_reference_keeps_the_refit_on_the_l1_channels_when_it_beats_the_l1_st
     teacher, fit, held = _noise_case("shuffle", 4, seed=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        student, report = run_method("ours", teacher, fit, keep=0.5, safety_l1_ratio=0.0)
+        student, report = run_method("ours", teacher, fit, keep=0.5, safety_l1_ratio=0.0, safety_l1_margin=1.0)
     assert any(
         c.category is SafetyWarning and "returned the re-fit on the L1 channels" in str(c.message) for c in caught
     )
@@ -215,6 +216,18 @@ def test_l1_reference_keeps_the_refit_on_the_l1_channels_when_it_beats_the_l1_st
     l1_kept = {r.name: r.kept_channels for r in l1_report.layers if r.kept_channels is not None}
     assert {r.name: r.kept_channels for r in report.layers if r.kept_channels is not None} == l1_kept
     assert not _same_weights(student, l1)  # re-fitted
+    assert output_error(student, teacher, held) <= 1.05 * output_error(l1, teacher, held)
+
+
+def test_a_fired_student_must_beat_the_l1_start_by_the_margin() -> None:
+    # Ours-S on the tiny MobileNetV3 with 4 noise images: its guarded re-run wins on the second views by 1.4 % only
+    teacher, fit, held = _noise_case("mobilenet_v3", 4)
+    _, loose = _quiet("ours-s", teacher, fit, safety_l1_margin=1.0)
+    assert loose.safety["fired"] and loose.safety["returned"] == "guarded"
+    assert 0.95 * loose.safety["l1_start_error"] < loose.safety["kept_error_second"] <= loose.safety["l1_start_error"]
+    student, report = _quiet("ours-s", teacher, fit)
+    assert report.safety["reference"] == "l1" and report.safety["returned"] in ("l1-start", "l1-refit")
+    l1, _ = _quiet("l1", teacher, fit)
     assert output_error(student, teacher, held) <= 1.05 * output_error(l1, teacher, held)
 
 
@@ -264,6 +277,7 @@ def test_safety_is_skipped_with_train_mode_bn_and_says_why() -> None:
         ("safety_shift", 0.5, r"safety_shift must lie in \[0, 0.5\)"),
         ("safety_slack", 0.0, "safety_slack must be a number > 0"),
         ("safety_l1_ratio", -0.1, "safety_l1_ratio must be a number >= 0"),
+        ("safety_l1_margin", 1.5, r"safety_l1_margin must lie in \(0, 1\]"),
         ("ridge_guard", "view", "ridge_guard must be False, True or 'views'"),
     ],
 )
