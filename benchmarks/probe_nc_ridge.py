@@ -72,6 +72,15 @@ SAFETY_VARIANTS = [("l1", {})] + [
         {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 8},
         # the default: a candidate guarded on views must also be no worse on the guard's own views
         {"safety": "views", "safety_views": 8, "safety_l1_ratio": 0.45, "safety_views_fired": 16, "net": "s7"},
+        # the default since safety_l1_margin: a fired student must beat the L1 start by 5 % (rows above: margin 1)
+        {
+            "safety": "views",
+            "safety_views": 8,
+            "safety_l1_ratio": 0.45,
+            "safety_views_fired": 16,
+            "safety_l1_margin": 0.95,
+            "net": "s7",
+        },
     )
 ]
 SAFETY_OUT = Path(__file__).parent / "results" / "safety_real.jsonl"
@@ -88,6 +97,7 @@ def _label(rec: dict) -> str:
         "safety_views",
         "safety_l1_ratio",
         "safety_views_fired",
+        "safety_l1_margin",
         "net",  # the safety net's version where its settings do not tell (not a CompressConfig field)
     )
     extra = {k: v for k, v in rec.items() if k in keys}
@@ -134,14 +144,18 @@ def table(src: Path = RULE_OUT) -> None:
             "second set of views): `safety_views_fired=8`, the guard and the second set 8 views each; `net=s7a`, "
             "16 each, a guarded candidate judged on the second set only (left unfinished); `net=s7`, the default: "
             "a guarded candidate must also be no worse on its guard's own views, and no re-fit on the L1 channels "
-            "where the net already fell back to its own start.",
+            "where the net already fell back to its own start; `safety_l1_margin=0.95` (the default since): a fired "
+            "student must beat the L1 start by 5 % on the second views (the `net=s7` rows without it: margin 1).",
         ]
         what = "Safety net (default): what it returned; its time / the safety=off row's (session 6's run: rough)"
         lines += ["", what + ":", ""]
         for a in archs:
             cells = []
             for m in ("nc", "ours", "ours-s"):
-                default = f"{m} safety=views safety_views=8 safety_l1_ratio=0.45 safety_views_fired=16 net=s7"
+                default = (
+                    f"{m} safety=views safety_views=8 safety_l1_ratio=0.45 safety_views_fired=16 safety_l1_margin=0.95"
+                    " net=s7"
+                )
                 on = next((r for r in rows if r["arch"] == a and _label(r) == default), None)
                 off = next((r for r in rows if r["arch"] == a and _label(r) == f"{m} safety=off"), None)
                 if on is not None and off is not None:
