@@ -14,6 +14,8 @@ noisy increasing function and finds its root at the timed target:
   under-predicts is corrected in one or two steps;
 - once students on both sides are timed, regula falsi between the nearest pair
   (kept inside the bracket's middle 80 %, so noise cannot stall it at one end);
+- a timing noisier than ``MAX_NOISE`` (a load spike in one of its 3 alternate
+  ratios) is taken again, up to ``RETIMES`` times, the least noisy kept;
 - it stops when a timed ratio lies within ``max(2 x noise, 0.02)`` of the
   target, when the proposer is at its limit (it cannot go below the table
   ratio asked, e.g. every layer at the lowest floor) and the student is still
@@ -33,6 +35,12 @@ from typing import Any
 __all__ = ["calibrate", "MIN_TOLERANCE"]
 
 MIN_TOLERANCE = 0.02  # a timed ratio within max(2 x noise, this) of the target meets it
+# a timing noisier than this is taken again (up to RETIMES times, the least noisy kept): on a loaded machine one
+# of the 3 alternate ratios can be a load spike (seen: noise 0.145 where the same student re-timed at 0.02), and
+# max(2 x noise, ...) would then accept any student. 0.02: the noise of most timings of ResNet-56 / VGG-16 at
+# batch 16 on the loaded 2-core machine lay at 0.003-0.02 (benchmarks/results/latency_bound_fashion-mnist.jsonl)
+MAX_NOISE = 0.02
+RETIMES = 2
 
 
 def _next_asked(points: list[dict[str, Any]], fraction: float) -> float:
@@ -59,6 +67,17 @@ def _next_asked(points: list[dict[str, Any]], fraction: float) -> float:
     return near["asked"] + (fraction - near["timed"]) / slope
 
 
+def _steady(timer: Callable[[Any], tuple[float, float]], candidate: Any) -> tuple[float, float]:
+    """(timed ratio, noise) of ``candidate``, re-timed while noisier than MAX_NOISE (the least noisy kept)."""
+    best = timer(candidate)
+    for _ in range(RETIMES):
+        if best[1] <= MAX_NOISE:
+            break
+        again = timer(candidate)
+        best = min(best, again, key=lambda t: t[1])
+    return best
+
+
 def calibrate(
     fraction: float,
     propose: Callable[[float], tuple[Any, float, Hashable, bool]],
@@ -80,7 +99,7 @@ def calibrate(
         if key not in timed_by_key:
             if len(timed_by_key) >= rounds:
                 break
-            timed_by_key[key] = timer(candidate)
+            timed_by_key[key] = _steady(timer, candidate)
         timed, noise = timed_by_key[key]
         points.append({"asked": asked, "table": table, "timed": timed, "noise": noise, "candidate": candidate})
         if abs(timed - fraction) <= max(2 * noise, MIN_TOLERANCE):

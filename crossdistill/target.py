@@ -245,10 +245,12 @@ def _calibrate_latency(
     teacher, example, tol = budget.model, budget.example, cfg.target_tolerance
 
     def propose(asked: float) -> tuple[dict[str, int], float, tuple, bool]:
-        counts, table_ratio, _ = _search(budget, asked, tol, strict=False)
+        counts, table_ratio, searches = _search(budget, asked, tol, strict=False)
         while table_ratio > asked * (1 + tol) and lower_floor():  # table searches: no timing
-            counts, table_ratio, _ = _search(budget, asked, tol, strict=False)
-        return counts, table_ratio, tuple(sorted(counts.items())), table_ratio > asked * (1 + tol)
+            counts, table_ratio, searches = _search(budget, asked, tol, strict=False)
+        # at the limit: the floor at its lowest and the search returned its largest saving (one count taken)
+        at_limit = table_ratio > asked * (1 + tol) and searches == 1
+        return counts, table_ratio, tuple(sorted(counts.items())), at_limit
 
     time_student = timer_for(teacher, example, cfg.latency_batch)
     counts, info = calibrate(
