@@ -243,6 +243,7 @@ def _calibrate_latency(
     ``cfg.latency_rounds`` timed students. Where a table target is out of reach at the current floor,
     ``lower_floor()`` lowers it (False: at the lowest: the proposal is at its limit)."""
     teacher, example, tol = budget.model, budget.example, cfg.target_tolerance
+    base = budget.measure(teacher)
 
     def propose(asked: float) -> tuple[dict[str, int], float, tuple, bool]:
         counts, table_ratio, searches = _search(budget, asked, tol, strict=False)
@@ -250,6 +251,11 @@ def _calibrate_latency(
             counts, table_ratio, searches = _search(budget, asked, tol, strict=False)
         # at the limit: the floor at its lowest and the search returned its largest saving (one count taken)
         at_limit = table_ratio > asked * (1 + tol) and searches == 1
+        if at_limit:  # the allocator's largest saving can stop short (a segment the noisy table prices at <= 0)
+            floor_counts = {c.name: c.floor for c in budget.curves}
+            floor_ratio = budget.measure(prune_to_counts(teacher, example, budget.plan, floor_counts)) / base
+            if floor_ratio < table_ratio:
+                counts, table_ratio = floor_counts, floor_ratio
         return counts, table_ratio, tuple(sorted(counts.items())), at_limit
 
     time_student = timer_for(teacher, example, cfg.latency_batch)
