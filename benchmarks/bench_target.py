@@ -28,8 +28,10 @@ variant sees the same few-shot draw:
 
 Each allocation is re-fitted with ``nc`` and ``ours-s``. Accuracy on the full
 test split (or ``--test-limit``). Latency: student and teacher timed alternately at batch
-``LATENCY_BATCH`` (one thread), once per architecture; latency targets record the median of 3
-alternately timed ratios and half their spread (``latency_noise``), and the FLOPs reached. Every
+``LATENCY_BATCH`` (one thread), once per architecture (blocks / mixed at a latency target: per re-fit,
+each compress() calibrates on its own timings); latency targets record the median of 3
+alternately timed ratios and half their spread (``latency_noise``; taken again, up to twice, while
+above ``crossdistill.calibrate.MAX_NOISE``: a load spike), and the FLOPs reached. Every
 variant of a latency target is compared at equal MEASURED latency: the library's allocations run on this
 device's latency table with the table's target root-found on the student timed against the teacher
 (:mod:`crossdistill.calibrate`, ``plan_target`` / ``plan_blocks``); uniform and TP go through the same
@@ -57,7 +59,7 @@ from tables import header, mean_std, publish
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
-from crossdistill.calibrate import calibrate
+from crossdistill.calibrate import calibrate, steady_timing
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
@@ -233,8 +235,8 @@ def target_measure(kind: str, shape):
 
 def time_student(teacher, student, shape, kind: str) -> dict:
     """Student / teacher latency timed alternately: once (FLOPs cells), or 3 rounds with the noise (latency)."""
-    if kind == "latency":
-        ratio, noise = timed_ratio(teacher, student, shape, LATENCY_BATCH)
+    if kind == "latency":  # re-timed while noisier than MAX_NOISE (a load spike), as the calibration does
+        ratio, noise = steady_timing(lambda s: timed_ratio(teacher, s, shape, LATENCY_BATCH), student)
         return {"latency_ratio": ratio, "latency_noise": noise, "latency_batch": LATENCY_BATCH}
     t, s = measure_latency_pair(teacher, student, shape, LATENCY_BATCH, 2, 7)
     return {"latency_ratio": s / t, "latency_batch": LATENCY_BATCH}

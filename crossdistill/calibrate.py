@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-__all__ = ["calibrate", "MIN_TOLERANCE"]
+__all__ = ["calibrate", "steady_timing", "MIN_TOLERANCE", "MAX_NOISE"]
 
 MIN_TOLERANCE = 0.02  # a timed ratio within max(2 x noise, this) of the target meets it
 # a timing noisier than this is taken again (up to RETIMES times, the least noisy kept): on a loaded machine one
@@ -69,7 +69,7 @@ def _next_asked(points: list[dict[str, Any]], fraction: float) -> float:
     return near["asked"] + (fraction - near["timed"]) / slope
 
 
-def _steady(timer: Callable[[Any], tuple[float, float]], candidate: Any) -> tuple[float, float]:
+def steady_timing(timer: Callable[[Any], tuple[float, float]], candidate: Any) -> tuple[float, float]:
     """(timed ratio, noise) of ``candidate``, re-timed while noisier than MAX_NOISE (the least noisy kept)."""
     best = timer(candidate)
     for _ in range(RETIMES):
@@ -101,7 +101,7 @@ def calibrate(
         if key not in timed_by_key:
             if len(timed_by_key) >= rounds:
                 break
-            timed_by_key[key] = _steady(timer, candidate)
+            timed_by_key[key] = steady_timing(timer, candidate)
         timed, noise = timed_by_key[key]
         points.append({"asked": asked, "table": table, "timed": timed, "noise": noise, "candidate": candidate})
         if abs(timed - fraction) <= max(noise, MIN_TOLERANCE / 2):  # aim at half the window: a re-timing moves
