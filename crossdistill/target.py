@@ -220,12 +220,18 @@ def _set_floor(curves: list[LayerCurve], floor: float) -> None:
 
 
 def timed_ratio(teacher: nn.Module, student: nn.Module, input_shape: Any, batch: int) -> tuple[float, float]:
-    """Student / teacher latency timed alternately (3 rounds): (median ratio, half the spread = noise)."""
-    from .measure import measure_latency_pair
+    """Student / teacher latency timed alternately (3 rounds): (median ratio, half the spread = noise).
 
+    On one CPU thread the passes are timed on the thread's CPU clock (:func:`crossdistill.measure.cpu_time_pair`:
+    what other processes take of the core is not counted, so a loaded machine does not swing the ratio),
+    else wall-clock."""
+    from .measure import cpu_time_pair, measure_latency_pair
+
+    on_cpu = next(teacher.parameters()).device.type == "cpu"
+    pair = cpu_time_pair if on_cpu and torch.get_num_threads() == 1 else measure_latency_pair
     ratios = []
     for _ in range(3):
-        t, s = measure_latency_pair(teacher, student, input_shape, batch, warmup=3, repeats=10)
+        t, s = pair(teacher, student, input_shape, batch, warmup=3, repeats=10)
         ratios.append(s / t)
     return sorted(ratios)[1], (max(ratios) - min(ratios)) / 2
 
