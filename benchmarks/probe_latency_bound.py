@@ -5,9 +5,10 @@
 For the teacher narrowed uniformly (every layer ``compress`` would narrow, channels removed, no re-fit:
 latency depends on shapes only) at keep 1.0 ... 0.1 and at one channel per layer (the channel-only bound),
 records the latency table's ratio (student / teacher, :mod:`crossdistill.latency`) and the timed ratio
-(teacher and student alternately, 3 rounds, median and half the spread: ``crossdistill.target.timed_ratio``)
-at batch ``--batch``. ResNets also get students with the first n residual blocks (forward order) dropped,
-so the two levers compare. One thread (``OMP_NUM_THREADS``); the machine is shared and loaded.
+(teacher and student alternately, 3 rounds, median and half the spread: ``crossdistill.target.timed_ratio``,
+on one thread the thread's CPU clock; the first rows, without ``clock``, were wall-clock) at batch
+``--batch``. ResNets also get students with the first n residual blocks (forward order) dropped, so the
+two levers compare. One thread (``OMP_NUM_THREADS``); the machine is shared and loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from common import RESULTS, append_jsonl, machine, teacher_path
 
 from crossdistill.allocate import prune_to_counts
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "latency_bound_fashion-mnist.jsonl"))
     args = ap.parse_args()
     env = {**machine(), "note": "shared 2-core machine, loaded by other jobs"}
+    # timed_ratio's clock: the thread's CPU clock on one thread (since session 7; rows without "clock": wall)
+    clock = "thread-cpu" if torch.get_num_threads() == 1 else "wall"
     for name in args.models:
         teacher, _ = load_checkpoint(teacher_path(name, args.dataset))
         teacher.eval()
@@ -63,7 +67,7 @@ def main() -> None:
         for desc, student in students:
             timed, noise = timed_ratio(teacher, student, shape, args.batch)
             row = {"model": name, **desc, "table_ratio": table(student) / base, "timed_ratio": timed,
-                   "noise": noise, "batch": args.batch, "machine": env}  # fmt: skip
+                   "noise": noise, "batch": args.batch, "clock": clock, "machine": env}  # fmt: skip
             append_jsonl(Path(args.out), row)
             print(row, flush=True)
 

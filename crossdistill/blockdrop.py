@@ -293,18 +293,24 @@ def _plan_latency(
             student = shallower(chosen)
             table = measure(student) / base
             return (chosen, None, student), table, tuple(chosen), len(chosen) == len(ranked)
-        chosen = rank_mixed(scores, curves, (1 - asked) * base)
-        student, alloc = shallower(chosen), None
-        rest = base * asked / measure(student)
-        if rest < 1.0:
+        need = (1 - asked) * base
+        while True:
+            chosen = rank_mixed(scores, curves, need)
+            student, alloc = shallower(chosen), None
+            rest = base * asked / measure(student)
+            if rest >= 1.0:
+                break
             sub = copy.copy(cfg)
             sub.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in chosen]]
             sub.target = {"latency": rest}
             try:  # the table alone (its own measure: no timing inside)
                 alloc = plan_target(student, images, sub, measure)
-            except UserError:  # channels cannot reach the rest even at the lowest floor: a lower asked drops more
-                table = measure(student) / base
-                return (chosen, None, student), table, (tuple(chosen), ()), len(chosen) == len(ranked)
+                break
+            except UserError:  # channels cannot make up the rest even at the lowest floor: rank more blocks in
+                if len(chosen) == len(ranked) or need >= base:
+                    return (chosen, None, student), measure(student) / base, (tuple(chosen), ()), True
+                need += 0.05 * base
+        if alloc is not None:
             sub_plan = pruned_plan(student, example, sub)
             counts = {p.name: round(alloc.kept_fraction[p.name] * _width(student, p)) for p in sub_plan}
             student = prune_to_counts(student, example, sub_plan, counts)
