@@ -6,7 +6,7 @@ A target is ``0.5`` (FLOPs, the default kind) or ``latency:0.5``. Per (model, ta
 variant sees the same few-shot draw:
 
 - ``uniform``: one keep ratio for every pruned layer, the one (on a 1/256 grid)
-  whose FLOPs (latency target: latency-table ms) come nearest the target;
+  whose FLOPs come nearest the target; latency target: the one whose TIMED ratio comes nearest (below);
 - ``alloc-<signal>``: per-layer keeps from :func:`crossdistill.target.plan_target` with that
   sensitivity signal: ``alloc-recon-cv`` is the library default (cross-fitted, ``alloc_floor`` 0.4,
   chosen on validation images by ``select_signal.py``); ``alloc-recon`` / ``alloc-penultimate`` keep
@@ -20,17 +20,26 @@ variant sees the same few-shot draw:
   (every other layer in ``ignored_layers``), importance L2 magnitude or
   Taylor (gradients of the cross-entropy against the teacher's own
   predictions on the few images: label-free); its pruning ratio bisected to
-  the FLOPs target (latency: the latency table). Without re-fit (``refit=none``: channels removed, weights
+  the FLOPs target (latency target: the ratio whose TIMED ratio comes nearest,
+  below). Without re-fit (``refit=none``: channels removed, weights
   as they are) and with our re-fit of exactly its kept channels;
 - ``tp-magnitude-counts``: Torch-Pruning's per-layer counts, our channel
   selection and re-fit (separates its allocation from its channel choice).
 
 Each allocation is re-fitted with ``nc`` and ``ours-s``. Accuracy on the full
 test split (or ``--test-limit``). Latency: student and teacher timed alternately at batch
-``LATENCY_BATCH`` (one thread), once per architecture; latency targets record the median of 3
-alternately timed ratios and half their spread (``latency_noise``), and the FLOPs reached. The
-allocations of a latency target run on this device's latency table, calibrated by the library
-against end-to-end timing (``plan_target``); uniform and TP bisect on the table alone.
+``LATENCY_BATCH`` (one thread), once per architecture (blocks / mixed at a latency target: per re-fit,
+each compress() calibrates on its own timings); latency targets record the median of 3
+alternately timed ratios and half their spread (``latency_noise``; taken again, up to twice, while
+above ``crossdistill.calibrate.MAX_NOISE``: a load spike), and the FLOPs reached. Every
+variant of a latency target is compared at equal MEASURED latency: the library's allocations run on this
+device's latency table with the table's target root-found on the student timed against the teacher
+(:mod:`crossdistill.calibrate`, ``plan_target`` / ``plan_blocks``); uniform and TP go through the same
+calibration: the table target they are bisected to (uniform's keep, TP's global ratio) is root-found
+until the student, timed against the teacher, is within max(2 x noise, 0.02) of the target, else the
+one timed nearest is kept (``timing`` in the row: timed and table ratios, students timed, ``bound``
+where nothing they can reach is fast enough). The table alone under-predicts (ResNet-56: what channels
+cannot shrink, ``probe_latency_bound.py``).
 Then ``python benchmarks/bench_target.py --table`` writes the markdown table next to the JSONL.
 """
 
@@ -50,6 +59,7 @@ from tables import header, mean_std, publish
 from torch import nn
 
 from crossdistill.allocate import prune_to_counts
+from crossdistill.calibrate import calibrate, steady_timing
 from crossdistill.checkpoint import load_checkpoint
 from crossdistill.compress import CompressConfig, compress
 from crossdistill.data import dataset_info, load_dataset, load_few_shot
@@ -59,7 +69,7 @@ from crossdistill.latency import latency_measure
 from crossdistill.measure import measure_latency_pair
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
-from crossdistill.target import plan_target, pruned_plan, timed_ratio
+from crossdistill.target import plan_target, pruned_plan, timed_ratio, timer_for
 from crossdistill.train import accuracy
 
 VARIANTS = [
@@ -75,6 +85,11 @@ def flops_fraction(model: nn.Module, shape, base: float) -> float:
     return count_flops(model, shape) / base
 
 
+def uniform_counts(teacher, plan, keep: float) -> dict[str, int]:
+    return {p.name: keep_count(len(p.channels or range(teacher.get_submodule(p.name).weight.shape[1])), keep)
+            for p in plan}  # fmt: skip
+
+
 def uniform_keep(teacher, example, plan, fraction: float, measure) -> float:
     """The keep ratio on a 1/256 grid whose uniformly pruned model's ``measure`` comes nearest ``fraction``."""
     base = measure(teacher)
@@ -82,8 +97,7 @@ def uniform_keep(teacher, example, plan, fraction: float, measure) -> float:
     lo, hi = 1, 256  # FLOPs grow with keep: bisection, then the nearer neighbour
     while lo < hi:
         mid = (lo + hi) // 2
-        counts = {p.name: keep_count(len(p.channels or range(teacher.get_submodule(p.name).weight.shape[1])),
-                                     mid / 256) for p in plan}  # fmt: skip
+        counts = uniform_counts(teacher, plan, mid / 256)
         r = measure(prune_to_counts(teacher, example, plan, counts)) / base
         best = min(best, (abs(r - fraction), mid / 256))
         if r < fraction:
@@ -143,6 +157,47 @@ def tp_allocation(teacher, images, plan, importance: str, target: tuple) -> dict
     return best[1]
 
 
+def timed_nearest(teacher, example, target: tuple, propose) -> tuple:
+    """A baseline at a latency target ``target`` = (fraction, table measure): ``propose(asked)`` -> (its
+    allocation, the pruned model) for a table target ``asked``, which the library's calibration
+    root-finds on the student timed against the teacher (:func:`crossdistill.calibrate.calibrate`, the
+    library's default rounds): (the allocation timed nearest ``fraction``, the calibration's record)."""
+    fraction, measure = target
+    time_student = timer_for(teacher, example, LATENCY_BATCH)
+    base = measure(teacher)
+
+    def proposal(asked: float):
+        alloc, student = propose(asked)
+        key = tuple(tuple(p.shape) for p in student.parameters())  # latency depends on shapes only
+        table = measure(student) / base
+        return (alloc, student), table, key, table > asked * 1.03  # at the limit: it cannot get as low as asked
+
+    (alloc, _), info = calibrate(fraction, proposal, lambda c: time_student(c[1]), CompressConfig().latency_rounds)
+    return alloc, info
+
+
+def uniform_timed(teacher, example, plan, target: tuple) -> tuple[float, dict]:
+    """Uniform's keep at a latency target: the one whose timed ratio comes nearest (:func:`timed_nearest`)."""
+
+    def propose(asked: float):
+        keep = uniform_keep(teacher, example, plan, asked, target[1])
+        return keep, prune_to_counts(teacher, example, plan, uniform_counts(teacher, plan, keep))
+
+    return timed_nearest(teacher, example, target, propose)
+
+
+def tp_timed(teacher, images, plan, importance: str, target: tuple) -> tuple[dict[str, list[int]], dict]:
+    """Torch-Pruning's channels at a latency target: the global ratio whose timed ratio comes nearest."""
+    example = images[:1]
+
+    def propose(asked: float):
+        kept = tp_allocation(teacher, images, plan, importance, (asked, target[1]))
+        counts = {p.name: _n_prunable_kept(teacher, p, kept[p.name]) for p in plan}
+        return kept, prune_to_counts(teacher, example, plan, counts)
+
+    return timed_nearest(teacher, example, target, propose)
+
+
 def _n_prunable_kept(teacher, p, kept: list[int]) -> int:
     prunable = set(p.channels) if p.channels is not None else None
     return len(kept) if prunable is None else len([j for j in kept if j in prunable])
@@ -180,8 +235,8 @@ def target_measure(kind: str, shape):
 
 def time_student(teacher, student, shape, kind: str) -> dict:
     """Student / teacher latency timed alternately: once (FLOPs cells), or 3 rounds with the noise (latency)."""
-    if kind == "latency":
-        ratio, noise = timed_ratio(teacher, student, shape, LATENCY_BATCH)
+    if kind == "latency":  # re-timed while noisier than MAX_NOISE (a load spike), as the calibration does
+        ratio, noise = steady_timing(lambda s: timed_ratio(teacher, s, shape, LATENCY_BATCH), student)
         return {"latency_ratio": ratio, "latency_noise": noise, "latency_batch": LATENCY_BATCH}
     t, s = measure_latency_pair(teacher, student, shape, LATENCY_BATCH, 2, 7)
     return {"latency_ratio": s / t, "latency_batch": LATENCY_BATCH}
@@ -219,7 +274,11 @@ def run_cells(args) -> None:
                         extra: dict = {}
                         kept_channels: dict[str, list[int]] = {}
                         dropped: list[str] = []
-                        if variant == "uniform":
+                        if variant == "uniform" and kind == "latency":  # the keep whose timed ratio is nearest
+                            keep, extra["timing"] = uniform_timed(teacher, example, plan, (fraction, measure))
+                            overrides = {p.name: keep for p in plan}
+                            extra["keep"] = keep
+                        elif variant == "uniform":
                             keep = uniform_keep(teacher, example, plan, fraction, measure)
                             overrides = {p.name: keep for p in plan}
                             extra["keep"] = keep
@@ -244,7 +303,11 @@ def run_cells(args) -> None:
                             overrides = {}
                         else:  # tp-*: Torch-Pruning's channels; tp-*-counts: its per-layer counts, our channels
                             importance = variant.removeprefix("tp-").removesuffix("-counts")
-                            kept_channels = tp_allocation(teacher, images, plan, importance, (fraction, measure))
+                            if kind == "latency":  # the global ratio whose timed ratio is nearest
+                                kept_channels, extra["timing"] = tp_timed(teacher, images, plan, importance,
+                                                                          (fraction, measure))  # fmt: skip
+                            else:
+                                kept_channels = tp_allocation(teacher, images, plan, importance, (fraction, measure))
                             overrides = overrides_for(teacher, plan, kept_channels)
                             extra["kept_fraction"] = {
                                 p.name: _n_prunable_kept(teacher, p, kept_channels[p.name])
@@ -275,7 +338,10 @@ def run_cells(args) -> None:
                                         extra["timing"] = report.allocation["timing"]
                             seconds = time.perf_counter() - t1 + alloc_seconds
                             acc = accuracy(student, test.images, test.labels, info)
-                            if not latency and (refit != "none" or kind == "latency"):
+                            # blocks / mixed at a latency target: each re-fit's compress() calibrates on its
+                            # own timing, so the architecture may differ per re-fit: timed each
+                            retime = kind == "latency" and variant in ("blocks", "mixed")
+                            if (not latency or retime) and (refit != "none" or kind == "latency"):
                                 latency = time_student(teacher, student, shape, kind)
                             row = {
                                 "model": model_name, "dataset": info.name, "target_kind": kind, "target": fraction,

@@ -19,3 +19,4 @@ cells 0.5 5          # (a) FLOPs 0.5, K=5
 cells latency:0.5 1  # (b) latency 0.5, K=1
 cells 0.3 1          # (c) FLOPs 0.3, K=1 (the rest)
 cells 0.3 5          # (d) FLOPs 0.3, K=5
+cells latency:0.5 5  # (e) latency 0.5, K=5 (baselines and allocations at the timed target, crossdistill.calibrate)

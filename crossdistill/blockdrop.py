@@ -30,6 +30,14 @@ training. Blocks are dropped lowest score first.
   shallower model with ``cfg.signal`` (default ``recon-cv``) and the floor,
   to meet the target exactly (:func:`crossdistill.target.plan_target`).
 
+A latency target plans the same way on the latency table, at a table target
+root-found on the student timed against the teacher
+(:mod:`crossdistill.calibrate`): narrowed channels time slower than the
+table says (what they cannot shrink: activations, residual sums; ResNet-56,
+one thread: every layer at 0.1 of its channels still times at 0.53), while a
+dropped block saves what the table says, so a lower table target drops more
+blocks until the timed student is within max(2 x noise, 0.02) of the target.
+
 Supported: the registry ResNets (:class:`crossdistill.models.BasicBlock`,
 option-A shortcuts) and torchvision-style ``BasicBlock`` / ``Bottleneck``
 modules (``conv1`` ... and a ``downsample`` that is None or conv + BN).
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -195,6 +204,8 @@ def plan_blocks(teacher: nn.Module, images: torch.Tensor, cfg: Any) -> tuple[nn.
     measure = _measure_for(kind, example, cfg)
     base = measure(teacher)
     scores = block_scores(teacher, images, measure)
+    if kind == "latency":
+        return _plan_latency(teacher, images, cfg, scores, measure)
     need = (1 - fraction) * base
     chosen: list[str] = []
     if cfg.depth == "blocks":
@@ -233,5 +244,99 @@ def plan_blocks(teacher: nn.Module, images: torch.Tensor, cfg: Any) -> tuple[nn.
         alloc = plan_target(student, images, sub, measure if kind != "latency" else None)
         alloc.asked, alloc.achieved = fraction, alloc.achieved * measure(student) / base
         alloc.depth, alloc.dropped_blocks = "mixed", chosen
+    alloc.flops_share = layer_flops_share(teacher, example, list(alloc.kept_fraction) or [p.name for p in plan])
+    return student, alloc
+
+
+def _width(model: nn.Module, p: Any) -> int:
+    """Prunable input channels of plan layer ``p`` (``Allocation.kept_fraction`` is a share of them)."""
+    return len(p.channels) if p.channels is not None else model.get_submodule(p.name).weight.shape[1]
+
+
+def _plan_latency(
+    teacher: nn.Module, images: torch.Tensor, cfg: Any, scores: list[dict[str, Any]], measure: Callable
+) -> tuple[nn.Module, Any]:
+    """depth 'blocks' / 'mixed' for a latency target: the plan of the FLOPs path at a table target ``asked``
+    (blocks: dropped in score order until the table is at ``asked``; mixed: :func:`rank_mixed` over
+    ``(1 - asked)`` of the table, then channels on the shallower model to the table's ``asked``), with
+    ``asked`` root-found on the student timed against the teacher (:func:`crossdistill.calibrate.calibrate`):
+    where narrowed channels time slower than the table says, a lower ``asked`` drops more blocks."""
+    from .allocate import channel_costs, prune_to_counts, sensitivity_curves
+    from .calibrate import calibrate
+    from .target import Allocation, layer_flops_share, parse_target, plan_target, pruned_plan, timer_for
+
+    _, fraction = parse_target(cfg.target)
+    example = images[:1]
+    base, tol = measure(teacher), cfg.target_tolerance
+    plan = pruned_plan(teacher, example, cfg)
+    ranked = [s["block"] for s in sorted(scores, key=lambda s: s["score"]) if s["saved"] > 0]
+    curves: list[Any] = []
+    if cfg.depth == "mixed":
+        curves = sensitivity_curves(teacher, images, plan, "penultimate-cv", batch_size=cfg.batch_size)
+        channel_costs(teacher, example, curves, plan, measure)
+        for c in curves:
+            c.floor = max(1, math.ceil(cfg.alloc_floor * c.prunable))
+    dropped: dict[tuple[str, ...], nn.Module] = {}
+
+    def shallower(chosen: list[str]) -> nn.Module:
+        if tuple(chosen) not in dropped:
+            dropped[tuple(chosen)] = drop_blocks(teacher, chosen, images)
+        return dropped[tuple(chosen)]
+
+    def propose(asked: float) -> tuple[tuple[list[str], Any, nn.Module], float, tuple, bool]:
+        if cfg.depth == "blocks":
+            chosen: list[str] = []
+            for name in ranked:
+                if measure(shallower(chosen)) <= base * asked * (1 + tol):
+                    break
+                chosen.append(name)
+            student = shallower(chosen)
+            table = measure(student) / base
+            return (chosen, None, student), table, tuple(chosen), len(chosen) == len(ranked)
+        need = (1 - asked) * base
+        while True:
+            chosen = rank_mixed(scores, curves, need)
+            student, alloc = shallower(chosen), None
+            rest = base * asked / measure(student)
+            if rest >= 1.0:
+                break
+            sub = copy.copy(cfg)
+            sub.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in chosen]]
+            sub.target = {"latency": rest}
+            try:  # the table alone (its own measure: no timing inside)
+                alloc = plan_target(student, images, sub, measure)
+                break
+            except UserError:  # channels cannot make up the rest even at the lowest floor: rank more blocks in
+                if len(chosen) == len(ranked) or need >= base:
+                    return (chosen, None, student), measure(student) / base, (tuple(chosen), ()), True
+                need += 0.05 * base
+        if alloc is not None:
+            sub_plan = pruned_plan(student, example, sub)
+            counts = {p.name: round(alloc.kept_fraction[p.name] * _width(student, p)) for p in sub_plan}
+            student = prune_to_counts(student, example, sub_plan, counts)
+        table = measure(student) / base
+        key = (tuple(chosen), tuple(sorted((alloc.keep_overrides if alloc else {}).items())))
+        return (chosen, alloc, student), table, key, table > asked * (1 + tol) and len(chosen) == len(ranked)
+
+    time_student = timer_for(teacher, example, cfg.latency_batch)
+    (chosen, alloc, _), info = calibrate(fraction, propose, lambda c: time_student(c[2]), cfg.latency_rounds)
+    if "bound" in info and cfg.depth == "blocks":
+        raise UserError(
+            f"dropping every block keeps {info['bound']:.3f} of the teacher's latency, timed (target {fraction}); "
+            "use depth='mixed' to narrow channels too"
+        )
+    if not info["met"]:
+        warnings.warn(
+            f"latency target {fraction}: the nearest student with blocks dropped timed at {info['timed_ratio']:.3f} "
+            f"of the teacher (noise ±{info['noise']:.3f}) after {info['rounds']} timed students"
+            + (" (one block is the step: try depth='mixed')" if cfg.depth == "blocks" else ""),
+            stacklevel=3,
+        )
+    student = shallower(chosen)
+    signal = "penultimate" if cfg.depth == "blocks" else "penultimate-cv"
+    if alloc is None:
+        alloc = Allocation("latency", fraction, info["timed_ratio"], signal, cfg.depth, {}, {}, {}, chosen)
+    alloc.asked, alloc.achieved, alloc.timing = fraction, info["timed_ratio"], info
+    alloc.depth, alloc.dropped_blocks = cfg.depth, chosen
     alloc.flops_share = layer_flops_share(teacher, example, list(alloc.kept_fraction) or [p.name for p in plan])
     return student, alloc

@@ -136,6 +136,9 @@ class CompressConfig:
     alloc_floor: float = field(default=0.4, metadata=_BUDGET_ONLY)
     target_tolerance: float = field(default=0.01, metadata=_BUDGET_ONLY)  # relative: FLOPs/params within 1 % of it
     latency_batch: int = field(default=64, metadata=_BUDGET_ONLY)  # batch size at which a latency target is measured
+    # latency target: most students timed end to end (each: 3 alternate timings of teacher and student at
+    # latency_batch) while the table's target is root-found on the timed ratio (crossdistill.calibrate)
+    latency_rounds: int = field(default=8, metadata=_BUDGET_ONLY)
     # structured: layer -> the teacher's input channels to keep, chosen elsewhere (e.g. Torch-Pruning's
     # global pruning); the layer must be in the plan (keep < 1 for it), the solver then only re-fits
     kept_channels: dict[str, list[int]] = field(default_factory=dict)
@@ -211,6 +214,8 @@ class CompressConfig:
             raise UserError(f"unknown depth {self.depth!r}; choose one of {', '.join(DEPTHS)}")
         if not 0.0 < self.alloc_floor <= 1.0:
             raise UserError(f"alloc_floor must lie in (0, 1], got {self.alloc_floor}")
+        if self.latency_rounds < 1:
+            raise UserError(f"latency_rounds must be at least 1, got {self.latency_rounds}")
         if not 0.0 < self.target_tolerance < 0.5:
             raise UserError(f"target_tolerance must lie in (0, 0.5), got {self.target_tolerance}")
 
