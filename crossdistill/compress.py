@@ -370,7 +370,9 @@ def _l1_reference(
     l1_err = view_error(l1.student, run, views, yT)
     info["l1_start_error"] = l1_err
     # a fired net has shown the images can mislead: then a re-fit must beat the data-free L1 start by a margin
-    slack = cfg.safety_slack * (cfg.safety_l1_margin if info["fired"] else 1.0)
+    margin = cfg.safety_l1_margin if info["fired"] else 1.0
+    info["l1_margin"] = margin
+    slack = cfg.safety_slack * margin
     if err <= slack * l1_err + SAFETY_ATOL:
         return None
     channels = l1_channels(l1)

@@ -203,9 +203,13 @@ def warn_fired(info: dict[str, Any]) -> None:
         "l1-start": "the L1 student (no re-fit)",
     }[info["returned"]]
     if info.get("reference") == "l1":
+        margin = info.get("l1_margin", 1.0)
+        ref = f"the L1 start's {info['l1_start_error']:.4g}"
+        if margin != 1.0:  # a fired re-fit must beat the L1 start by a margin (CompressConfig.safety_l1_margin)
+            ref = f"{margin:g} x {ref}"
         why = (
-            f"on {info['views']} further check views, the output error of the {info['kept']} was "
-            f"{info['kept_error_second']:.4g}, above the L1 start's {info['l1_start_error']:.4g}"
+            f"on {info.get('views_second', info['views'])} further check views, the output error of the "
+            f"{info['kept']} was {info['kept_error_second']:.4g}, above {ref}"
         )
     else:
         why = (
