@@ -69,7 +69,7 @@ from crossdistill.latency import latency_measure
 from crossdistill.measure import measure_latency_pair
 from crossdistill.plan import keep_count
 from crossdistill.pruning import ChannelRemover
-from crossdistill.target import plan_target, pruned_plan, timed_ratio, timer_for
+from crossdistill.target import plan_target, pruned_plan, timer_for
 from crossdistill.train import accuracy
 
 VARIANTS = [
@@ -163,7 +163,7 @@ def timed_nearest(teacher, example, target: tuple, propose) -> tuple:
     root-finds on the student timed against the teacher (:func:`crossdistill.calibrate.calibrate`, the
     library's default rounds): (the allocation timed nearest ``fraction``, the calibration's record)."""
     fraction, measure = target
-    time_student = timer_for(teacher, example, LATENCY_BATCH)
+    time_student = timer_for(teacher, example.shape[1:], LATENCY_BATCH)
     base = measure(teacher)
 
     def proposal(asked: float):
@@ -236,7 +236,7 @@ def target_measure(kind: str, shape):
 def time_student(teacher, student, shape, kind: str) -> dict:
     """Student / teacher latency timed alternately: once (FLOPs cells), or 3 rounds with the noise (latency)."""
     if kind == "latency":  # re-timed while noisier than MAX_NOISE (a load spike), as the calibration does
-        ratio, noise = steady_timing(lambda s: timed_ratio(teacher, s, shape, LATENCY_BATCH), student)
+        ratio, noise = steady_timing(timer_for(teacher, shape, LATENCY_BATCH), student)
         return {"latency_ratio": ratio, "latency_noise": noise, "latency_batch": LATENCY_BATCH}
     t, s = measure_latency_pair(teacher, student, shape, LATENCY_BATCH, 2, 7)
     return {"latency_ratio": s / t, "latency_batch": LATENCY_BATCH}

@@ -318,7 +318,7 @@ def _plan_latency(
         key = (tuple(chosen), tuple(sorted((alloc.keep_overrides if alloc else {}).items())))
         return (chosen, alloc, student), table, key, table > asked * (1 + tol) and len(chosen) == len(ranked)
 
-    time_student = timer_for(teacher, example, cfg.latency_batch)
+    time_student = timer_for(teacher, example.shape[1:], cfg.latency_batch)
     (chosen, alloc, _), info = calibrate(fraction, propose, lambda c: time_student(c[2]), cfg.latency_rounds)
     if "bound" in info and cfg.depth == "blocks":
         raise UserError(

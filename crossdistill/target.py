@@ -236,10 +236,10 @@ def timed_ratio(teacher: nn.Module, student: nn.Module, input_shape: Any, batch:
     return sorted(ratios)[1], (max(ratios) - min(ratios)) / 2
 
 
-def timer_for(teacher: nn.Module, example: torch.Tensor, batch: int) -> Callable[[nn.Module], tuple[float, float]]:
-    """student -> (timed ratio to ``teacher``, noise) at ``batch``; :func:`timed_ratio` looked up per call (tests
-    stand a deterministic one in for it)."""
-    return lambda student: timed_ratio(teacher, student, tuple(example.shape[1:]), batch)
+def timer_for(teacher: nn.Module, input_shape: Any, batch: int) -> Callable[[nn.Module], tuple[float, float]]:
+    """student -> (timed ratio to ``teacher``, noise) on inputs of ``input_shape`` (one image's) at ``batch``;
+    :func:`timed_ratio` looked up per call (tests stand a deterministic one in for it)."""
+    return lambda student: timed_ratio(teacher, student, tuple(input_shape), batch)
 
 
 def _calibrate_latency(
@@ -264,7 +264,7 @@ def _calibrate_latency(
                 counts, table_ratio = floor_counts, floor_ratio
         return counts, table_ratio, tuple(sorted(counts.items())), at_limit
 
-    time_student = timer_for(teacher, example, cfg.latency_batch)
+    time_student = timer_for(teacher, example.shape[1:], cfg.latency_batch)
     counts, info = calibrate(
         fraction, propose, lambda c: time_student(prune_to_counts(teacher, example, budget.plan, c)), cfg.latency_rounds
     )
@@ -380,7 +380,7 @@ def check_achieved(teacher: nn.Module, student: nn.Module, input_shape: tuple[in
         out["achieved"] = count_params(student) / count_params(teacher)
     else:
         teacher, student = teacher.cpu().eval(), student.cpu().eval()
-        timer = lambda s: timed_ratio(teacher, s, input_shape, cfg.latency_batch)  # noqa: E731
+        timer = timer_for(teacher, input_shape, cfg.latency_batch)
         out["achieved"], out["noise"] = steady_timing(timer, student)  # re-timed while a load spike shows
         out["batch"] = cfg.latency_batch
     return out
