@@ -36,13 +36,14 @@ from tables import fill_readme, write_md
 OUT = RESULTS / "scale.jsonl"
 
 
-def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
-    """Runs inside the child process."""
+def one_run(model: str, n: int, method: str, capture: str, opts: argparse.Namespace) -> dict:
+    """Runs inside the child process (``opts``: device, size, spill_mb)."""
     import torch
 
     from crossdistill.methods import run_method
     from crossdistill.run import recalibrate_bn
 
+    device = opts.device
     dev = torch.device(device)
     if model == "resnet56":
         from crossdistill.checkpoint import load_checkpoint
@@ -59,7 +60,7 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         definitions = SOURCE
         torch.manual_seed(0)
         teacher = MODELS[model]()
-        images = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        images = torch.randn(n, 3, opts.size, opts.size, generator=torch.Generator().manual_seed(1))
         recalibrate_bn(teacher, images)
         mu = 0.6
     teacher = teacher.to(dev).eval()
@@ -100,6 +101,8 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
     extra = {"mu": mu, "capture": capture} if method != "l1" else {}  # l1 has no objective and no capture
     if os.environ.get("BENCH_SAFETY") and method != "l1":  # an arm of --safety-off: the safety net's setting
         extra["safety"] = os.environ["BENCH_SAFETY"]
+    if opts.spill_mb is not None:
+        extra["spill_mb"] = opts.spill_mb
     student, report = run_method(method, teacher, images, keep=0.5, device=device, **extra)
     sync()
     seconds, cpu_seconds = time.perf_counter() - w0, time.process_time() - c0
@@ -129,6 +132,8 @@ def one_run(model: str, n: int, method: str, capture: str, device: str) -> dict:
         "output_error_fit": round(report.output_error, 4),
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
+        # a fired safety net re-runs the compression (guarded, from the L1 channels): up to 3 of them
+        "safety": {k: (report.safety or {}).get(k) for k in ("mode", "fired", "returned")} if method != "l1" else None,
         "commit": os.environ.get("BENCH_COMMIT")
         or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": machine(),
@@ -215,6 +220,8 @@ def main() -> None:
     ap.add_argument("--n", nargs="+", type=int, default=[100, 1000])
     ap.add_argument("--methods", nargs="+", default=["ours", "nc", "l1"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", type=int, default=224, help="image side of the torchvision models' rows")
+    ap.add_argument("--spill-mb", type=float, default=None, help="CompressConfig.spill_mb (default: the config's)")
     ap.add_argument("--out", type=Path, default=OUT, help="results file (JSONL, appended)")
     ap.add_argument("--max-seconds", type=float, default=None, help="leave out a row that runs longer (said so)")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "N", "METHOD", "CAPTURE"), help=argparse.SUPPRESS)
@@ -241,7 +248,7 @@ def main() -> None:
         return
     if args.child:
         model, n, method, capture = args.child
-        print(json.dumps(one_run(model, int(n), method, capture, args.device)))
+        print(json.dumps(one_run(model, int(n), method, capture, args)))
         return
     sys.path.insert(0, os.path.dirname(__file__))
     from tv_models import SOURCE
@@ -253,7 +260,8 @@ def main() -> None:
         definitions = "crossdistill.models" if model == "resnet56" else SOURCE
         if (model, definitions, n, method, capture, args.device) in done and not args.again:
             continue
-        cmd = [sys.executable, __file__, "--device", args.device, "--child", model, str(n), method, capture]
+        cmd = [sys.executable, __file__, "--device", args.device, "--size", str(args.size), "--child", model, str(n)]
+        cmd += [method, capture] + ([] if args.spill_mb is None else ["--spill-mb", str(args.spill_mb)])
         arms = [(None, None)] if args.base is None else [(args.base, args.base_commit), (None, args.head_commit)]
         if args.safety_off and method != "l1":
             arms.append(("off", f"{args.head_commit} safety=off"))

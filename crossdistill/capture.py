@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .spill import Batches, nbytes
+from .spill import Batches, Meta, load_raw, nbytes, save_raw
 
 __all__ = [
     "record_inputs",
@@ -276,7 +276,8 @@ class GraphStream:
         self.env: list[dict] = [{} for _ in self.batches]
         self.step = 0
         self.spill_bytes = None if spill_mb is None else spill_mb * 2**20
-        self.disk: tempfile.TemporaryDirectory | None = None  # kept tensors, one file per batch, once spilled
+        self.disk: tempfile.TemporaryDirectory | None = None  # kept tensors, one file per batch and node, once spilled
+        self.on_disk: list[dict[int, Meta]] = [{} for _ in self.batches]  # per batch: node index -> its file's meta
 
     def _restart_after(self, i: int) -> int:
         """The node the step after step ``i`` recomputes from: the earliest one whose module step ``i`` changed."""
@@ -327,22 +328,40 @@ class GraphStream:
             return obj
         return None  # output
 
-    def _load(self, b: int) -> dict:
-        """Batch ``b``'s kept values (read back from disk once spilled)."""
-        env = self.env[b]
-        path = None if self.disk is None else Path(self.disk.name) / f"{b}.pt"
-        if path is not None and path.exists():
-            env.update({self.nodes[k]: v for k, v in torch.load(path, weights_only=True).items()})
+    def _path(self, b: int, k: int) -> Path:
+        return Path(self.disk.name) / f"{b}-{k}.bin"
+
+    def _load(self, b: int, low: int, stop: int) -> dict:
+        """Batch ``b``'s values that nodes ``low..stop`` read: kept values from disk are read back only when one
+        of these nodes reads them (a block's input, kept for its residual sum, is not read by the convs
+        in between)."""
+        env, disk = self.env[b], self.on_disk[b]
+        if not disk:
+            return env
+        for j in range(low, stop + 1):
+            for a in self.nodes[j].all_input_nodes:
+                k = self.index[a]
+                if k < low and a not in env and k in disk:
+                    env[a] = load_raw(self._path(b, k), disk[k], self.batches[b].device)
         return env
 
-    def _store(self, b: int, env: dict) -> None:
-        """Once spilled: batch ``b``'s kept tensors to its file; other values (sizes, parameters) stay."""
+    def _store(self, b: int, env: dict, fresh: range, future: list[int]) -> None:
+        """Once spilled: batch ``b``'s kept tensors to their files (only those computed in this step, nodes
+        ``fresh``, or not on disk yet: a value read back is unchanged), the files of values no later step
+        reads removed; other values (sizes, parameters) stay in memory."""
         if self.disk is None:
             return
-        tensors = {self.index[n]: v for n, v in env.items() if type(v) is torch.Tensor}
-        torch.save(tensors, Path(self.disk.name) / f"{b}.pt")
-        for k in tensors:
-            del env[self.nodes[k]]
+        disk = self.on_disk[b]
+        for n, v in list(env.items()):
+            if type(v) is not torch.Tensor:
+                continue
+            k = self.index[n]
+            if k not in disk or k in fresh:
+                disk[k] = save_raw(v, self._path(b, k))
+            del env[n]
+        for k in [k for k in disk if not self._read_later(k, future)]:
+            self._path(b, k).unlink()
+            del disk[k]
 
     def _read_later(self, k: int, restarts: list[int]) -> bool:
         """Whether a step restarting at one of ``restarts`` (sorted) reads node ``k`` without computing it."""
@@ -365,7 +384,7 @@ class GraphStream:
             return None
         outs = []
         for b, x in enumerate(self.batches):
-            env = self._load(b)
+            env = self._load(b, self.restart[-1], end)
             for j in range(self.restart[-1], end):
                 env[self.nodes[j]] = self._run(j, env, x, self.restart[-1])
             outs.append(env[value])
@@ -387,7 +406,7 @@ class GraphStream:
         n_images = sum(len(x) for x in self.batches)
         out = None
         for b, x in enumerate(self.batches):
-            env = self._load(b)
+            env = self._load(b, low, stop)
             for j in range(low, stop):
                 env[self.nodes[j]] = self._run(j, env, x, low)
             value = self.nodes[stop].args[0]
@@ -399,12 +418,12 @@ class GraphStream:
                 out.append(v)
             for node in [n for n in env if not self._read_later(self.index[n], future)]:
                 del env[node]
-            self._store(b, env)
+            self._store(b, env, range(low, stop), future)
         self.step += 1
         if self.disk is None and self.spill_bytes is not None and self.kept_bytes() > self.spill_bytes:
             self.disk = tempfile.TemporaryDirectory(prefix="crossdistill-")
             for b, env in enumerate(self.env):
-                self._store(b, env)
+                self._store(b, env, range(0), future)
         if out is None:
             return None
         return out if out.folder is not None else out.cat()

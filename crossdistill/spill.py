@@ -10,28 +10,53 @@ batch to a file in a temporary directory as it is produced and reads it
 back when iterated: peak memory is then a few batches, whatever N. On disk
 in float32, as computed (no half precision): the statistics are exactly
 those of the in-memory run. The directory is removed with the object.
+
+Files hold a tensor's raw bytes (:func:`save_raw`), its shape and dtype kept
+in memory: ``torch.save`` pickles and computes a CRC-32 of every record, which
+on efficientnet_b0 (200 images at 112x112, everything past 20 MB spilled) was
+15 % of a compression's CPU time (benchmarks/results/spill_format.md).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["Batches", "batches", "pairs", "materialize", "nbytes"]
+__all__ = ["Batches", "batches", "pairs", "materialize", "nbytes", "save_raw", "load_raw"]
+
+Meta = tuple[torch.Size, torch.dtype]
 
 
 def nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+def save_raw(x: torch.Tensor, path: Path) -> Meta:
+    """``x``'s bytes to ``path`` as they lie in memory (no header, no checksum); returns what :func:`load_raw`
+    needs to read them back. The file is scratch space of this process, never a user's file."""
+    x = x.detach().cpu().contiguous()  # a view would write its whole base tensor
+    x.reshape(-1).view(torch.uint8).numpy().tofile(path)
+    return x.shape, x.dtype
+
+
+def load_raw(path: Path, meta: Meta, device: torch.device | None = None) -> torch.Tensor:
+    """The tensor :func:`save_raw` wrote (memory-mapped copy-on-write: the file may be removed after)."""
+    shape, dtype = meta
+    n = math.prod(shape)
+    x = torch.from_file(str(path), shared=False, size=n, dtype=dtype) if n else torch.empty(0, dtype=dtype)
+    x = x.view(shape)
+    return x if device is None or device.type == "cpu" else x.to(device)
+
+
 class Batches:
     """A tensor (N, ...) stored as its batches along dim 0; ``on_disk``: each batch in a file of ``folder``."""
 
     def __init__(self, on_disk: bool):
-        self.parts: list[torch.Tensor | Path] = []
+        self.parts: list[torch.Tensor | tuple[Path, Meta]] = []
         self.sizes: list[int] = []
         self.folder = tempfile.TemporaryDirectory(prefix="crossdistill-") if on_disk else None
         self.device: torch.device | None = None
@@ -46,16 +71,15 @@ class Batches:
         if self.folder is None:
             self.parts.append(x)
             return
-        path = Path(self.folder.name) / f"{len(self.parts)}.pt"
-        torch.save(x.detach().cpu().contiguous(), path)  # a view would save its whole base tensor
-        self.parts.append(path)
+        path = Path(self.folder.name) / f"{len(self.parts)}.bin"
+        self.parts.append((path, save_raw(x, path)))
 
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for p in self.parts:
-            yield p if isinstance(p, torch.Tensor) else torch.load(p, map_location=self.device, weights_only=True)
+            yield p if isinstance(p, torch.Tensor) else load_raw(*p, self.device)
 
     def cat(self) -> torch.Tensor:
         parts = list(self)

@@ -342,9 +342,13 @@ def test_per_layer_teacher_capture_gives_the_same_student_as_the_cache() -> None
 def test_activations_spilled_to_disk_give_the_same_student(method: str, arch: str, monkeypatch) -> None:
     """spill_mb=0: every kept value and layer input goes through files, batch by batch (batch 3 of 8
     images: a short last batch), with the teacher streamed too; the student must be the in-memory one."""
+    import crossdistill.capture
+    import crossdistill.spill
+
     saved = []
-    real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (saved.append(f), real_save(obj, f, *a, **k)))
+    real_save = crossdistill.spill.save_raw
+    for module in (crossdistill.spill, crossdistill.capture):
+        monkeypatch.setattr(module, "save_raw", lambda x, path: (saved.append(path), real_save(x, path))[1])
     sys.path.insert(0, str(Path(__file__).parent))
     from zoo import inverted_residual
 
@@ -374,6 +378,46 @@ def test_graph_stream_keeps_only_values_a_later_step_reads_without_recomputing()
     kept = [v for v in stream.env[0].values() if isinstance(v, torch.Tensor)]
     assert len(kept) == 1 and torch.equal(kept[0], x)
     assert torch.allclose(stream.next_input(), model[:4](x))
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))) + x
+
+
+def test_graph_stream_on_disk_writes_a_kept_value_once_and_reads_it_only_when_needed(monkeypatch) -> None:
+    """spill_mb=0: the image, kept for the residual sum through the three steps, is written once per batch
+    (not again each step) and read back only by the steps that read it: step 1, which recomputes the changed
+    conv a from it, and the output (the sum), not step 2 (conv b's input); the inputs are those of the
+    in-memory stream."""
+    import crossdistill.capture
+    from crossdistill.capture import GraphStream
+    from crossdistill.spill import load_raw, save_raw
+
+    written, read = [], []
+    monkeypatch.setattr(crossdistill.capture, "save_raw", lambda x, p: (written.append(p.name), save_raw(x, p))[1])
+    monkeypatch.setattr(crossdistill.capture, "load_raw", lambda p, *a: (read.append(p.name), load_raw(p, *a))[1])
+    model, x = _Residual().eval(), torch.randn(5, 2, 6, 6)
+    names, changed = ["a", "b", "c"], [["a"], ["b"], ["c"]]
+    streams = [GraphStream(model, names, changed, x, batch_size=3, spill_mb=mb) for mb in (None, 0)]
+    image_files = ["0-0.bin", "1-0.bin"]  # node 0 (the image) of batches 0 and 1
+    image_reads = []
+    for s in streams:
+        s.with_output()
+    for _ in names:
+        h_mem, h_disk = (s.next_input() for s in streams)
+        assert torch.equal(h_mem, h_disk if isinstance(h_disk, torch.Tensor) else h_disk.cat())
+        image_reads.append(sorted(r for r in read if r in image_files))
+        read.clear()
+    out = streams[1].output()
+    assert torch.equal(streams[0].output(), out) and torch.allclose(out, model(x))
+    assert sorted(r for r in read if r in image_files) == image_files
+    assert image_reads == [[], image_files, []]
+    assert sorted(w for w in written if w in image_files) == image_files  # once each
 
 
 def test_batches_on_disk_read_back_as_written() -> None:
