@@ -12,9 +12,11 @@ in float32, as computed (no half precision): the statistics are exactly
 those of the in-memory run. The directory is removed with the object.
 
 Files hold a tensor's raw bytes (:func:`save_raw`), its shape and dtype kept
-in memory: ``torch.save`` pickles and computes a CRC-32 of every record, which
-on efficientnet_b0 (200 images at 112x112, everything past 20 MB spilled) was
-15 % of a compression's CPU time (benchmarks/results/spill_format.md).
+in memory (``torch.save`` pickles and computes a CRC-32 of every record).
+With :class:`crossdistill.capture.GraphStream` writing a kept value once,
+spilling everything past 20 MB cost efficientnet_b0 (200 images at 112x112)
+about 1 teacher pass before and none measurable after
+(benchmarks/results/spill_format.md).
 """
 
 from __future__ import annotations
