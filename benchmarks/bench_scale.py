@@ -133,12 +133,28 @@ def one_run(model: str, n: int, method: str, capture: str, opts: argparse.Namesp
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
         # a fired safety net re-runs the compression (guarded, from the L1 channels): up to 3 of them
-        "safety": {k: (report.safety or {}).get(k) for k in ("mode", "fired", "returned")} if method != "l1" else None,
+        "safety": _safety(report, extra.get("safety", "views")) if method != "l1" else None,
         "commit": os.environ.get("BENCH_COMMIT")
         or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": machine(),
         "note": "shared 2-core machine, other jobs running" if device == "cpu" else "",
     }
+
+
+def _safety(report, mode: str) -> dict:
+    """The safety net's mode, whether it fired and what it returned (report.safety is None with it off)."""
+    info = report.safety or {}
+    return {"mode": mode, "fired": info.get("fired"), "returned": info.get("returned")}
+
+
+def _net(r: dict) -> str:
+    """The safety-net column: off, fired (what it returned), not fired; blank where the row did not record it."""
+    s = r.get("safety") or {}
+    if s.get("mode") == "off":
+        return "off"
+    if s.get("fired") is None:
+        return ""
+    return f"fired ({s['returned']})" if s["fired"] else "not fired"
 
 
 def readme_table(out: Path = OUT) -> None:
@@ -147,12 +163,12 @@ def readme_table(out: Path = OUT) -> None:
     one) and how many runs there were."""
     head = (
         "| model | definitions | N | method | capture | runs | compress s | teacher forward s | ratio (wall) "
-        "| ratio (CPU) | peak RSS MB | params | FLOPs | output error | commit |"
+        "| ratio (CPU) | safety net | peak RSS MB | params | FLOPs | output error | commit |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     cells: dict[tuple, list[dict]] = {}
     for r in read_jsonl(out):
-        cells.setdefault(_key(r), []).append(r)
+        cells.setdefault((*_key(r), (r.get("safety") or {}).get("mode") == "off"), []).append(r)
     order = lambda rs: (rs[0]["n"] > 100, _ORDER.get(rs[0]["model"], 9), rs[0]["method"], rs[0]["capture"])  # noqa: E731
     for runs in sorted(cells.values(), key=order):
         latest = runs[-1].get("commit")  # the newest code that ran this cell; older rows stay in the file
@@ -161,8 +177,8 @@ def readme_table(out: Path = OUT) -> None:
         lines.append(
             f"| {r['model']} | {r.get('definitions', 're-definition')} | {r['n']} | {r['method']} | {r['capture']} "
             f"| {len(runs)} | {r['seconds']} | {r['teacher_forward_s']} | {r['ratio']} | {r.get('ratio_cpu', '')} "
-            f"| {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} | {r['output_error_fit']} "
-            f"| {r.get('commit', '')} |"
+            f"| {_net(r)} | {int(r['peak_memory_mb'])} | x{r['params_ratio']} | x{r['flops_ratio']} "
+            f"| {r['output_error_fit']} | {r.get('commit', '')} |"
         )
     fill_readme({"scale_table": "\n".join(lines)})
 
