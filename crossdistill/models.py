@@ -311,11 +311,11 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
 
 @register_model
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> TorchvisionResNet:
-    """torchvision's ResNet-18 with a 3x3 stride-2 stem (keeps the max pool): 0.065 GFLOPs at 28x28."""
+    """torchvision's ResNet-18 with a 3x3 stride-2 stem and no max pool: 0.24 GFLOPs at 28x28."""
     return TorchvisionResNet((2, 2, 2, 2), num_classes, in_channels)
 
 
 @register_model
 def mobilenet_v2(num_classes: int = 10, in_channels: int = 3) -> MobileNetV2:
-    """torchvision's MobileNetV2 (``in_channels`` inputs): 0.011 GFLOPs at 28x28."""
+    """torchvision's MobileNetV2 (``in_channels`` inputs) with a stride-1 stem: 0.044 GFLOPs at 28x28."""
     return MobileNetV2(num_classes, in_channels)

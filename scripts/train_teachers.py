@@ -14,9 +14,9 @@ RECIPES = {
     "resnet20": TrainConfig(model="resnet20", epochs=6),
     "resnet56": TrainConfig(model="resnet56", epochs=6),
     "vgg16": TrainConfig(model="vgg16", epochs=2, lr=0.05, fp16_storage=True),  # 2 epochs: what a session affords
-    # torchvision families (crossdistill/torchvision_style.py); 2 epochs: what a shared 2-core session affords
-    "resnet18": TrainConfig(model="resnet18", epochs=2),
-    "mobilenet_v2": TrainConfig(model="mobilenet_v2", epochs=2),
+    # torchvision families (crossdistill/torchvision_style.py); 4 epochs: what a shared 2-core session affords
+    "resnet18": TrainConfig(model="resnet18", epochs=4),
+    "mobilenet_v2": TrainConfig(model="mobilenet_v2", epochs=4),
 }
 
 if __name__ == "__main__":
