@@ -41,6 +41,8 @@ def save_raw(x: torch.Tensor, path: Path) -> Meta:
     """``x``'s bytes to ``path`` as they lie in memory (no header, no checksum); returns what :func:`load_raw`
     needs to read them back. The file is scratch space of this process, never a user's file."""
     x = x.detach().cpu().contiguous()  # a view would write its whole base tensor
+    # a new file, never the old one rewritten in place: a tensor load_raw mapped from it may still be alive
+    Path(path).unlink(missing_ok=True)
     x.reshape(-1).view(torch.uint8).numpy().tofile(path)
     return x.shape, x.dtype
 

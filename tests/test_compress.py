@@ -420,6 +420,18 @@ def test_graph_stream_on_disk_writes_a_kept_value_once_and_reads_it_only_when_ne
     assert sorted(w for w in written if w in image_files) == image_files  # once each
 
 
+def test_raw_file_rewritten_leaves_a_tensor_read_from_it_unchanged(tmp_path: Path) -> None:
+    """load_raw maps the file: save_raw must write a new file, not the mapped one in place."""
+    from crossdistill.spill import load_raw, save_raw
+
+    x = torch.arange(12.0).reshape(3, 4)
+    path = tmp_path / "v.bin"
+    read = load_raw(path, save_raw(x, path))
+    save_raw(torch.zeros(3, 4), path)
+    assert torch.equal(read, x)
+    assert torch.equal(load_raw(path, (torch.Size([3, 4]), torch.float32)), torch.zeros(3, 4))
+
+
 def test_batches_on_disk_read_back_as_written() -> None:
     from crossdistill.spill import Batches, pairs
 
