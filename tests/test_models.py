@@ -45,5 +45,6 @@ def test_official_mu_is_a_class_attribute_with_the_vgg_value_as_default() -> Non
     assert official_mu(get_model("resnet20", 10, 1)) == 0.9
     assert official_mu(get_model("vgg16", 10, 1)) == 0.6
     assert official_mu(get_model("lenet5", 10, 1)) == 0.6  # no official value: the release's default
+    assert official_mu(get_model("mobilenet_v2", 10, 1)) == 0.2  # chosen on validation images (session 8)
     assert get_model("resnet56", 10, 1).prune_skip == [f"layer{s}.conv2" for s in ("1.7", "2.0", "3.0", "3.8")]
     assert get_model("resnet20", 10, 1).prune_skip == []
