@@ -112,7 +112,8 @@ class CompressReport:
     # ||F^S(x) - F^T(x)|| / ||F^T(x)|| on the held-out images (config.holdout > 0), else on the fit images
     output_error: float | None = None
     output_error_on: str = "fit"  # "held-out" | "fit"
-    capture: str = "per-layer"  # "one-pass" (fx graph, activations reused) | "per-layer" (re-run per layer)
+    # "one-pass" (fx graph, activations reused) | "per-layer" (re-run per layer) | "none" (no layer re-fitted)
+    capture: str = "none"
     # what was achieved against what keep asked for (coverage.py): a warning text, or None
     shortfall: str | None = None
     # holdout > 0: output error on the held-out and the fitted images, overall and per layer (coverage.py)
@@ -277,7 +278,7 @@ class Run:
     # (images, F^S(images), the student's state then): the end of the one-pass stream, in eval mode (finish
     # uses it while the student is still in that state: no BN recalibration, no refinement since)
     student_output: tuple[torch.Tensor, torch.Tensor, tuple] | None = None
-    capture: str = "per-layer"  # how refit_layers captured the student's inputs
+    capture: str = "none"  # how refit_layers captured the student's inputs ("none": it did not run, e.g. L1)
     # what the run removed, in the teacher's indexing: layer -> kept input channels (C_in,) or weight mask
     # (unstructured), for the no-re-fit start (crossdistill.safety.masked_start); None: not expressible
     start_masks: dict[str, torch.Tensor] | None = field(default_factory=dict)
