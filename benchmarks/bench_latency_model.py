@@ -47,10 +47,7 @@ def main() -> None:
         for keep in args.keeps:
             if (name, keep, args.batch) in done:
                 continue
-            counts = {
-                p.name: keep_count(len(p.channels or range(teacher.get_submodule(p.name).weight.shape[1])), keep)
-                for p in plan
-            }
+            counts = {p.name: keep_count(p.prunable(teacher), keep) for p in plan}
             student = prune_to_counts(teacher, example, plan, counts)
             s_table = table.model_ms(student, shape, args.batch)
             ratios, times = [], []

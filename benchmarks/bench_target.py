@@ -86,8 +86,7 @@ def flops_fraction(model: nn.Module, shape, base: float) -> float:
 
 
 def uniform_counts(teacher, plan, keep: float) -> dict[str, int]:
-    return {p.name: keep_count(len(p.channels or range(teacher.get_submodule(p.name).weight.shape[1])), keep)
-            for p in plan}  # fmt: skip
+    return {p.name: keep_count(p.prunable(teacher), keep) for p in plan}
 
 
 def uniform_keep(teacher, example, plan, fraction: float, measure) -> float:
@@ -214,7 +213,7 @@ def remove_channels(teacher, example, kept: dict[str, list[int]]) -> nn.Module:
 def overrides_for(teacher, plan, kept: dict[str, list[int]]) -> dict[str, float]:
     out = {}
     for p in plan:
-        n = len(p.channels) if p.channels is not None else teacher.get_submodule(p.name).weight.shape[1]
+        n = p.prunable(teacher)
         k = _n_prunable_kept(teacher, p, kept[p.name])
         out[p.name] = 1.0 if k >= n else (k + 0.5) / n
     return out
@@ -310,8 +309,7 @@ def run_cells(args) -> None:
                                 kept_channels = tp_allocation(teacher, images, plan, importance, (fraction, measure))
                             overrides = overrides_for(teacher, plan, kept_channels)
                             extra["kept_fraction"] = {
-                                p.name: _n_prunable_kept(teacher, p, kept_channels[p.name])
-                                / (len(p.channels) if p.channels else teacher.get_submodule(p.name).weight.shape[1])
+                                p.name: _n_prunable_kept(teacher, p, kept_channels[p.name]) / p.prunable(teacher)
                                 for p in plan
                             }
                         alloc_seconds = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def architecture(teacher, images, row: dict):
     plan = pruned_plan(model, images[:1], CompressConfig())
     counts = {}
     for p in plan:
-        n = len(p.channels) if p.channels is not None else model.get_submodule(p.name).weight.shape[1]
+        n = p.prunable(model)
         if "keep" in row:
             counts[p.name] = keep_count(n, row["keep"])
         elif p.name in row.get("kept_fraction", {}):

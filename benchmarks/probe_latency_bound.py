@@ -54,8 +54,7 @@ def main() -> None:
         for keep in KEEPS:
             counts = {}
             for p in plan:
-                n = len(p.channels) if p.channels is not None else teacher.get_submodule(p.name).weight.shape[1]
-                counts[p.name] = max(1, keep_count(n, keep)) if keep > 0 else 1
+                counts[p.name] = max(1, keep_count(p.prunable(teacher), keep)) if keep > 0 else 1
             students.append(({"lever": "channels", "keep": keep}, prune_to_counts(teacher, example, plan, counts)))
         try:
             blocks = residual_blocks(teacher)

@@ -195,7 +195,6 @@ def rank_mixed(scores: list[dict[str, Any]], curves: list[Any], need: float) -> 
 
 def plan_blocks(teacher: nn.Module, images: torch.Tensor, cfg: Any) -> tuple[nn.Module, Any]:
     """depth 'blocks' or 'mixed' (module docstring): the block-dropped student and its allocation."""
-    from .allocate import channel_costs, sensitivity_curves
     from .target import Allocation, layer_flops_share, parse_target, plan_target, pruned_plan
 
     kind, fraction = parse_target(cfg.target)
@@ -225,32 +224,40 @@ def plan_blocks(teacher: nn.Module, images: torch.Tensor, cfg: Any) -> tuple[nn.
         share = layer_flops_share(teacher, example, names)
         alloc = Allocation(kind, fraction, achieved, "penultimate", "blocks", {}, {}, share, chosen)
         return student, alloc
-    # mixed: blocks and channel segments ranked together by error per cost saved, both at the penultimate
-    # features, the channels cross-fitted and floored as the channel allocation will be (module docstring)
+    # mixed: blocks and channel segments ranked together by error per cost saved (module docstring)
     plan = pruned_plan(teacher, example, cfg)
-    curves = sensitivity_curves(teacher, images, plan, "penultimate-cv", batch_size=cfg.batch_size)
-    channel_costs(teacher, example, curves, plan, measure)
-    for c in curves:
-        c.floor = max(1, math.ceil(cfg.alloc_floor * c.prunable))
-    chosen = rank_mixed(scores, curves, need)
+    chosen = rank_mixed(scores, _mixed_curves(teacher, images, plan, measure, cfg), need)
     student = drop_blocks(teacher, chosen, images)
     rest = base * fraction / measure(student)
-    sub = copy.copy(cfg)
-    sub.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in chosen]]
+    sub = _shallower_config(cfg, chosen)
     if rest >= 1.0:  # the blocks alone reached the target
         alloc = Allocation(kind, fraction, measure(student) / base, "penultimate-cv", "mixed", {}, {}, {}, chosen)
     else:
         sub.target = {kind: rest}
-        alloc = plan_target(student, images, sub, measure if kind != "latency" else None)
+        alloc = plan_target(student, images, sub, measure)
         alloc.asked, alloc.achieved = fraction, alloc.achieved * measure(student) / base
         alloc.depth, alloc.dropped_blocks = "mixed", chosen
     alloc.flops_share = layer_flops_share(teacher, example, list(alloc.kept_fraction) or [p.name for p in plan])
     return student, alloc
 
 
-def _width(model: nn.Module, p: Any) -> int:
-    """Prunable input channels of plan layer ``p`` (``Allocation.kept_fraction`` is a share of them)."""
-    return len(p.channels) if p.channels is not None else model.get_submodule(p.name).weight.shape[1]
+def _mixed_curves(teacher: nn.Module, images: torch.Tensor, plan: list, measure: Callable, cfg: Any) -> list:
+    """mixed: the channel segments ranked against whole blocks, scored at the penultimate features like the
+    blocks, cross-fitted, priced in ``measure`` and floored as the channel allocation will be."""
+    from .allocate import channel_costs, sensitivity_curves
+
+    curves = sensitivity_curves(teacher, images, plan, "penultimate-cv", batch_size=cfg.batch_size)
+    channel_costs(teacher, images[:1], curves, plan, measure)
+    for c in curves:
+        c.floor = max(1, math.ceil(cfg.alloc_floor * c.prunable))
+    return curves
+
+
+def _shallower_config(cfg: Any, chosen: list[str]) -> Any:
+    """``cfg`` for narrowing the channels of the model with blocks ``chosen`` dropped: their adaptors left whole."""
+    sub = copy.copy(cfg)
+    sub.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in chosen]]
+    return sub
 
 
 def _plan_latency(
@@ -261,7 +268,7 @@ def _plan_latency(
     ``(1 - asked)`` of the table, then channels on the shallower model to the table's ``asked``), with
     ``asked`` root-found on the student timed against the teacher (:func:`crossdistill.calibrate.calibrate`):
     where narrowed channels time slower than the table says, a lower ``asked`` drops more blocks."""
-    from .allocate import channel_costs, prune_to_counts, sensitivity_curves
+    from .allocate import prune_to_counts
     from .calibrate import calibrate
     from .target import Allocation, layer_flops_share, parse_target, plan_target, pruned_plan, timer_for
 
@@ -270,12 +277,7 @@ def _plan_latency(
     base, tol = measure(teacher), cfg.target_tolerance
     plan = pruned_plan(teacher, example, cfg)
     ranked = [s["block"] for s in sorted(scores, key=lambda s: s["score"]) if s["saved"] > 0]
-    curves: list[Any] = []
-    if cfg.depth == "mixed":
-        curves = sensitivity_curves(teacher, images, plan, "penultimate-cv", batch_size=cfg.batch_size)
-        channel_costs(teacher, example, curves, plan, measure)
-        for c in curves:
-            c.floor = max(1, math.ceil(cfg.alloc_floor * c.prunable))
+    curves = _mixed_curves(teacher, images, plan, measure, cfg) if cfg.depth == "mixed" else []
     dropped: dict[tuple[str, ...], nn.Module] = {}
 
     def shallower(chosen: list[str]) -> nn.Module:
@@ -300,8 +302,7 @@ def _plan_latency(
             rest = base * asked / measure(student)
             if rest >= 1.0:
                 break
-            sub = copy.copy(cfg)
-            sub.exclude = [*(cfg.exclude or []), *[f"{b}.adaptor" for b in chosen]]
+            sub = _shallower_config(cfg, chosen)
             sub.target = {"latency": rest}
             try:  # the table alone (its own measure: no timing inside)
                 alloc = plan_target(student, images, sub, measure)
@@ -312,7 +313,7 @@ def _plan_latency(
                 need += 0.05 * base
         if alloc is not None:
             sub_plan = pruned_plan(student, example, sub)
-            counts = {p.name: round(alloc.kept_fraction[p.name] * _width(student, p)) for p in sub_plan}
+            counts = {p.name: round(alloc.kept_fraction[p.name] * p.prunable(student)) for p in sub_plan}
             student = prune_to_counts(student, example, sub_plan, counts)
         table = measure(student) / base
         key = (tuple(chosen), tuple(sorted((alloc.keep_overrides if alloc else {}).items())))

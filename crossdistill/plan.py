@@ -76,6 +76,10 @@ class LayerPlan:
     round_to: int = 1  # structured: the kept count is rounded to a multiple of this (see round_count)
     tie: int = 1  # structured: channels per unit (GhostNet twins: 2); kept counts are whole units
 
+    def prunable(self, model: nn.Module) -> int:
+        """The input channels ``keep`` applies to: ``channels``, else all of the layer's in ``model``."""
+        return len(self.channels) if self.channels is not None else model.get_submodule(self.name).weight.shape[1]
+
     def n_keep(self, total: int) -> int:
         """Kept input channels / weights out of ``total``: channels outside ``channels`` are always kept."""
         if self.keep is None:

@@ -65,3 +65,9 @@ def test_cli_has_the_round_to_option() -> None:
 
     res = CliRunner().invoke(app, ["compress", "--help"])
     assert res.exit_code == 0 and "--round-to" in res.output
+
+
+def test_prunable_is_the_listed_channels_or_every_input_channel() -> None:
+    model = nn.Sequential(nn.Conv2d(6, 4, 3), nn.Conv2d(4, 2, 1))
+    assert LayerPlan("0", 0.5).prunable(model) == 6
+    assert LayerPlan("1", 0.5, [0, 2, 3]).prunable(model) == 3
