@@ -133,7 +133,7 @@ def one_run(model: str, n: int, method: str, capture: str, opts: argparse.Namesp
         "layers": len(report.layers),
         "fell_back": sum(r.fell_back for r in report.layers),
         # a fired safety net re-runs the compression (guarded, from the L1 channels): up to 3 of them
-        "safety": _safety(report, extra.get("safety", "views")) if method != "l1" else None,
+        "safety": _safety(report) if method != "l1" else None,
         "commit": os.environ.get("BENCH_COMMIT")
         or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": machine(),
@@ -141,10 +141,11 @@ def one_run(model: str, n: int, method: str, capture: str, opts: argparse.Namesp
     }
 
 
-def _safety(report, mode: str) -> dict:
-    """The safety net's mode, whether it fired and what it returned (report.safety is None with it off)."""
+def _safety(report) -> dict:
+    """The safety net's mode (the run's config), whether it fired and what it returned (report.safety is None
+    with it off)."""
     info = report.safety or {}
-    return {"mode": mode, "fired": info.get("fired"), "returned": info.get("returned")}
+    return {"mode": report.config.get("safety"), "fired": info.get("fired"), "returned": info.get("returned")}
 
 
 def _net(r: dict) -> str:
